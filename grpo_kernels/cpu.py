@@ -1,0 +1,99 @@
+"""The PyTorch path of each op, for CPU tensors (and any device without Triton).
+
+It computes what the kernels compute, a chunk of rows at a time, so that it never holds more than one chunk of fp32
+logits: the peak extra memory is `rows_per_chunk * V * 4` bytes on top of the outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 22  # fp32 elements per chunk: 16 MiB
+# exp(x) is exactly 0 in fp32 below about -104, so flooring log-probs there changes no probability and keeps
+# p * (log p + ...) at 0 instead of 0 * -inf for logits of -inf
+_LOGP_FLOOR = -1e4
+
+
+def _row_chunks(x: torch.Tensor) -> Iterator[tuple[torch.Tensor, slice]]:
+    """Yield `(rows, flat_slice)`: 2-D views `[r, V]` of `x` `[B, T, V]` covering the flattened rows in order."""
+    B, T, V = x.shape
+    step = max(1, CHUNK_ELEMENTS // max(V, 1))
+    if B <= 1 or x.stride(0) == T * x.stride(1):
+        flat = x.as_strided((B * T, V), (x.stride(1), x.stride(2)))
+        for s in range(0, B * T, step):
+            yield flat[s : s + step], slice(s, min(s + step, B * T))
+        return
+    for b in range(B):
+        for s in range(0, T, step):
+            yield x[b, s : s + step], slice(b * T + s, b * T + min(s + step, T))
+
+
+def _scaled_fp32(rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """An fp32 copy of a chunk divided by the temperature (always a copy: the math below works in place)."""
+    return rows.to(torch.float32, copy=True).div_(temperature)
+
+
+def logprobs_fwd(
+    logits: torch.Tensor,  # [B, T, V]
+    ids: torch.Tensor,  # [B, T]
+    mask: torch.Tensor | None,  # [B, T] bool
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 `(logp, entropy, stats)`, `[B, T]`, `[B, T]` and `[2, B, T]` (the row max of `logits / temperature` and
+    the log of the row's sum of `exp(z - max)`, for the backward); zeros where `mask` is False.
+
+    Peak extra memory: about three fp32 chunks."""
+    B, T, _ = logits.shape
+    out = torch.zeros((4, B * T), dtype=torch.float32, device=logits.device)
+    flat_ids = ids.reshape(-1, 1).long()
+    for rows, sl in _row_chunks(logits):
+        logp = _scaled_fp32(rows, temperature)
+        m = logp.amax(dim=-1, keepdim=True)
+        log_s = torch.logsumexp(logp.sub_(m), dim=-1, keepdim=True)
+        logp.sub_(log_s).clamp_(min=_LOGP_FLOOR)
+        out[0, sl] = logp.gather(-1, flat_ids[sl]).squeeze(-1)
+        out[1, sl] = -(logp.exp().mul_(logp).sum(-1))
+        out[2, sl] = m.squeeze(-1)
+        out[3, sl] = log_s.squeeze(-1)
+    if mask is not None:
+        out = torch.where(mask.reshape(1, -1), out, 0)
+    out = out.view(4, B, T)
+    return out[0], out[1], out[2:]
+
+
+def logprobs_bwd(
+    logits: torch.Tensor,  # [B, T, V]
+    ids: torch.Tensor,  # [B, T]
+    mask: torch.Tensor | None,  # [B, T] bool
+    stats: torch.Tensor,  # [2, B, T] fp32 from the forward
+    entropy: torch.Tensor,  # [B, T] fp32
+    grad_logp: torch.Tensor,  # [B, T]
+    grad_entropy: torch.Tensor | None,  # [B, T]
+    temperature: float,
+) -> torch.Tensor:
+    """`dlogits` `[B, T, V]` in the logits' dtype; zero rows where `mask` is False.
+
+    `dlogits = -p * (g + h * (log p + entropy)) + g * onehot(y)`, over the temperature. Peak extra memory: two fp32
+    chunks besides the output."""
+    B, T, V = logits.shape
+    dlogits = torch.empty((B * T, V), dtype=logits.dtype, device=logits.device)
+    flat_ids = ids.reshape(-1, 1).long()
+    g = grad_logp.reshape(-1, 1).float()
+    h = None if grad_entropy is None else grad_entropy.reshape(-1, 1).float()
+    inactive = None if mask is None else ~mask.reshape(-1)
+    m, log_s = stats.reshape(2, -1, 1)
+    ent = entropy.reshape(-1, 1)
+    for rows, sl in _row_chunks(logits):
+        logp = _scaled_fp32(rows, temperature).sub_(m[sl]).sub_(log_s[sl]).clamp_(min=_LOGP_FLOOR)
+        d = logp.exp()
+        if h is None:
+            d.mul_(-g[sl])
+        else:
+            d.mul_(logp.add_(ent[sl]).mul_(h[sl]).add_(g[sl])).neg_()
+        d.scatter_add_(-1, flat_ids[sl], g[sl]).div_(temperature)
+        if inactive is not None:
+            d[inactive[sl]] = 0
+        dlogits[sl] = d
+    return dlogits.view(B, T, V)

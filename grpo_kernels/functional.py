@@ -1,0 +1,250 @@
+"""Public functions and their autograd glue.
+
+`grpo_loss` runs in two layers: `LogProbEntropyFunction` turns logits into per-token log-probs and entropies with one
+read of the logits (Triton on CUDA, the chunked PyTorch path on CPU), then `objective.grpo_objective` forms the loss on
+those `[B, T]` vectors, and autograd carries its gradients back into a single write of `dlogits`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_kernels import cpu
+from grpo_kernels.backend import use_triton
+from grpo_kernels.config import GRPOLossConfig, GRPOLossOutput
+from grpo_kernels.objective import LossInputs, grpo_objective
+from grpo_kernels.validation import (
+    ValueChecks,
+    check_finite,
+    check_ids,
+    check_mask,
+    check_positive_items,
+    check_tensor,
+)
+
+
+def _logprob_ops(t: torch.Tensor):
+    if use_triton(t):
+        from grpo_kernels.ops import logprobs
+
+        return logprobs
+    return cpu
+
+
+class LogProbEntropyFunction(torch.autograd.Function):
+    """`(logits [B, T, V], ids [B, T], mask [B, T] | None, temperature) -> (logp, entropy)`, fp32 `[B, T]`."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, mask, temperature):
+        ops = _logprob_ops(logits)
+        logp, entropy, stats = ops.logprobs_fwd(logits, ids, mask, temperature)
+        ctx.save_for_backward(logits, ids, mask, stats, entropy)
+        ctx.temperature = temperature
+        ctx.ops = ops
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, ids, mask, stats, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(entropy)
+        dlogits = ctx.ops.logprobs_bwd(logits, ids, mask, stats, entropy, grad_logp, grad_entropy, ctx.temperature)
+        return dlogits, None, None, None
+
+
+def _contiguous_last(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def loss_inputs(
+    checks: ValueChecks,
+    B: int,
+    T: int,
+    device: torch.device,
+    config: GRPOLossConfig,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor | None,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    importance_sampling_ratio: torch.Tensor | None,
+    sampling_logps: torch.Tensor | None,
+) -> LossInputs:
+    """Check the per-token inputs of a GRPO loss over `[B, T]` tokens and gather them into `LossInputs`."""
+    bt = f"[B, T] = [{B}, {T}]"
+    check_tensor(
+        "advantages", advantages, kind="float", shapes=((B,), (B, T)), device=device, shape_hint=f"[B] or {bt}"
+    )
+    check_finite(checks, "advantages", advantages)
+    if completion_mask is not None:
+        check_tensor("completion_mask", completion_mask, kind="mask", shapes=((B, T),), device=device, shape_hint=bt)
+    mask = check_mask(checks, "completion_mask", completion_mask)
+    for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampling_logps", sampling_logps)):
+        if x is not None:
+            check_tensor(name, x, kind="float", shapes=((B, T),), device=device, shape_hint=bt)
+    if config.beta != 0.0 and ref_logps is None:
+        raise ValueError(f"ref_logps is required when beta != 0 (beta = {config.beta}): pass the reference log-probs")
+    if importance_sampling_ratio is not None:
+        check_tensor(
+            "importance_sampling_ratio",
+            importance_sampling_ratio,
+            kind="float",
+            shapes=((B, T), (B, 1)),
+            device=device,
+            shape_hint=f"{bt} or [B, 1]",
+        )
+    if mask is None:
+        mask = torch.ones((B, T), dtype=torch.bool, device=device)
+    adv = advantages.float()
+    return LossInputs(
+        advantages=adv.unsqueeze(1) if adv.dim() == 1 else adv,
+        mask=mask,
+        old_logps=None if old_logps is None else old_logps.float(),
+        ref_logps=None if ref_logps is None or config.beta == 0.0 else ref_logps.float(),
+        importance_sampling_ratio=None if importance_sampling_ratio is None else importance_sampling_ratio.float(),
+        sampling_logps=None if sampling_logps is None else sampling_logps.float(),
+    )
+
+
+def grpo_loss(
+    logits: torch.Tensor,  # [B, T, V]
+    completion_ids: torch.Tensor,  # [B, T]
+    advantages: torch.Tensor,  # [B] or [B, T]
+    completion_mask: torch.Tensor | None = None,  # [B, T]
+    *,
+    config: GRPOLossConfig = GRPOLossConfig(),  # noqa: B008 (frozen)
+    old_logps: torch.Tensor | None = None,  # [B, T]
+    ref_logps: torch.Tensor | None = None,  # [B, T]
+    importance_sampling_ratio: torch.Tensor | None = None,  # [B, T] or [B, 1]
+    sampling_logps: torch.Tensor | None = None,  # [B, T]
+    num_items_in_batch: torch.Tensor | float | None = None,
+) -> GRPOLossOutput:
+    """The GRPO loss of TRL 1.16 from logits, reading the logits once forward and once backward.
+
+    Args:
+        logits: `[B, T, V]`, any float dtype; position t predicts `completion_ids[:, t]` (already shifted).
+        completion_ids: `[B, T]` token ids in `[0, V)`.
+        advantages: `[B]` (one per completion) or `[B, T]`.
+        completion_mask: `[B, T]`, 1 for tokens in the loss (completion mask times any tool mask); default all ones.
+        config: the loss options (`GRPOLossConfig`).
+        old_logps: log-probs of the policy that sampled (default: the current log-probs, detached).
+        ref_logps: reference log-probs, required when `config.beta != 0`.
+        importance_sampling_ratio: sampler-correction weight, `[B, T]` or `[B, 1]` (e.g. vLLM's truncated IS).
+        sampling_logps: the sampler's log-probs for the off-policy mask (default: `old_logps`).
+        num_items_in_batch: normaliser of dapo, cispo and vespo (default: the mask's sum). No gradient-accumulation
+            scaling is applied: that is the caller's.
+
+    Returns:
+        `GRPOLossOutput` with the differentiable scalar `loss`, detached fp32 `logps` and `entropy` (`[B, T]`) and
+        TRL's metrics.
+    """
+    if not isinstance(config, GRPOLossConfig):
+        raise TypeError(f"config must be a GRPOLossConfig; got {type(config).__name__}")
+    check_tensor("logits", logits, kind="float")
+    if logits.dim() != 3 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [B, T, V] with V >= 1; got shape {tuple(logits.shape)}")
+    B, T, V = logits.shape
+    checks = ValueChecks()
+    check_tensor(
+        "completion_ids", completion_ids, kind="int", shapes=((B, T),), device=logits.device, shape_hint=f"[{B}, {T}]"
+    )
+    check_ids(checks, "completion_ids", completion_ids, V)
+    inputs = loss_inputs(
+        checks, B, T, logits.device, config, advantages, completion_mask, old_logps, ref_logps,
+        importance_sampling_ratio, sampling_logps,
+    )  # fmt: skip
+    num_items = check_positive_items(num_items_in_batch, logits.device)
+    checks.run()
+    mask = None if completion_mask is None else inputs.mask
+    logps, entropy = LogProbEntropyFunction.apply(_contiguous_last(logits), completion_ids, mask, config.temperature)
+    loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
+    return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)
+
+
+def selective_log_softmax(
+    logits: torch.Tensor,  # [..., V]
+    ids: torch.Tensor,  # [...]
+    temperature: float = 1.0,
+) -> torch.Tensor:  # [...] fp32
+    """`log_softmax(logits / temperature)` gathered at `ids`, without an fp32 copy of the logits.
+
+    For old and reference policies; differentiable all the same.
+    """
+    check_tensor("logits", logits, kind="float")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V >= 1; got shape {tuple(logits.shape)}")
+    lead = tuple(logits.shape[:-1])
+    check_tensor("ids", ids, kind="int", shapes=(lead,), device=logits.device, shape_hint=str(list(lead)))
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number; got {temperature!r}")
+    checks = ValueChecks()
+    check_ids(checks, "ids", ids, logits.shape[-1])
+    checks.run()
+    x = _contiguous_last(logits)
+    x3 = x.reshape(1, -1, x.shape[-1]) if x.dim() != 3 else x
+    logps, _ = LogProbEntropyFunction.apply(x3, ids.reshape(x3.shape[:2]), None, float(temperature))
+    return logps.reshape(lead)
+
+
+def group_advantages(
+    rewards: torch.Tensor,  # [B] or [B, K]
+    num_generations: int,
+    *,
+    scale_rewards: str | bool = "group",
+    reward_weights: torch.Tensor | list[float] | None = None,  # [K]
+    multi_objective_aggregation: str = "sum_then_normalize",
+) -> torch.Tensor:  # [B] fp32
+    """Advantages from rewards, as TRL 1.16 computes them.
+
+    Args:
+        rewards: `[B]` or `[B, K]` (K reward functions); NaN marks a reward that could not be computed. Groups are
+            `num_generations` consecutive rows (the completions of one prompt).
+        num_generations: G, the group size; B must be a multiple of it.
+        scale_rewards: "group" (divide by the group's std + 1e-4), "batch" (the batch's std) or "none"; True/False
+            mean "group"/"none" as in TRL.
+        reward_weights: `[K]` weights of the reward functions (default ones).
+        multi_objective_aggregation: "sum_then_normalize" (weighted sum, then group-normalise) or
+            "normalize_then_sum" (normalise each function per group, sum, then normalise over the batch).
+    """
+    scale = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none'; got {scale_rewards!r}")
+    if multi_objective_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+        raise ValueError(
+            "multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum'; "
+            f"got {multi_objective_aggregation!r}"
+        )
+    if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 1:
+        raise ValueError(f"num_generations must be a positive int; got {num_generations!r}")
+    check_tensor("rewards", rewards, kind="float", shape_hint="[B] or [B, K]")
+    if rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must be [B] or [B, K]; got shape {tuple(rewards.shape)}")
+    r = rewards.unsqueeze(1) if rewards.dim() == 1 else rewards
+    B, K = r.shape
+    if B == 0 or K == 0:
+        raise ValueError(f"rewards is empty (shape {tuple(rewards.shape)}): a batch needs at least one group")
+    if B % num_generations:
+        raise ValueError(
+            f"rewards has {B} rows, not a multiple of num_generations = {num_generations}: every group must be complete"
+        )
+    if reward_weights is None:
+        weights = torch.ones(K, dtype=torch.float32, device=r.device)
+    else:
+        weights = torch.as_tensor(reward_weights, dtype=torch.float32, device=r.device)
+        if weights.shape != (K,):
+            raise ValueError(f"reward_weights has shape {tuple(weights.shape)} but rewards has K = {K} columns")
+    checks = ValueChecks()
+    check_finite(checks, "rewards", r, allow_nan=True)
+    check_finite(checks, "reward_weights", weights)
+    checks.run()
+    if use_triton(r):
+        from grpo_kernels.ops.advantages import group_advantages_fwd
+
+        return group_advantages_fwd(
+            r.float().contiguous(), weights, num_generations, scale, multi_objective_aggregation
+        )
+    from grpo_kernels import reference
+
+    return reference.group_advantages(r.float(), num_generations, scale, weights, multi_objective_aggregation)

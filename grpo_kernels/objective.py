@@ -1,0 +1,240 @@
+"""The GRPO objective on per-token log-probs and entropies, arranged so that it can run a few rows at a time.
+
+The loss is a weighted sum of per-token terms. Every weight depends only on the mask and the batch (the per-sequence
+lengths, the token count, `num_items_in_batch`, and the entropy threshold of `top_entropy_quantile`), so `LossPlan`
+fixes them once for the batch and `row_terms` turns any set of whole rows into their share of the loss and of the
+metrics. The result equals `reference.grpo_loss_from_logps`; the difference is only that a fused op can feed it one
+chunk of rows at a time and form that chunk's gradients straight away.
+
+Masked-out tokens contribute exactly zero, whatever the log-probs given for them (TRL multiplies by the mask, so an
+infinite KL on a padding token poisons its loss with NaN; here it does not).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from grpo_kernels.config import GRPOLossConfig
+from grpo_kernels.reference import vespo_weights
+
+
+@dataclass
+class LossInputs:
+    """The per-row inputs besides the log-probs, shaped `[B, T]` (advantages `[B, 1]` or `[B, T]`)."""
+
+    advantages: torch.Tensor
+    mask: torch.Tensor  # bool
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    importance_sampling_ratio: torch.Tensor | None = None  # [B, T] or [B, 1]
+    sampling_logps: torch.Tensor | None = None
+
+    def rows(self, sl: slice) -> LossInputs:
+        return LossInputs(*(None if t is None else t[sl] for t in self.__dict__.values()))
+
+
+@dataclass
+class LossPlan:
+    """Batch-level constants of the loss: the weights that turn per-token terms into the loss."""
+
+    num_rows: int
+    token_count: torch.Tensor  # sum of the mask, fp32 scalar
+    policy_norm: torch.Tensor | None  # divides sum(m * l) for the token-level losses; None for per-row ones
+    entropy_threshold: torch.Tensor | None  # top_entropy_quantile's threshold (None: keep every token)
+    entropy_norm: torch.Tensor | None  # max(sum of the effective mask, 1) when the entropy bonus is on
+
+    @staticmethod
+    def build(
+        mask: torch.Tensor,  # [B, T] bool
+        config: GRPOLossConfig,
+        entropy: torch.Tensor | None = None,  # [B, T], needed only when top_entropy_quantile < 1
+        num_items_in_batch: torch.Tensor | float | None = None,
+    ) -> LossPlan:
+        cfg = config
+        token_count = mask.sum().float()
+        policy_norm = None
+        if cfg.loss_type == "bnpo":
+            policy_norm = token_count.clamp(min=1.0)
+        elif cfg.loss_type == "dr_grpo":
+            policy_norm = torch.tensor(float(mask.shape[0] * cfg.max_completion_length), device=mask.device)
+        elif cfg.loss_type in ("dapo", "cispo", "vespo"):
+            n = token_count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=mask.device)
+            policy_norm = n.float().clamp(min=1.0)
+
+        threshold = None
+        effective_count = token_count
+        if cfg.top_entropy_quantile < 1.0:
+            if entropy is None:
+                raise ValueError("top_entropy_quantile < 1 needs the entropies of the whole batch to build the plan")
+            threshold = entropy_threshold(entropy, mask, 1.0 - cfg.top_entropy_quantile)
+            effective_count = (mask & (entropy.detach() >= threshold)).sum().float()
+        entropy_norm = effective_count.clamp(min=1.0) if cfg.entropy_coef != 0.0 else None
+        return LossPlan(mask.shape[0], token_count, policy_norm, threshold, entropy_norm)
+
+
+def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+    """The `q` quantile (linear interpolation, as `torch.quantile`) of the active entropies; +inf if none is active."""
+    active = entropy.detach()[mask].float()
+    if active.numel() == 0:
+        return torch.tensor(math.inf, device=entropy.device)
+    if active.numel() <= 1 << 24:
+        return torch.quantile(active, q)
+    # torch.quantile refuses more than 2**24 values; the same interpolation from a sort
+    s = active.sort().values
+    pos = q * (s.numel() - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, s.numel() - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+@dataclass
+class MetricSums:
+    """Running numerators of TRL's metrics; `finalize` divides them by the batch's counts."""
+
+    token: dict[str, torch.Tensor] = field(default_factory=dict)  # divided by max(sum(mask), 1)
+    row: dict[str, torch.Tensor] = field(default_factory=dict)  # divided by B
+    lowest: dict[str, torch.Tensor] = field(default_factory=dict)  # nan-aware min over rows
+    highest: dict[str, torch.Tensor] = field(default_factory=dict)  # nan-aware max over rows
+    total: dict[str, torch.Tensor] = field(default_factory=dict)  # plain sums
+
+    def add(self, other: MetricSums) -> None:
+        for mine, theirs, op in (
+            (self.token, other.token, torch.add),
+            (self.row, other.row, torch.add),
+            (self.total, other.total, torch.add),
+            (self.lowest, other.lowest, torch.fmin),
+            (self.highest, other.highest, torch.fmax),
+        ):
+            for k, v in theirs.items():
+                mine[k] = v if k not in mine else op(mine[k], v)
+
+    def finalize(self, plan: LossPlan) -> dict[str, torch.Tensor]:
+        out = {k: v / plan.token_count.clamp(min=1.0) for k, v in self.token.items()}
+        out.update({k: v / plan.num_rows for k, v in self.row.items()})
+        out.update(self.lowest)
+        out.update(self.highest)
+        out.update(self.total)
+        return out
+
+
+def _mean_metric(sums: MetricSums, name: str, x: torch.Tensor, active: torch.Tensor) -> None:
+    """Accumulate a metric the way TRL averages it: per token, or per sequence when `x` is `[rows, 1]`."""
+    if x.shape[1] == 1:
+        sums.row[name] = x.sum()
+    else:
+        sums.token[name] = torch.where(active, x, 0).sum()
+
+
+def _row_mean(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x.squeeze(1)
+    return torch.where(active, x, 0).sum(-1) / active.sum(-1)  # NaN for an empty row, skipped by fmin/fmax
+
+
+def row_terms(
+    logps: torch.Tensor,  # [rows, T] fp32, differentiable
+    entropy: torch.Tensor | None,  # [rows, T] fp32, differentiable when the entropy bonus is on
+    inputs: LossInputs,  # the same rows
+    config: GRPOLossConfig,
+    plan: LossPlan,
+) -> tuple[torch.Tensor, MetricSums]:
+    """These rows' share of the loss (a scalar to sum over chunks) and of the metrics."""
+    cfg = config
+    active = inputs.mask
+    mask = active.to(logps.dtype)
+    adv = inputs.advantages.to(logps.dtype)
+    zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
+    sums = MetricSums()
+    eps_low, eps_high = cfg.epsilon_low, cfg.epsilon_high_value
+
+    old = logps.detach() if inputs.old_logps is None else inputs.old_logps
+    log_ratio = torch.where(active, logps - old, zero)
+    lengths = mask.sum(-1, keepdim=True)
+    if cfg.importance_sampling_level == "token":
+        log_w = log_ratio
+    else:
+        log_w = log_ratio.sum(-1, keepdim=True) / lengths.clamp(min=1.0)
+    ratio = torch.exp(log_w)
+
+    if cfg.loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=eps_high).detach() * adv * logps
+    elif cfg.uses_clipping:
+        clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+        unclipped = ratio if cfg.delta is None else torch.clamp(ratio, max=cfg.delta)
+        per_token = -torch.min(unclipped * adv, clipped * adv)
+    elif cfg.loss_type == "sapo":
+        tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(logps.dtype)
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * adv
+    else:  # vespo
+        phi = vespo_weights(adv, log_ratio, mask, inputs.importance_sampling_ratio, cfg)
+        per_token = -phi * adv * logps
+
+    if cfg.off_policy_mask_threshold is not None:
+        sampler = old if inputs.sampling_logps is None else inputs.sampling_logps
+        kl_sampler = torch.where(active, torch.nan_to_num(sampler - logps.detach(), nan=0.0), zero)
+        mean_kl = kl_sampler.sum(-1, keepdim=True) / lengths.clamp(min=1.0)
+        per_token = per_token * ((adv >= 0) | (mean_kl <= cfg.off_policy_mask_threshold)).to(logps.dtype)
+    effective = active
+    if plan.entropy_threshold is not None:
+        effective = active & (entropy.detach() >= plan.entropy_threshold)
+        per_token = per_token * effective.to(logps.dtype)
+    if inputs.importance_sampling_ratio is not None and cfg.loss_type != "vespo":
+        per_token = per_token * inputs.importance_sampling_ratio
+    kl = None
+    if cfg.beta != 0.0:
+        d = torch.where(active, inputs.ref_logps - logps, zero)
+        kl = torch.exp(d) - d - 1
+        if cfg.use_bias_correction_kl:
+            kl = kl * ratio
+        per_token = per_token + cfg.beta * kl
+    per_token = torch.where(active, per_token, zero)
+
+    if plan.policy_norm is not None:
+        loss = per_token.sum() / plan.policy_norm
+    elif cfg.loss_type == "luspo":
+        loss = per_token.sum() / plan.num_rows
+    else:  # grpo, sapo: mean over sequences of the per-sequence mean
+        loss = (per_token.sum(-1) / lengths.squeeze(-1).clamp(min=1.0)).sum() / plan.num_rows
+    if plan.entropy_norm is not None:
+        sums.total["policy_loss"] = loss.detach()
+        loss = loss - cfg.entropy_coef * torch.where(effective, entropy, zero).sum() / plan.entropy_norm
+
+    with torch.no_grad():
+        if kl is not None:
+            _mean_metric(sums, "kl", kl, active)
+        if entropy is not None:
+            _mean_metric(sums, "entropy", entropy, active)
+        if cfg.uses_clipping:
+            low = ((ratio < 1 - eps_low) & (adv < 0)).to(logps.dtype)
+            high = ((ratio > 1 + eps_high) & (adv > 0)).to(logps.dtype)
+            _mean_metric(sums, "clip_ratio/low_mean", low, active)
+            _mean_metric(sums, "clip_ratio/high_mean", high, active)
+            _mean_metric(sums, "clip_ratio/region_mean", torch.maximum(low, high), active)
+            sums.lowest["clip_ratio/low_min"] = _nan_reduce(_row_mean(low, active), torch.min)
+            sums.highest["clip_ratio/high_max"] = _nan_reduce(_row_mean(high, active), torch.max)
+        elif cfg.loss_type == "cispo":
+            _mean_metric(sums, "cispo_clip_ratio", ((ratio > eps_high) & (adv > 0)).to(logps.dtype), active)
+        elif cfg.loss_type == "vespo":
+            _mean_metric(sums, "vespo/phi_seq_mean", phi, active)
+    return loss, sums
+
+
+def _nan_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    x = x[~torch.isnan(x)]
+    return op(x) if x.numel() else torch.tensor(math.nan, device=x.device)
+
+
+def grpo_objective(
+    logps: torch.Tensor,  # [B, T]
+    entropy: torch.Tensor,  # [B, T]
+    inputs: LossInputs,
+    config: GRPOLossConfig,
+    num_items_in_batch: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss and metrics of a whole batch whose per-token log-probs and entropies are at hand."""
+    plan = LossPlan.build(inputs.mask, config, entropy, num_items_in_batch)
+    loss, sums = row_terms(logps, entropy, inputs, config, plan)
+    return loss, sums.finalize(plan)

@@ -1,0 +1,205 @@
+"""Per-token log-probability and entropy from logits: one read of each row forward, one read and one write backward.
+
+Forward, for each row `z = logits[b, t, :] / temperature` (fp32 math whatever the input dtype), a single pass keeps an
+online log-sum-exp (`m`, `s = sum exp(z - m)`) and `u = sum exp(z - m) * (z - m)`, so that
+
+    logp = (z[y] - m) - log s,     entropy = log s - u / s,
+
+and keeps `(m, log s)` for the backward (one fp32 log-sum-exp would lose |lse| * 2**-24 of every log-prob).
+
+Backward, with upstream gradients `g` (of logp) and `h` (of the entropy), the row is read once more and written once:
+
+    dlogits_j = (g * ([j == y] - p_j) - h * p_j * (log p_j + entropy)) / temperature,   log p_j = (z_j - m) - log s.
+
+Rows whose mask is 0 are not read: their outputs and gradients are 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from grpo_kernels.ops._common import num_warps_for, row_block
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr,  # [B, T, V], last dim contiguous
+    stride_b,
+    stride_t,
+    ids_ptr,  # [B * T] int
+    mask_ptr,  # [B * T] int8 (read when HAS_MASK)
+    logp_ptr,  # [B * T] fp32 out
+    entropy_ptr,  # [B * T] fp32 out
+    stats_ptr,  # [2, B * T] fp32 out: row max, log-sum
+    N,
+    T,
+    V,
+    inv_temperature,
+    HAS_MASK: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    active = True
+    if HAS_MASK:
+        active = tl.load(mask_ptr + row) != 0
+    if active:
+        row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+        cols = tl.arange(0, BLOCK_V)
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.zeros([], dtype=tl.float32)
+        u = tl.zeros([], dtype=tl.float32)
+        for start in range(0, V, BLOCK_V):
+            z = tl.load(row_ptr + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+            z = z * inv_temperature
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: any finite reference works
+            shift = tl.where(s > 0, m - m_ref, 0.0)
+            alpha = tl.exp(shift)
+            e = tl.exp(z - m_ref)
+            zc = tl.where(e > 0, z - m_ref, 0.0)
+            u = alpha * (u + shift * s) + tl.sum(e * zc, axis=0)
+            s = alpha * s + tl.sum(e, axis=0)
+            m = m_new
+        m = tl.where(m == float("-inf"), 0.0, m)
+        log_s = tl.log(s)
+        y = tl.load(ids_ptr + row).to(tl.int64)
+        z_y = tl.load(row_ptr + y).to(tl.float32) * inv_temperature
+        tl.store(logp_ptr + row, (z_y - m) - log_s)
+        tl.store(entropy_ptr + row, log_s - u / s)
+        tl.store(stats_ptr + row, m)
+        tl.store(stats_ptr + N + row, log_s)
+    else:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(entropy_ptr + row, 0.0)
+        tl.store(stats_ptr + row, 0.0)
+        tl.store(stats_ptr + N + row, 0.0)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr,  # [B, T, V], last dim contiguous
+    stride_b,
+    stride_t,
+    dlogits_ptr,  # [B * T, V] contiguous out
+    ids_ptr,
+    mask_ptr,
+    stats_ptr,  # [2, B * T] fp32: row max, log-sum
+    entropy_ptr,
+    dlogp_ptr,  # [B * T] fp32
+    dentropy_ptr,  # [B * T] fp32 (read when HAS_DENTROPY)
+    N,
+    T,
+    V,
+    inv_temperature,
+    HAS_MASK: tl.constexpr,
+    HAS_DENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    out_ptr = dlogits_ptr + row * V
+    cols = tl.arange(0, BLOCK_V)
+    active = True
+    if HAS_MASK:
+        active = tl.load(mask_ptr + row) != 0
+    if active:
+        row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+        m = tl.load(stats_ptr + row)
+        log_s = tl.load(stats_ptr + N + row)
+        g = tl.load(dlogp_ptr + row)
+        h = 0.0
+        entropy = 0.0
+        if HAS_DENTROPY:
+            h = tl.load(dentropy_ptr + row)
+            entropy = tl.load(entropy_ptr + row)
+        y = tl.load(ids_ptr + row).to(tl.int64)
+        for start in range(0, V, BLOCK_V):
+            in_row = start + cols < V
+            z = tl.load(row_ptr + start + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+            logp = (z * inv_temperature - m) - log_s
+            p = tl.exp(logp)
+            d = tl.where(start + cols == y, g, 0.0) - g * p
+            if HAS_DENTROPY:
+                d -= tl.where(p > 0, h * p * (logp + entropy), 0.0)
+            tl.store(out_ptr + start + cols, (d * inv_temperature).to(dlogits_ptr.dtype.element_ty), mask=in_row)
+    else:
+        for start in range(0, V, BLOCK_V):
+            zeros = tl.zeros([BLOCK_V], dtype=dlogits_ptr.dtype.element_ty)
+            tl.store(out_ptr + start + cols, zeros, mask=start + cols < V)
+
+
+def _mask_arg(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like if mask is None else mask.reshape(-1).to(torch.int8)
+
+
+def logprobs_fwd(
+    logits: torch.Tensor,  # [B, T, V], last dim contiguous
+    ids: torch.Tensor,  # [B, T] int
+    mask: torch.Tensor | None,  # [B, T] bool
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return fp32 `(logp, entropy, stats)`: `[B, T]`, `[B, T]` and `[2, B, T]` (row max, log-sum) for the backward."""
+    B, T, V = logits.shape
+    out = torch.empty((4, B, T), dtype=torch.float32, device=logits.device)
+    if B * T == 0:
+        return out[0], out[1], out[2:]
+    block = row_block(V)
+    _logprobs_fwd_kernel[(B * T,)](
+        logits,
+        logits.stride(0),
+        logits.stride(1),
+        ids.reshape(-1),
+        _mask_arg(mask, ids),
+        out[0],
+        out[1],
+        out[2:],
+        B * T,
+        T,
+        V,
+        1.0 / temperature,
+        HAS_MASK=mask is not None,
+        BLOCK_V=block,
+        num_warps=num_warps_for(block),
+    )
+    return out[0], out[1], out[2:]
+
+
+def logprobs_bwd(
+    logits: torch.Tensor,  # [B, T, V]
+    ids: torch.Tensor,  # [B, T]
+    mask: torch.Tensor | None,  # [B, T] bool
+    stats: torch.Tensor,  # [2, B, T] fp32 from the forward
+    entropy: torch.Tensor,  # [B, T] fp32
+    grad_logp: torch.Tensor,  # [B, T]
+    grad_entropy: torch.Tensor | None,  # [B, T]
+    temperature: float,
+) -> torch.Tensor:
+    """Return `dlogits` `[B, T, V]` in the logits' dtype."""
+    B, T, V = logits.shape
+    dlogits = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
+    if B * T == 0:
+        return dlogits
+    block = row_block(V)
+    grad_logp = grad_logp.float().contiguous()
+    _logprobs_bwd_kernel[(B * T,)](
+        logits,
+        logits.stride(0),
+        logits.stride(1),
+        dlogits,
+        ids.reshape(-1),
+        _mask_arg(mask, ids),
+        stats,
+        entropy,
+        grad_logp,
+        grad_logp if grad_entropy is None else grad_entropy.float().contiguous(),
+        B * T,
+        T,
+        V,
+        1.0 / temperature,
+        HAS_MASK=mask is not None,
+        HAS_DENTROPY=grad_entropy is not None,
+        BLOCK_V=block,
+        num_warps=num_warps_for(block),
+    )
+    return dlogits

@@ -1,0 +1,99 @@
+"""Argument checks of the public functions: every message names the argument and says what was expected.
+
+Checks on values (token ids in range, a binary mask, finite advantages) need the data; they are gathered into one
+small tensor so that a call costs a single host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(
+    name: str,
+    x: object,
+    *,
+    kind: str,
+    shapes: tuple[tuple[int, ...], ...] | None = None,
+    device: torch.device | None = None,
+    shape_hint: str = "",
+) -> torch.Tensor:
+    """`x` must be a tensor of `kind` ("float", "int" or "mask") with one of `shapes` (any if None), on `device`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor{' of shape ' + shape_hint if shape_hint else ''}; got {type(x).__name__}"
+        )
+    if kind == "float" and x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating-point tensor (fp16, bf16, fp32 or fp64); got {x.dtype}")
+    if kind == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor (token ids); got {x.dtype}")
+    if kind == "mask" and x.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool, integer or floating 0/1 tensor; got {x.dtype}")
+    if shapes is not None and tuple(x.shape) not in shapes:
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but must be {shape_hint}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the logits are on {device}: move all inputs to one device")
+    return x
+
+
+class ValueChecks:
+    """Collects boolean 'this is wrong' flags as tensors, then raises the first that holds, with one sync."""
+
+    def __init__(self) -> None:
+        self._flags: list[torch.Tensor] = []
+        self._messages: list[str] = []
+
+    def fail_if(self, flag: torch.Tensor, message: str) -> None:
+        self._flags.append(flag.reshape(()))
+        self._messages.append(message)
+
+    def run(self) -> None:
+        if not self._flags:
+            return
+        flags = torch.stack(self._flags).tolist()
+        for bad, message in zip(flags, self._messages, strict=True):
+            if bad:
+                raise ValueError(message)
+
+
+def check_ids(checks: ValueChecks, name: str, ids: torch.Tensor, vocab: int) -> None:
+    if ids.numel():
+        checks.fail_if(
+            (ids.min() < 0) | (ids.max() >= vocab),
+            f"{name} holds token ids outside [0, {vocab}) (the vocabulary size); padding ids must be valid ids too, "
+            "e.g. the pad token, and be masked out with completion_mask",
+        )
+
+
+def check_mask(checks: ValueChecks, name: str, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Return the mask as bool; a numeric mask must hold only 0 and 1."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if mask.numel():
+        checks.fail_if(((mask != 0) & (mask != 1)).any(), f"{name} must hold only 0 and 1 (or be a bool tensor)")
+    return mask != 0
+
+
+def check_finite(checks: ValueChecks, name: str, x: torch.Tensor | None, allow_nan: bool = False) -> None:
+    if x is None or not x.numel():
+        return
+    bad = torch.isinf(x).any() if allow_nan else ~torch.isfinite(x).all()
+    checks.fail_if(bad, f"{name} must be finite" + (" (NaN marks an unscorable reward)" if allow_nan else ""))
+
+
+def check_positive_items(num_items_in_batch: object, device: torch.device) -> torch.Tensor | float | None:
+    if num_items_in_batch is None:
+        return None
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a scalar; got shape {tuple(num_items_in_batch.shape)}")
+        return num_items_in_batch.to(device)
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
+        raise TypeError(f"num_items_in_batch must be a number or a scalar tensor; got {num_items_in_batch!r}")
+    if num_items_in_batch < 0:
+        raise ValueError(f"num_items_in_batch must be >= 0 (it is clamped to at least 1); got {num_items_in_batch}")
+    return float(num_items_in_batch)

@@ -1,0 +1,40 @@
+"""Assertions that compare a result with a same-dtype PyTorch result and an upcast reference."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _where(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    diff = (actual.double() - expected.double()).abs()
+    flat = int(torch.nan_to_num(diff, nan=float("inf")).argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
+    bad = int((~torch.isclose(actual.double(), expected.double(), rtol=0, atol=0)).sum()) if diff.numel() else 0
+    return (
+        f"largest difference {diff.reshape(-1)[flat].item():.3e} at {idx}: got {actual.reshape(-1)[flat].item():.8g}, "
+        f"expected {expected.reshape(-1)[flat].item():.8g} ({bad} of {diff.numel()} elements differ)"
+    )
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, name: str = "") -> None:
+    """`torch.testing`-style closeness, with a message that says where and by how much values differ."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    ok = torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True)
+    assert bool(ok.all()), f"{name}: {_where(a, e)} (atol={atol}, rtol={rtol})"
+
+
+def assert_within_pytorch_error(
+    actual: torch.Tensor, same_dtype: torch.Tensor, upcast: torch.Tensor, *, name: str, factor: float = 2.0
+) -> None:
+    """The result's error against the upcast reference is at most `factor` times PyTorch's own error at the same
+    dtype, plus a few units in the last place of the input dtype (so that exact PyTorch results still leave room for
+    another summation order)."""
+    a, t, u = (x.detach().double().cpu() for x in (actual, same_dtype, upcast))
+    assert a.shape == u.shape, f"{name}: shape {tuple(a.shape)} != {tuple(u.shape)}"
+    eps = torch.finfo(same_dtype.dtype).eps if same_dtype.dtype.is_floating_point else 0.0
+    scale = max(1.0, u.abs().max().item()) if u.numel() else 1.0
+    err = (a - u).abs().max().item() if u.numel() else 0.0
+    err_torch = (t - u).abs().max().item() if u.numel() else 0.0
+    bound = factor * err_torch + 4 * eps * scale
+    assert err <= bound, f"{name}: error {err:.3e} > {factor} x PyTorch's {err_torch:.3e} + 4 ulp; {_where(a, u)}"

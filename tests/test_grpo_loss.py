@@ -1,0 +1,146 @@
+"""`grpo_loss` from logits, end to end: both backends against the materialised reference (same dtype and fp64) and
+against TRL 1.16 fed with TRL's own log-probs of the same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, assert_within_pytorch_error
+from trl.trainer.utils import entropy_from_logits
+from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax
+from trl_oracle import TRLLoss
+
+from grpo_kernels import GRPOLossConfig, backend, grpo_loss, reference
+from grpo_kernels.config import LOSS_TYPES
+
+BACKENDS = ["triton", "torch"]
+
+
+def make_inputs(B, T, V, dtype, dev, adv_per_token=False):
+    logits = (torch.randn(B, T, V) * 2).to(dtype).to(dev)
+    ids = torch.randint(0, V, (B, T), device=dev)
+    mask = torch.rand(B, T, device=dev) > 0.25
+    mask[0] = False  # a fully masked row
+    logps, _ = reference.logprobs_and_entropy(logits.double(), ids)
+    extra = {
+        "old_logps": (logps + torch.randn(B, T, device=dev, dtype=torch.float64) * 0.2).float(),
+        "ref_logps": (logps + torch.randn(B, T, device=dev, dtype=torch.float64) * 0.3).float(),
+    }
+    adv = torch.randn(B, T, device=dev) if adv_per_token else torch.randn(B, device=dev)
+    return logits, ids, adv, mask, extra
+
+
+def loss_and_grad(fn, logits, *args, upcast_to=None, **kwargs):
+    x = logits.detach().clone()
+    x = (x if upcast_to is None else x.to(upcast_to)).requires_grad_()
+    out = fn(x, *args, **kwargs)
+    (dx,) = torch.autograd.grad(out.loss, x)
+    return out, dx
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_loss_and_dlogits_match_reference(impl, loss_type, dtype, device):
+    dev = device if impl == "triton" else "cpu"
+    config = GRPOLossConfig(loss_type=loss_type, beta=0.05, entropy_coef=0.01, max_completion_length=6)
+    logits, ids, adv, mask, extra = make_inputs(4, 6, 321, dtype, dev)
+    with backend(impl):
+        out, dx = loss_and_grad(grpo_loss, logits, ids, adv, mask, config=config, **extra)
+    same, dx_same = loss_and_grad(reference.grpo_loss, logits, ids, adv, mask, config=config, upcast=False, **extra)
+    exact, dx_exact = loss_and_grad(
+        reference.grpo_loss, logits, ids, adv, mask, config=config, upcast_to=torch.float64, **extra
+    )
+    assert_within_pytorch_error(out.loss, same.loss, exact.loss, name="loss")
+    assert_within_pytorch_error(dx, dx_same, dx_exact, name="dlogits")
+    assert_within_pytorch_error(out.logps, same.logps, exact.logps, name="logps")
+    assert dx.dtype == dtype and out.logps.dtype == torch.float32
+    assert set(out.metrics) == set(exact.metrics)
+    for k in out.metrics:
+        assert_close(out.metrics[k], exact.metrics[k], atol=1e-5, rtol=1e-4, name=k)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize(
+    "shape,options",
+    [
+        ((2, 1, 123), {"loss_type": "grpo"}),  # T = 1
+        ((3, 4, 1000), {"loss_type": "bnpo", "importance_sampling_level": "sequence", "beta": 0.1}),
+        ((2, 3, 32003), {"loss_type": "dapo", "top_entropy_quantile": 0.5, "entropy_coef": 0.1}),
+        ((4, 5, 77), {"loss_type": "cispo", "epsilon_high": 1.1, "off_policy_mask_threshold": 0.01}),
+        ((4, 5, 77), {"loss_type": "sapo", "temperature": 0.6}),
+        ((4, 5, 77), {"loss_type": "vespo", "delta": 2.0}),
+        ((4, 5, 77), {"loss_type": "luspo", "importance_sampling_level": "sequence", "delta": 1.3}),
+    ],
+)
+def test_odd_shapes_and_options(impl, shape, options, device):
+    dev = device if impl == "triton" else "cpu"
+    config = GRPOLossConfig(max_completion_length=8, **options)
+    logits, ids, adv, mask, extra = make_inputs(*shape, torch.float32, dev, adv_per_token=True)
+    extra["importance_sampling_ratio"] = torch.rand(shape[0], 1, device=dev) + 0.5
+    with backend(impl):
+        out, dx = loss_and_grad(grpo_loss, logits, ids, adv, mask, config=config, **extra)
+    same, dx_same = loss_and_grad(reference.grpo_loss, logits, ids, adv, mask, config=config, upcast=False, **extra)
+    exact, dx_exact = loss_and_grad(
+        reference.grpo_loss, logits, ids, adv, mask, config=config, upcast_to=torch.float64, **extra
+    )
+    assert_within_pytorch_error(out.loss, same.loss, exact.loss, name="loss")
+    assert_within_pytorch_error(dx, dx_same, dx_exact, name="dlogits")
+    assert_within_pytorch_error(out.entropy, same.entropy, exact.entropy, name="entropy")
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_matches_trl_on_the_same_logits(impl, loss_type, device):
+    """TRL computes the log-probs and entropies with its own utilities, then its own loss; we take the logits."""
+    dev = device if impl == "triton" else "cpu"
+    config = GRPOLossConfig(loss_type=loss_type, beta=0.04, temperature=0.9, entropy_coef=0.02)
+    logits, ids, adv, mask, extra = make_inputs(4, 5, 97, torch.float32, dev)
+    x = logits.detach().clone().double().requires_grad_()
+    z = x / config.temperature
+    trl_logps = trl_selective_log_softmax(z, ids)
+    trl_entropy = entropy_from_logits(z)
+    trl_extra = {k: v.double() for k, v in extra.items()}
+    trl_loss, trl_metrics = TRLLoss(config, use_vllm=False)(trl_logps, trl_entropy, ids, adv.double(), mask.double(),
+                                                            **trl_extra)  # fmt: skip
+    (trl_dx,) = torch.autograd.grad(trl_loss, x)
+    with backend(impl):
+        out, dx = loss_and_grad(grpo_loss, logits, ids, adv, mask, config=config, **extra)
+    assert_close(out.loss, trl_loss, atol=1e-6, rtol=1e-5, name="loss")
+    assert_close(dx, trl_dx, atol=1e-7, rtol=1e-4, name="dlogits")
+    for k, v in trl_metrics.items():
+        if k != "entropy_coef":
+            assert_close(out.metrics[k], torch.tensor(v), atol=1e-6, rtol=1e-5, name=k)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_deterministic(impl, device):
+    dev = device if impl == "triton" else "cpu"
+    config = GRPOLossConfig(loss_type="grpo", beta=0.1, entropy_coef=0.1)
+    logits, ids, adv, mask, extra = make_inputs(3, 4, 500, torch.float32, dev)
+    with backend(impl):
+        a = loss_and_grad(grpo_loss, logits, ids, adv, mask, config=config, **extra)
+        b = loss_and_grad(grpo_loss, logits, ids, adv, mask, config=config, **extra)
+    assert torch.equal(a[0].loss, b[0].loss) and torch.equal(a[1], b[1])
+
+
+def test_no_logits_sized_temporaries_on_the_torch_path(monkeypatch):
+    """Forward + backward allocate the gradient (one `[B, T, V]` tensor) and a few fp32 chunks, nothing else of that
+    size: the peak of live bytes allocated inside the call, measured by the package's meter."""
+    from grpo_kernels import cpu
+    from grpo_kernels.memory import MemoryMeter
+
+    monkeypatch.setattr(cpu, "CHUNK_ELEMENTS", 1 << 18)  # 1 MiB chunks against 8 MiB of logits
+    B, T, V = 4, 64, 8192
+    logits = torch.randn(B, T, V, requires_grad=True)
+    ids = torch.randint(0, V, (B, T))
+    adv = torch.randn(B)
+    config = GRPOLossConfig(loss_type="grpo", entropy_coef=0.1)
+    with backend("torch"), MemoryMeter() as meter:
+        grpo_loss(logits, ids, adv, config=config).loss.backward()
+    grad_bytes = logits.numel() * logits.element_size()
+    chunk_bytes = cpu.CHUNK_ELEMENTS * 4
+    assert meter.peak_bytes <= grad_bytes + 3 * chunk_bytes + (1 << 20), (
+        f"peak {meter.peak_bytes / 2**20:.1f} MiB vs gradient {grad_bytes / 2**20:.1f} MiB"
+    )
+    assert meter.peak_bytes < 2 * grad_bytes  # the materialising path holds several [B, T, V] fp32 tensors
