@@ -125,6 +125,28 @@ class GRPOLossConfig:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
+@dataclass(frozen=True)
+class HeadOptions:
+    """How the LM head turns `hidden @ weight.T + bias` into the logits the softmax sees:
+    `final_logit_softcapping * tanh(logit_scale * x / final_logit_softcapping) / temperature` (the soft-cap only when
+    set, as Gemma does; `logit_scale` as Cohere, Granite and others do). `head_options_from_config` reads the first two
+    from a transformers config."""
+
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    final_logit_softcapping: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_finite("temperature", self.temperature)
+        _check_finite("logit_scale", self.logit_scale)
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0; got {self.temperature}")
+        if self.final_logit_softcapping is not None:
+            _check_finite("final_logit_softcapping", self.final_logit_softcapping)
+            if self.final_logit_softcapping <= 0:
+                raise ValueError(f"final_logit_softcapping must be > 0 or None; got {self.final_logit_softcapping}")
+
+
 @dataclass
 class GRPOLossOutput:
     """What one call of the GRPO loss returns.

@@ -30,9 +30,20 @@ def _row_chunks(x: torch.Tensor) -> Iterator[tuple[torch.Tensor, slice]]:
             yield x[b, s : s + step], slice(b * T + s, b * T + min(s + step, T))
 
 
-def _scaled_fp32(rows: torch.Tensor, temperature: float) -> torch.Tensor:
-    """An fp32 copy of a chunk divided by the temperature (always a copy: the math below works in place)."""
-    return rows.to(torch.float32, copy=True).div_(temperature)
+def math_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for 16- and 32-bit inputs; fp64 inputs keep fp64 (for exact references)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _transformed(rows: torch.Tensor, temperature: float, logit_scale: float, softcap: float | None) -> torch.Tensor:
+    """A copy of a chunk in `math_dtype`, transformed as the model's head does: scaled, soft-capped, over the
+    temperature. Always a copy: the math below works in place."""
+    z = rows.to(math_dtype(rows), copy=True)
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z.div_(temperature)
 
 
 def logprobs_fwd(
@@ -40,16 +51,18 @@ def logprobs_fwd(
     ids: torch.Tensor,  # [B, T]
     mask: torch.Tensor | None,  # [B, T] bool
     temperature: float,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 `(logp, entropy, stats)`, `[B, T]`, `[B, T]` and `[2, B, T]` (the row max of `logits / temperature` and
-    the log of the row's sum of `exp(z - max)`, for the backward); zeros where `mask` is False.
+    """`(logp, entropy, stats)` in `math_dtype`: `[B, T]`, `[B, T]` and `[2, B, T]` (the row max of the transformed
+    logits and the log of the row's sum of `exp(z - max)`, for the backward); zeros where `mask` is False.
 
     Peak extra memory: about three fp32 chunks."""
     B, T, _ = logits.shape
-    out = torch.zeros((4, B * T), dtype=torch.float32, device=logits.device)
+    out = torch.zeros((4, B * T), dtype=math_dtype(logits), device=logits.device)
     flat_ids = ids.reshape(-1, 1).long()
     for rows, sl in _row_chunks(logits):
-        logp = _scaled_fp32(rows, temperature)
+        logp = _transformed(rows, temperature, logit_scale, softcap)
         m = logp.amax(dim=-1, keepdim=True)
         log_s = torch.logsumexp(logp.sub_(m), dim=-1, keepdim=True)
         logp.sub_(log_s).clamp_(min=_LOGP_FLOOR)
@@ -72,28 +85,37 @@ def logprobs_bwd(
     grad_logp: torch.Tensor,  # [B, T]
     grad_entropy: torch.Tensor | None,  # [B, T]
     temperature: float,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    out: torch.Tensor | None = None,  # [B, T, V] contiguous; may be `logits` itself
 ) -> torch.Tensor:
-    """`dlogits` `[B, T, V]` in the logits' dtype; zero rows where `mask` is False.
+    """The gradient with respect to the logits, `[B, T, V]` (in `out`, or a new tensor of the logits' dtype); zero
+    rows where `mask` is False.
 
-    `dlogits = -p * (g + h * (log p + entropy)) + g * onehot(y)`, over the temperature. Peak extra memory: two fp32
-    chunks besides the output."""
+    `dz = -p * (g + h * (log p + entropy)) + g * onehot(y)`, times the transform's derivative. Peak extra memory: two
+    fp32 chunks (three with a soft-cap) besides the output."""
     B, T, V = logits.shape
-    dlogits = torch.empty((B * T, V), dtype=logits.dtype, device=logits.device)
+    dlogits = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device) if out is None else out
+    flat_out = dlogits.view(B * T, V)
     flat_ids = ids.reshape(-1, 1).long()
-    g = grad_logp.reshape(-1, 1).float()
-    h = None if grad_entropy is None else grad_entropy.reshape(-1, 1).float()
+    g = grad_logp.reshape(-1, 1).to(math_dtype(logits))
+    h = None if grad_entropy is None else grad_entropy.reshape(-1, 1).to(math_dtype(logits))
     inactive = None if mask is None else ~mask.reshape(-1)
     m, log_s = stats.reshape(2, -1, 1)
     ent = entropy.reshape(-1, 1)
     for rows, sl in _row_chunks(logits):
-        logp = _scaled_fp32(rows, temperature).sub_(m[sl]).sub_(log_s[sl]).clamp_(min=_LOGP_FLOOR)
+        logp = _transformed(rows, temperature, logit_scale, softcap).sub_(m[sl]).sub_(log_s[sl])
+        logp.clamp_(min=_LOGP_FLOOR)
         d = logp.exp()
         if h is None:
             d.mul_(-g[sl])
         else:
             d.mul_(logp.add_(ent[sl]).mul_(h[sl]).add_(g[sl])).neg_()
-        d.scatter_add_(-1, flat_ids[sl], g[sl]).div_(temperature)
+        del logp
+        d.scatter_add_(-1, flat_ids[sl], g[sl]).mul_(logit_scale / temperature)
+        if softcap is not None:
+            d.mul_(1 - rows.to(d.dtype).mul(logit_scale / softcap).tanh_().square_())
         if inactive is not None:
             d[inactive[sl]] = 0
-        dlogits[sl] = d
-    return dlogits.view(B, T, V)
+        flat_out[sl] = d
+    return dlogits

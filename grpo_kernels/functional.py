@@ -11,7 +11,7 @@ import torch
 
 from grpo_kernels import cpu
 from grpo_kernels.backend import use_triton
-from grpo_kernels.config import GRPOLossConfig, GRPOLossOutput
+from grpo_kernels.config import GRPOLossConfig, GRPOLossOutput, HeadOptions
 from grpo_kernels.objective import LossInputs, grpo_objective
 from grpo_kernels.validation import (
     ValueChecks,
@@ -32,14 +32,14 @@ def _logprob_ops(t: torch.Tensor):
 
 
 class LogProbEntropyFunction(torch.autograd.Function):
-    """`(logits [B, T, V], ids [B, T], mask [B, T] | None, temperature) -> (logp, entropy)`, fp32 `[B, T]`."""
+    """`(logits [B, T, V], ids [B, T], mask [B, T] | None, HeadOptions) -> (logp, entropy)`, fp32 `[B, T]`."""
 
     @staticmethod
-    def forward(ctx, logits, ids, mask, temperature):
+    def forward(ctx, logits, ids, mask, head: HeadOptions):
         ops = _logprob_ops(logits)
-        logp, entropy, stats = ops.logprobs_fwd(logits, ids, mask, temperature)
+        logp, entropy, stats = ops.logprobs_fwd(logits, ids, mask, *_head_args(head))
         ctx.save_for_backward(logits, ids, mask, stats, entropy)
-        ctx.temperature = temperature
+        ctx.head = head
         ctx.ops = ops
         ctx.set_materialize_grads(False)
         return logp, entropy
@@ -51,8 +51,13 @@ class LogProbEntropyFunction(torch.autograd.Function):
             return None, None, None, None
         if grad_logp is None:
             grad_logp = torch.zeros_like(entropy)
-        dlogits = ctx.ops.logprobs_bwd(logits, ids, mask, stats, entropy, grad_logp, grad_entropy, ctx.temperature)
+        args = _head_args(ctx.head)
+        dlogits = ctx.ops.logprobs_bwd(logits, ids, mask, stats, entropy, grad_logp, grad_entropy, *args)
         return dlogits, None, None, None
+
+
+def _head_args(head: HeadOptions) -> tuple[float, float, float | None]:
+    return head.temperature, head.logit_scale, head.final_logit_softcapping
 
 
 def _contiguous_last(logits: torch.Tensor) -> torch.Tensor:
@@ -97,14 +102,18 @@ def loss_inputs(
         )
     if mask is None:
         mask = torch.ones((B, T), dtype=torch.bool, device=device)
-    adv = advantages.float()
+
+    def upcast(x: torch.Tensor | None) -> torch.Tensor | None:  # fp32, or fp64 kept as is
+        return None if x is None else x.to(torch.promote_types(x.dtype, torch.float32))
+
+    adv = upcast(advantages)
     return LossInputs(
         advantages=adv.unsqueeze(1) if adv.dim() == 1 else adv,
         mask=mask,
-        old_logps=None if old_logps is None else old_logps.float(),
-        ref_logps=None if ref_logps is None or config.beta == 0.0 else ref_logps.float(),
-        importance_sampling_ratio=None if importance_sampling_ratio is None else importance_sampling_ratio.float(),
-        sampling_logps=None if sampling_logps is None else sampling_logps.float(),
+        old_logps=upcast(old_logps),
+        ref_logps=None if config.beta == 0.0 else upcast(ref_logps),
+        importance_sampling_ratio=upcast(importance_sampling_ratio),
+        sampling_logps=upcast(sampling_logps),
     )
 
 
@@ -158,7 +167,8 @@ def grpo_loss(
     num_items = check_positive_items(num_items_in_batch, logits.device)
     checks.run()
     mask = None if completion_mask is None else inputs.mask
-    logps, entropy = LogProbEntropyFunction.apply(_contiguous_last(logits), completion_ids, mask, config.temperature)
+    head = HeadOptions(temperature=config.temperature)
+    logps, entropy = LogProbEntropyFunction.apply(_contiguous_last(logits), completion_ids, mask, head)
     loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
     return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)
 
@@ -184,7 +194,8 @@ def selective_log_softmax(
     checks.run()
     x = _contiguous_last(logits)
     x3 = x.reshape(1, -1, x.shape[-1]) if x.dim() != 3 else x
-    logps, _ = LogProbEntropyFunction.apply(x3, ids.reshape(x3.shape[:2]), None, float(temperature))
+    head = HeadOptions(temperature=float(temperature))
+    logps, _ = LogProbEntropyFunction.apply(x3, ids.reshape(x3.shape[:2]), None, head)
     return logps.reshape(lead)
 
 
@@ -248,3 +259,116 @@ def group_advantages(
     from grpo_kernels import reference
 
     return reference.group_advantages(r.float(), num_generations, scale, weights, multi_objective_aggregation)
+
+
+def _check_head(hidden, weight, bias) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Check the head's tensors; under autocast, cast them to the autocast dtype as `F.linear` would."""
+    check_tensor("hidden", hidden, kind="float", shape_hint="[B, T, H]")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, H]; got shape {tuple(hidden.shape)}")
+    H = hidden.shape[-1]
+    check_tensor("weight", weight, kind="float", device=hidden.device, shape_hint=f"[V, {H}]")
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but must be [V, H] with H = {H} (hidden's last dim)")
+    if bias is not None:
+        V = weight.shape[0]
+        check_tensor("bias", bias, kind="float", shapes=((V,),), device=hidden.device, shape_hint=f"[{V}]")
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    elif hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(
+            f"hidden is {hidden.dtype} but weight is {weight.dtype}"
+            + ("" if bias is None else f" and bias is {bias.dtype}")
+            + ": pass one dtype (e.g. hidden.to(weight.dtype)), or run under torch.autocast"
+        )
+    return hidden, weight, bias
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,  # [B, T, H]
+    weight: torch.Tensor,  # [V, H]
+    completion_ids: torch.Tensor,  # [B, T]
+    advantages: torch.Tensor,  # [B] or [B, T]
+    completion_mask: torch.Tensor | None = None,  # [B, T]
+    *,
+    bias: torch.Tensor | None = None,  # [V]
+    config: GRPOLossConfig = GRPOLossConfig(),  # noqa: B008 (frozen)
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
+    sampling_logps: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+) -> GRPOLossOutput:
+    """The GRPO loss of TRL 1.16 from hidden states and the LM-head weight, never materialising the logits.
+
+    Args:
+        hidden: `[B, T, H]` hidden states; position t predicts `completion_ids[:, t]` (already shifted).
+        weight: `[V, H]` LM-head weight (`model.lm_head.weight`); gradients flow to it, to `hidden` and to `bias`.
+        completion_ids, advantages, completion_mask, config, old_logps, ref_logps, importance_sampling_ratio,
+            sampling_logps, num_items_in_batch: as in `grpo_loss`.
+        bias: optional `[V]` LM-head bias.
+        logit_scale, final_logit_softcapping: the head's logit transform (see `head_options_from_config`);
+            `config.temperature` divides the result.
+
+    Returns:
+        `GRPOLossOutput`, as `grpo_loss`.
+    """
+    if not isinstance(config, GRPOLossConfig):
+        raise TypeError(f"config must be a GRPOLossConfig; got {type(config).__name__}")
+    hidden, weight, bias = _check_head(hidden, weight, bias)
+    B, T, _ = hidden.shape
+    V = weight.shape[0]
+    head = HeadOptions(config.temperature, logit_scale, final_logit_softcapping)
+    checks = ValueChecks()
+    check_tensor(
+        "completion_ids", completion_ids, kind="int", shapes=((B, T),), device=hidden.device, shape_hint=f"[{B}, {T}]"
+    )
+    check_ids(checks, "completion_ids", completion_ids, V)
+    inputs = loss_inputs(
+        checks, B, T, hidden.device, config, advantages, completion_mask, old_logps, ref_logps,
+        importance_sampling_ratio, sampling_logps,
+    )  # fmt: skip
+    num_items = check_positive_items(num_items_in_batch, hidden.device)
+    checks.run()
+    from grpo_kernels.fused_linear import fused_linear_loss
+
+    loss, logps, entropy, metrics = fused_linear_loss(
+        hidden, weight, bias, completion_ids, inputs, config, head, num_items, masked=completion_mask is not None
+    )
+    return GRPOLossOutput(loss=loss, logps=logps, entropy=entropy, metrics=metrics)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,  # [B, T, H]
+    weight: torch.Tensor,  # [V, H]
+    ids: torch.Tensor,  # [B, T]
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    mask: torch.Tensor | None = None,  # [B, T]: tokens outside it are skipped and get 0
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs (and entropies) of `ids` from hidden states, without the logits; differentiable.
+
+    For old and reference policies, or anyone who wants only the log-probs. Returns fp32 `[B, T]` (a pair with
+    `return_entropy`)."""
+    hidden, weight, bias = _check_head(hidden, weight, bias)
+    B, T, _ = hidden.shape
+    head = HeadOptions(temperature, logit_scale, final_logit_softcapping)
+    checks = ValueChecks()
+    check_tensor("ids", ids, kind="int", shapes=((B, T),), device=hidden.device, shape_hint=f"[{B}, {T}]")
+    check_ids(checks, "ids", ids, weight.shape[0])
+    if mask is not None:
+        check_tensor("mask", mask, kind="mask", shapes=((B, T),), device=hidden.device, shape_hint=f"[{B}, {T}]")
+    mask = check_mask(checks, "mask", mask)
+    checks.run()
+    from grpo_kernels.fused_linear import LinearLogProbEntropyFunction
+
+    logps, entropy = LinearLogProbEntropyFunction.apply(hidden, weight, bias, ids, mask, head)
+    return (logps, entropy) if return_entropy else logps

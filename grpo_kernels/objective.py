@@ -31,6 +31,7 @@ class LossInputs:
     ref_logps: torch.Tensor | None = None
     importance_sampling_ratio: torch.Tensor | None = None  # [B, T] or [B, 1]
     sampling_logps: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None  # [B, 1] per-row token counts, when `mask` covers only part of each row
 
     def rows(self, sl: slice) -> LossInputs:
         return LossInputs(*(None if t is None else t[sl] for t in self.__dict__.values()))
@@ -152,7 +153,7 @@ def row_terms(
 
     old = logps.detach() if inputs.old_logps is None else inputs.old_logps
     log_ratio = torch.where(active, logps - old, zero)
-    lengths = mask.sum(-1, keepdim=True)
+    lengths = mask.sum(-1, keepdim=True) if inputs.lengths is None else inputs.lengths.to(logps.dtype)
     if cfg.importance_sampling_level == "token":
         log_w = log_ratio
     else:

@@ -52,11 +52,13 @@ def linear_logits(
     z = hidden @ weight.T
     if bias is not None:
         z = z + bias
-    if logit_scale != 1.0:
-        z = z * logit_scale
-    if final_logit_softcapping is not None:
-        z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
-    return z
+    return scale_and_cap(z, logit_scale, final_logit_softcapping)
+
+
+def scale_and_cap(logits: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """`softcap * tanh(logit_scale * logits / softcap)`, the soft-cap only when set."""
+    z = logits * logit_scale if logit_scale != 1.0 else logits
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
 # --------------------------------------------------------------------------------------------------------------------

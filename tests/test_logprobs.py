@@ -8,6 +8,7 @@ import torch
 from helpers import assert_within_pytorch_error
 
 from grpo_kernels import backend, reference, selective_log_softmax
+from grpo_kernels.config import HeadOptions
 from grpo_kernels.functional import LogProbEntropyFunction
 
 BACKENDS = ["triton", "torch"]
@@ -17,17 +18,18 @@ def _dtypes():
     return [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 
 
-def run_op(logits, ids, mask, temperature, grads):
+def run_op(logits, ids, mask, temperature, grads, logit_scale=1.0, softcap=None):
     x = logits.detach().clone().requires_grad_()
-    logp, entropy = LogProbEntropyFunction.apply(x, ids, mask, temperature)
+    logp, entropy = LogProbEntropyFunction.apply(x, ids, mask, HeadOptions(temperature, logit_scale, softcap))
     (dx,) = torch.autograd.grad((logp * grads[0]).sum() + (entropy * grads[1]).sum(), x)
     return logp, entropy, dx
 
 
-def run_reference(logits, ids, mask, temperature, grads, upcast_to=None):
+def run_reference(logits, ids, mask, temperature, grads, upcast_to=None, logit_scale=1.0, softcap=None):
     x = logits.detach().clone()
     x = (x if upcast_to is None else x.to(upcast_to)).requires_grad_()
-    logp, entropy = reference.logprobs_and_entropy(x, ids, temperature, upcast=False)
+    z = reference.scale_and_cap(x, logit_scale, softcap)
+    logp, entropy = reference.logprobs_and_entropy(z, ids, temperature, upcast=False)
     if mask is not None:
         logp, entropy = logp * mask, entropy * mask
     (dx,) = torch.autograd.grad((logp * grads[0]).sum() + (entropy * grads[1]).sum(), x)
@@ -54,6 +56,22 @@ def test_values_and_gradients(impl, dtype, shape, temperature, device):
     for name, a, s, u in zip(("logp", "entropy", "dlogits"), got, same, exact, strict=True):
         assert_within_pytorch_error(a, s, u, name=f"{impl} {name}")
     assert got[2].dtype == dtype
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("logit_scale,softcap", [(0.5, None), (1.0, 3.0), (2.0, 10.0)])
+def test_logit_scale_and_softcap(impl, logit_scale, softcap, device):
+    dev = device if impl == "triton" else "cpu"
+    logits = torch.randn(3, 4, 517, device=dev) * 5
+    ids = torch.randint(0, 517, (3, 4), device=dev)
+    grads = (torch.randn(3, 4, device=dev), torch.randn(3, 4, device=dev))
+    options = {"logit_scale": logit_scale, "softcap": softcap}
+    with backend(impl):
+        got = run_op(logits, ids, None, 0.8, grads, **options)
+    same = run_reference(logits, ids, None, 0.8, grads, **options)
+    exact = run_reference(logits, ids, None, 0.8, (grads[0].double(), grads[1].double()), torch.float64, **options)
+    for name, a, s, u in zip(("logp", "entropy", "dlogits"), got, same, exact, strict=True):
+        assert_within_pytorch_error(a, s, u, name=f"{impl} {name}")
 
 
 @pytest.mark.parametrize("impl", BACKENDS)

@@ -1,15 +1,18 @@
 """Per-token log-probability and entropy from logits: one read of each row forward, one read and one write backward.
 
-Forward, for each row `z = logits[b, t, :] / temperature` (fp32 math whatever the input dtype), a single pass keeps an
-online log-sum-exp (`m`, `s = sum exp(z - m)`) and `u = sum exp(z - m) * (z - m)`, so that
+Each logit `x` is first transformed as language models do, `z = cap * tanh(scale * x / cap) / temperature` (the
+soft-cap only when set; fp32 math whatever the input dtype). Forward, a single pass over the row keeps an online
+log-sum-exp (`m`, `s = sum exp(z - m)`) and `u = sum exp(z - m) * (z - m)`, so that
 
     logp = (z[y] - m) - log s,     entropy = log s - u / s,
 
 and keeps `(m, log s)` for the backward (one fp32 log-sum-exp would lose |lse| * 2**-24 of every log-prob).
 
-Backward, with upstream gradients `g` (of logp) and `h` (of the entropy), the row is read once more and written once:
+Backward, with upstream gradients `g` (of logp) and `h` (of the entropy), the row is read once more and written once
+(into a new tensor, or over the logits themselves when the caller owns them):
 
-    dlogits_j = (g * ([j == y] - p_j) - h * p_j * (log p_j + entropy)) / temperature,   log p_j = (z_j - m) - log s.
+    dz_j = g * ([j == y] - p_j) - h * p_j * (log p_j + entropy),   log p_j = (z_j - m) - log s,
+    dx_j = dz_j * scale * (1 - tanh^2) / temperature.
 
 Rows whose mask is 0 are not read: their outputs and gradients are 0.
 """
@@ -21,6 +24,14 @@ import triton
 import triton.language as tl
 
 from grpo_kernels.ops._common import num_warps_for, row_block
+
+
+@triton.jit
+def _transform(x, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    z = x.to(tl.float32) * logit_scale
+    if HAS_SOFTCAP:
+        z = softcap * (2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0)  # softcap * tanh(z / softcap)
+    return z * inv_temperature
 
 
 @triton.jit
@@ -37,7 +48,10 @@ def _logprobs_fwd_kernel(
     T,
     V,
     inv_temperature,
+    logit_scale,
+    softcap,
     HAS_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -51,8 +65,9 @@ def _logprobs_fwd_kernel(
         s = tl.zeros([], dtype=tl.float32)
         u = tl.zeros([], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
-            z = tl.load(row_ptr + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
-            z = z * inv_temperature
+            x = tl.load(row_ptr + start + cols, mask=start + cols < V, other=float("-inf"))
+            z = _transform(x, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+            z = tl.where(start + cols < V, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: any finite reference works
             shift = tl.where(s > 0, m - m_ref, 0.0)
@@ -65,7 +80,7 @@ def _logprobs_fwd_kernel(
         m = tl.where(m == float("-inf"), 0.0, m)
         log_s = tl.log(s)
         y = tl.load(ids_ptr + row).to(tl.int64)
-        z_y = tl.load(row_ptr + y).to(tl.float32) * inv_temperature
+        z_y = _transform(tl.load(row_ptr + y), logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
         tl.store(logp_ptr + row, (z_y - m) - log_s)
         tl.store(entropy_ptr + row, log_s - u / s)
         tl.store(stats_ptr + row, m)
@@ -82,7 +97,7 @@ def _logprobs_bwd_kernel(
     logits_ptr,  # [B, T, V], last dim contiguous
     stride_b,
     stride_t,
-    dlogits_ptr,  # [B * T, V] contiguous out
+    dlogits_ptr,  # [B * T, V] contiguous out (may be the logits themselves)
     ids_ptr,
     mask_ptr,
     stats_ptr,  # [2, B * T] fp32: row max, log-sum
@@ -93,8 +108,11 @@ def _logprobs_bwd_kernel(
     T,
     V,
     inv_temperature,
+    logit_scale,
+    softcap,
     HAS_MASK: tl.constexpr,
     HAS_DENTROPY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -116,13 +134,17 @@ def _logprobs_bwd_kernel(
         y = tl.load(ids_ptr + row).to(tl.int64)
         for start in range(0, V, BLOCK_V):
             in_row = start + cols < V
-            z = tl.load(row_ptr + start + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-            logp = (z * inv_temperature - m) - log_s
+            x = tl.load(row_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
+            logp = (_transform(x, logit_scale, softcap, inv_temperature, HAS_SOFTCAP) - m) - log_s
             p = tl.exp(logp)
             d = tl.where(start + cols == y, g, 0.0) - g * p
             if HAS_DENTROPY:
                 d -= tl.where(p > 0, h * p * (logp + entropy), 0.0)
-            tl.store(out_ptr + start + cols, (d * inv_temperature).to(dlogits_ptr.dtype.element_ty), mask=in_row)
+            d = d * (logit_scale * inv_temperature)
+            if HAS_SOFTCAP:
+                t = 2.0 * tl.sigmoid(2.0 * x * logit_scale / softcap) - 1.0
+                d = d * (1.0 - t * t)
+            tl.store(out_ptr + start + cols, d.to(dlogits_ptr.dtype.element_ty), mask=in_row)
     else:
         for start in range(0, V, BLOCK_V):
             zeros = tl.zeros([BLOCK_V], dtype=dlogits_ptr.dtype.element_ty)
@@ -138,6 +160,8 @@ def logprobs_fwd(
     ids: torch.Tensor,  # [B, T] int
     mask: torch.Tensor | None,  # [B, T] bool
     temperature: float,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return fp32 `(logp, entropy, stats)`: `[B, T]`, `[B, T]` and `[2, B, T]` (row max, log-sum) for the backward."""
     B, T, V = logits.shape
@@ -158,7 +182,10 @@ def logprobs_fwd(
         T,
         V,
         1.0 / temperature,
+        float(logit_scale),
+        float(softcap or 1.0),
         HAS_MASK=mask is not None,
+        HAS_SOFTCAP=softcap is not None,
         BLOCK_V=block,
         num_warps=num_warps_for(block),
     )
@@ -174,14 +201,17 @@ def logprobs_bwd(
     grad_logp: torch.Tensor,  # [B, T]
     grad_entropy: torch.Tensor | None,  # [B, T]
     temperature: float,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    out: torch.Tensor | None = None,  # [B, T, V] contiguous; may be `logits` itself
 ) -> torch.Tensor:
-    """Return `dlogits` `[B, T, V]` in the logits' dtype."""
+    """Return the gradient with respect to the logits, `[B, T, V]`, in `out` or a new tensor of the logits' dtype."""
     B, T, V = logits.shape
-    dlogits = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
+    dlogits = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device) if out is None else out
     if B * T == 0:
         return dlogits
     block = row_block(V)
-    grad_logp = grad_logp.float().contiguous()
+    stats, entropy, grad_logp = stats.contiguous(), entropy.contiguous(), grad_logp.float().contiguous()
     _logprobs_bwd_kernel[(B * T,)](
         logits,
         logits.stride(0),
@@ -197,8 +227,11 @@ def logprobs_bwd(
         T,
         V,
         1.0 / temperature,
+        float(logit_scale),
+        float(softcap or 1.0),
         HAS_MASK=mask is not None,
         HAS_DENTROPY=grad_entropy is not None,
+        HAS_SOFTCAP=softcap is not None,
         BLOCK_V=block,
         num_warps=num_warps_for(block),
     )

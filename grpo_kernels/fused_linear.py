@@ -1,0 +1,303 @@
+"""The GRPO loss straight from hidden states and the LM-head weight, a chunk of tokens at a time.
+
+Only the tokens in the loss (the mask's ones) are projected. For each chunk of them the logits `hidden @ weight.T +
+bias` are formed (a `[chunk, V]` buffer, the only vocabulary-sized memory), read once by the log-prob kernel, and then
+overwritten in place by their gradient, which two matrix products turn into the chunk's `d_hidden` rows and its share
+of `d_weight`. The logits of the whole batch never exist.
+
+Two schedules:
+
+- single pass (`FusedLinearGRPOFunction`): when every token's gradient coefficient `dL/dlogp` is known once the
+  chunk's own log-probs are (token-level ratios; or whole sequences per chunk for the sequence-level options GSPO,
+  VESPO and the off-policy mask), the forward forms the gradients right away: three matrix products in all, and the
+  backward only scales them by the incoming gradient.
+- two passes (`LinearLogProbEntropyFunction` + the objective): when the loss needs statistics of the whole batch first
+  (`top_entropy_quantile < 1`), or a sequence does not fit in one chunk, the forward keeps only `[N]`-sized statistics
+  and the backward recomputes each chunk's logits: four products.
+
+`d_weight` is accumulated across chunks in the weight's dtype (exact fp32 accumulation for fp32 weights; for bf16
+weights each chunk's product is added in bf16, as chunked losses usually do).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_kernels import cpu
+from grpo_kernels.backend import use_triton
+from grpo_kernels.config import GRPOLossConfig, HeadOptions
+from grpo_kernels.objective import LossInputs, LossPlan, grpo_objective, row_terms
+
+# Bytes of one chunk of logits: fp32 copies on CPU, where memory is plentiful and larger products run faster.
+CHUNK_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
+
+
+def head_options_from_config(config, temperature: float = 1.0) -> HeadOptions:
+    """The head's logit scale and soft-cap from a transformers model config (text config for multimodal models).
+
+    Reads `final_logit_softcapping` (Gemma 2/3) and the scale models apply to the logits: `logit_scale` (Cohere),
+    `output_multiplier`, `lm_head_multiplier` (Falcon-H1), or `1 / logits_scaling` (Granite, MiniCPM3).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(text, name, None) is not None:
+            scale = float(getattr(text, name))
+            break
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = 1.0 / float(text.logits_scaling)
+    softcap = getattr(text, "final_logit_softcapping", None)
+    return HeadOptions(
+        temperature=temperature,
+        logit_scale=1.0 if scale is None else scale,
+        final_logit_softcapping=None if softcap is None else float(softcap),
+    )
+
+
+def chunk_tokens(vocab: int, device: torch.device) -> int:
+    """Tokens per chunk so that one chunk of fp32 logits takes about `CHUNK_BYTES` of the device."""
+    budget = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    return max(1, budget // (4 * max(vocab, 1)))
+
+
+class _Head:
+    """The active tokens' hidden rows and the head's weights: chunk logits, and gradient accumulation."""
+
+    def __init__(self, hidden, weight, bias, ids, positions: torch.Tensor | None, head: HeadOptions) -> None:
+        B, T, H = hidden.shape
+        self.shape = (B, T, H)
+        flat = hidden.reshape(B * T, H)
+        self.positions = positions  # flat index b * T + t of each active token; None: all are active
+        self.h = flat if self.positions is None else flat.index_select(0, self.positions)
+        self.ids = ids.reshape(-1) if self.positions is None else ids.reshape(-1).index_select(0, self.positions)
+        self.weight, self.bias, self.head = weight, bias, head
+        self.ops = _row_ops(hidden)
+        self.args = (head.temperature, head.logit_scale, head.final_logit_softcapping)
+
+    @property
+    def n(self) -> int:
+        return self.h.shape[0]
+
+    def logits(self, sl: slice) -> torch.Tensor:  # [1, c, V]
+        z = self.h[sl] @ self.weight.t()
+        if self.bias is not None:
+            z += self.bias
+        return z.unsqueeze(0)
+
+    def stats(self, z: torch.Tensor, sl: slice):
+        logp, entropy, stats = self.ops.logprobs_fwd(z, self.ids[sl].unsqueeze(0), None, *self.args)
+        return logp[0], entropy[0], stats[:, 0]
+
+    def start_grads(self, needs: tuple[bool, bool, bool]) -> None:
+        self.d_h = torch.empty_like(self.h) if needs[0] else None
+        self.d_w = torch.zeros_like(self.weight) if needs[1] else None
+        self.d_b = (
+            torch.zeros(self.weight.shape[0], dtype=cpu.math_dtype(self.h), device=self.h.device) if needs[2] else None
+        )
+
+    def add_grads(self, z, sl, stats, entropy, grad_logp, grad_entropy) -> None:
+        """Turn the chunk's logits `z` into their gradient in place, then into the weights' gradients."""
+        ids = self.ids[sl].unsqueeze(0)
+        g_ent = None if grad_entropy is None else grad_entropy.unsqueeze(0)
+        dz = self.ops.logprobs_bwd(
+            z, ids, None, stats.unsqueeze(1), entropy.unsqueeze(0), grad_logp.unsqueeze(0), g_ent, *self.args, out=z
+        )[0]
+        if self.d_h is not None:
+            torch.mm(dz, self.weight, out=self.d_h[sl])
+        if self.d_w is not None:
+            self.d_w.addmm_(dz.t(), self.h[sl])
+        if self.d_b is not None:
+            self.d_b += dz.sum(0, dtype=self.d_b.dtype)
+
+    def finish_grads(self, scale: torch.Tensor | None = None):
+        """`(d_hidden [B, T, H], d_weight, d_bias)`, each None where not needed, optionally times `scale`."""
+        B, T, H = self.shape
+        d_hidden = None
+        if self.d_h is not None:
+            d_h = self.d_h if scale is None else self.d_h * scale.to(self.d_h.dtype)
+            if self.positions is None:
+                d_hidden = d_h.view(B, T, H)
+            else:
+                d_hidden = d_h.new_zeros(B * T, H).index_copy_(0, self.positions, d_h).view(B, T, H)
+        d_w = self.d_w if self.d_w is None or scale is None else self.d_w * scale.to(self.d_w.dtype)
+        d_b = None
+        if self.d_b is not None:
+            d_b = (self.d_b if scale is None else self.d_b * scale).to(self.bias.dtype)
+        return d_hidden, d_w, d_b
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """`[n]` per-token values of the active tokens -> `[B, T]`, zero elsewhere."""
+        B, T, _ = self.shape
+        if self.positions is None:
+            return x.view(B, T)
+        return x.new_zeros(B * T).index_copy_(0, self.positions, x).view(B, T)
+
+
+def active_positions(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Flat indices `b * T + t` of the tokens in the loss (None when all are)."""
+    return None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _row_ops(t: torch.Tensor):
+    if use_triton(t):
+        from grpo_kernels.ops import logprobs
+
+        return logprobs
+    return cpu
+
+
+def _token_ranges(n: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _row_ranges(counts: list[int], size: int) -> list[tuple[slice, slice]] | None:
+    """Pack whole rows (`counts[b]` active tokens each) into chunks of at most `size` tokens:
+    `[(row slice, token slice)]`, or None when one row alone is larger than a chunk."""
+    if counts and max(counts) > size:
+        return None
+    out, start_row, start_tok, tok = [], 0, 0, 0
+    for b, c in enumerate(counts):
+        if tok + c > size and b > start_row:
+            out.append((slice(start_row, b), slice(start_tok, tok)))
+            start_row, start_tok = b, tok
+        tok += c
+    out.append((slice(start_row, len(counts)), slice(start_tok, tok)))
+    return out
+
+
+class LinearLogProbEntropyFunction(torch.autograd.Function):
+    """`(hidden [B, T, H], weight [V, H], bias [V] | None, ids [B, T], mask [B, T] | None, HeadOptions)
+    -> (logp, entropy)`, fp32 `[B, T]` (0 where masked). The backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, mask, head: HeadOptions):
+        lm = _Head(hidden, weight, bias, ids, active_positions(mask), head)
+        logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
+        entropy = torch.empty_like(logp)
+        stats = torch.empty(2, lm.n, dtype=logp.dtype, device=hidden.device)
+        for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device)):
+            logp[sl], entropy[sl], stats[:, sl] = lm.stats(lm.logits(sl), sl)
+        ctx.save_for_backward(hidden, weight, bias, ids, mask, stats, entropy)
+        ctx.head = head
+        ctx.set_materialize_grads(False)
+        return lm.scatter(logp), lm.scatter(entropy)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, ids, mask, stats, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None
+        lm = _Head(hidden, weight, bias, ids, active_positions(mask), ctx.head)
+        lm.start_grads(ctx.needs_input_grad[:3])
+        gather = (lambda x: x.reshape(-1)) if lm.positions is None else (lambda x: x.reshape(-1)[lm.positions])
+        g_lp = torch.zeros_like(entropy) if grad_logp is None else gather(grad_logp).to(entropy.dtype)
+        g_ent = None if grad_entropy is None else gather(grad_entropy).to(entropy.dtype)
+        for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device)):
+            lm.add_grads(lm.logits(sl), sl, stats[:, sl], entropy[sl], g_lp[sl], None if g_ent is None else g_ent[sl])
+        return (*lm.finish_grads(), None, None, None)
+
+
+def single_pass_chunks(
+    positions: torch.Tensor | None, inputs: LossInputs, config: GRPOLossConfig, vocab: int, device: torch.device
+) -> list[tuple[slice, slice]] | None:
+    """Chunks for the single-pass schedule as `(row slice, token slice)` over the active tokens, or None when it
+    does not apply."""
+    if config.top_entropy_quantile < 1.0:
+        return None
+    size = chunk_tokens(vocab, device)
+    token_local = (
+        config.importance_sampling_level == "token"
+        and config.off_policy_mask_threshold is None
+        and config.loss_type != "vespo"
+    )
+    if not token_local:
+        return _row_ranges(inputs.mask.sum(-1).tolist(), size)
+    T = inputs.mask.shape[1]
+    n = inputs.mask.numel() if positions is None else positions.numel()
+    chunks = []
+    for sl in _token_ranges(n, size):
+        first, last = (
+            (sl.start, sl.stop - 1) if positions is None else (int(positions[sl.start]), int(positions[sl.stop - 1]))
+        )
+        chunks.append((slice(first // T, last // T + 1), sl))
+    return chunks
+
+
+class FusedLinearGRPOFunction(torch.autograd.Function):
+    """The single-pass schedule: `(hidden, weight, bias, ids, positions, LossInputs, GRPOLossConfig, HeadOptions,
+    chunks, num_items_in_batch, needs) -> (loss, logps, entropy)`; the gradients are formed in the forward for the
+    inputs `needs` flags (hidden, weight, bias), none when autograd is off."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, positions, inputs, config, head, chunks, num_items_in_batch, needs):
+        lm = _Head(hidden, weight, bias, ids, positions, head)
+        grads = any(needs)
+        if grads:
+            lm.start_grads(needs)
+        plan = LossPlan.build(inputs.mask, config, None, num_items_in_batch)
+        lengths = inputs.mask.sum(-1, keepdim=True)
+        logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
+        entropy = torch.empty_like(logp)
+        loss = torch.zeros((), dtype=logp.dtype, device=hidden.device)
+        T = inputs.mask.shape[1]
+        for rows, sl in chunks:
+            z = lm.logits(sl)
+            logp[sl], entropy[sl], stats = lm.stats(z, sl)
+            # this chunk's tokens in their rows' [rows, T] layout: its share of the loss and d loss / d (logp, H)
+            flat = torch.arange(sl.start, sl.stop, device=hidden.device) if positions is None else positions[sl]
+            local = flat - rows.start * T
+            n_rows = rows.stop - rows.start
+            lp = logp.new_zeros(n_rows * T).index_copy_(0, local, logp[sl]).view(n_rows, T)
+            ent = logp.new_zeros(n_rows * T).index_copy_(0, local, entropy[sl]).view(n_rows, T)
+            part = inputs.rows(rows)
+            part.mask = torch.zeros(n_rows * T, dtype=torch.bool, device=hidden.device).index_fill_(0, local, True)
+            part.mask = part.mask.view(n_rows, T)
+            part.lengths = lengths[rows]
+            with torch.enable_grad():
+                lp.requires_grad_(grads)
+                ent.requires_grad_(grads and config.entropy_coef != 0.0)
+                share, _ = row_terms(lp, ent, part, config, plan)
+                if grads:
+                    g = torch.autograd.grad(share, (lp, ent) if ent.requires_grad else (lp,))
+            loss += share.detach()
+            if grads:
+                g_lp = g[0].reshape(-1).index_select(0, local)
+                g_ent = g[1].reshape(-1).index_select(0, local) if len(g) > 1 else None
+                lm.add_grads(z, sl, stats, entropy[sl], g_lp, g_ent)
+        logps, entropies = lm.scatter(logp), lm.scatter(entropy)
+        ctx.lm = lm if grads else None
+        ctx.mark_non_differentiable(logps, entropies)
+        return loss, logps, entropies
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logps, _grad_entropy):
+        d_hidden, d_weight, d_bias = ctx.lm.finish_grads(grad_loss)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None
+
+
+def fused_linear_loss(
+    hidden: torch.Tensor,  # [B, T, H]
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+    ids: torch.Tensor,  # [B, T]
+    inputs: LossInputs,
+    config: GRPOLossConfig,
+    head: HeadOptions,
+    num_items_in_batch,
+    masked: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """`(loss, logps, entropy, metrics)` by the single-pass schedule where it applies, else by two passes."""
+    mask = inputs.mask if masked else None
+    positions = active_positions(mask)
+    chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device)
+    if chunks is not None:
+        needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
+        loss, logps, entropy = FusedLinearGRPOFunction.apply(
+            hidden, weight, bias, ids, positions, inputs, config, head, chunks, num_items_in_batch, needs
+        )
+        with torch.no_grad():
+            _, metrics = grpo_objective(logps, entropy, inputs, config, num_items_in_batch)
+        return loss, logps, entropy, metrics
+    logps, entropy = LinearLogProbEntropyFunction.apply(hidden, weight, bias, ids, mask, head)
+    loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items_in_batch)
+    return loss, logps.detach(), entropy.detach(), metrics

@@ -1,0 +1,45 @@
+"""`torch.nn` modules over the functional API."""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_kernels.config import GRPOLossConfig, GRPOLossOutput
+from grpo_kernels.functional import fused_linear_grpo_loss
+
+
+class LinearGRPOLoss(torch.nn.Module):
+    """The fused linear GRPO loss as a module holding its `GRPOLossConfig` (and the head's logit transform).
+
+    loss_fn = LinearGRPOLoss(GRPOLossConfig(loss_type="dapo", beta=0.04))
+    out = loss_fn(hidden, model.lm_head.weight, completion_ids, advantages, completion_mask, ref_logps=ref)
+    """
+
+    def __init__(
+        self,
+        config: GRPOLossConfig | None = None,
+        *,
+        logit_scale: float = 1.0,
+        final_logit_softcapping: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or GRPOLossConfig()
+        self.logit_scale = logit_scale
+        self.final_logit_softcapping = final_logit_softcapping
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        completion_ids: torch.Tensor,
+        advantages: torch.Tensor,
+        completion_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> GRPOLossOutput:
+        return fused_linear_grpo_loss(
+            hidden, weight, completion_ids, advantages, completion_mask, config=self.config,
+            logit_scale=self.logit_scale, final_logit_softcapping=self.final_logit_softcapping, **kwargs,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return repr(self.config)

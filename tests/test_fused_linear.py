@@ -1,0 +1,263 @@
+"""`fused_linear_grpo_loss` and `linear_logprobs`: both backends and both schedules against the reference that
+materialises the logits (same dtype and fp64), against TRL 1.16 on a tiny Llama, and by bytes allocated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, assert_within_pytorch_error
+
+from grpo_kernels import (
+    GRPOLossConfig,
+    LinearGRPOLoss,
+    backend,
+    fused_linear_grpo_loss,
+    head_options_from_config,
+    linear_logprobs,
+    reference,
+)
+from grpo_kernels import fused_linear as fl
+from grpo_kernels.config import LOSS_TYPES
+from grpo_kernels.functional import loss_inputs
+from grpo_kernels.validation import ValueChecks
+
+BACKENDS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+
+
+def make_inputs(B, T, H, V, dtype, dev, bias=True):
+    hidden = torch.randn(B, T, H, device=dev).to(dtype)
+    weight = (torch.randn(V, H, device=dev) / H**0.5 * 2).to(dtype)
+    b = (torch.randn(V, device=dev) * 0.1).to(dtype) if bias else None
+    ids = torch.randint(0, V, (B, T), device=dev)
+    mask = torch.rand(B, T, device=dev) > 0.25
+    mask[0] = False  # a fully masked row
+    adv = torch.randn(B, device=dev)
+    logps = reference.linear_grpo_loss(
+        hidden.double(), weight.double(), ids, adv.double(), mask, bias=None if b is None else b.double()
+    ).logps.float()
+    extra = {
+        "old_logps": logps + torch.randn(B, T, device=dev) * 0.2,
+        "ref_logps": logps + torch.randn(B, T, device=dev) * 0.3,
+    }
+    return hidden, weight, b, ids, adv, mask, extra
+
+
+def run(fn, hidden, weight, bias, ids, adv, mask, upcast_to=None, **kwargs):
+    leaves = [x.detach().clone() for x in (hidden, weight) + ((bias,) if bias is not None else ())]
+    leaves = [(x if upcast_to is None else x.to(upcast_to)).requires_grad_() for x in leaves]
+    out = fn(leaves[0], leaves[1], ids, adv, mask, bias=leaves[2] if bias is not None else None, **kwargs)
+    grads = torch.autograd.grad(out.loss, leaves)
+    return out, grads
+
+
+def check_against_reference(impl, hidden, weight, bias, ids, adv, mask, **kwargs):
+    with backend(impl):
+        out, grads = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, **kwargs)
+    same, g_same = run(reference.linear_grpo_loss, hidden, weight, bias, ids, adv, mask, upcast=False, **kwargs)
+    exact, g_exact = run(reference.linear_grpo_loss, hidden, weight, bias, ids, adv, mask, upcast_to=torch.float64,
+                         **kwargs)  # fmt: skip
+    dt = hidden.dtype
+    assert_within_pytorch_error(out.loss, same.loss, exact.loss, name="loss", input_dtype=dt)
+    assert_within_pytorch_error(out.logps, same.logps, exact.logps, name="logps", input_dtype=dt)
+    assert_within_pytorch_error(out.entropy, same.entropy, exact.entropy, name="entropy", input_dtype=dt)
+    for name, g, gs, ge in zip(("d_hidden", "d_weight", "d_bias"), grads, g_same, g_exact, strict=False):
+        assert g.dtype == gs.dtype, f"{name} is {g.dtype}, expected {gs.dtype}"
+        assert_within_pytorch_error(g, gs, ge, name=name, input_dtype=dt)
+    assert set(out.metrics) == set(exact.metrics)
+    for k in out.metrics:
+        assert_within_pytorch_error(out.metrics[k], same.metrics[k], exact.metrics[k], name=k, input_dtype=dt)
+    return out
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_loss_type_matches_reference(impl, loss_type, dtype, device):
+    dev = device if impl == "triton" else "cpu"
+    config = GRPOLossConfig(loss_type=loss_type, beta=0.05, entropy_coef=0.01, temperature=0.9, max_completion_length=7)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(4, 7, 24, 131, dtype, dev)
+    check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize(
+    "shape,options,head",
+    [
+        ((2, 1, 17, 123), {"loss_type": "grpo"}, {}),  # T = 1, odd H and V
+        ((3, 5, 33, 1000), {"loss_type": "bnpo", "importance_sampling_level": "sequence"}, {"logit_scale": 0.25}),
+        ((3, 4, 16, 257), {"loss_type": "dapo"}, {"final_logit_softcapping": 3.0}),
+        ((4, 6, 8, 64), {"loss_type": "vespo", "beta": 0.1}, {"final_logit_softcapping": 5.0, "logit_scale": 2.0}),
+        ((4, 6, 8, 64), {"loss_type": "cispo", "off_policy_mask_threshold": 0.01, "epsilon_high": 1.2}, {}),
+    ],
+)
+def test_odd_shapes_and_heads(impl, shape, options, head, device):
+    dev = device if impl == "triton" else "cpu"
+    config = GRPOLossConfig(max_completion_length=8, **options)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(*shape, torch.float32, dev)
+    check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=config, **head, **extra)
+
+
+SCHEDULES = {
+    # options, chunk budget in tokens -> the schedule it must take
+    "token chunks across rows": ({"loss_type": "grpo", "beta": 0.1, "entropy_coef": 0.1}, 5, "single"),
+    "whole-row chunks": ({"loss_type": "luspo", "importance_sampling_level": "sequence"}, 9, "single"),
+    "off-policy mask, whole rows": ({"loss_type": "sapo", "off_policy_mask_threshold": 0.02}, 7, "single"),
+    "row longer than a chunk": ({"loss_type": "vespo"}, 3, "two-pass"),
+    "entropy quantile": ({"loss_type": "dapo", "top_entropy_quantile": 0.37, "entropy_coef": 0.2}, 5, "two-pass"),
+}
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("case", list(SCHEDULES))
+def test_chunked_schedules(impl, case, device, monkeypatch):
+    options, tokens, schedule = SCHEDULES[case]
+    dev = device if impl == "triton" else "cpu"
+    V = 61
+    monkeypatch.setitem(fl.CHUNK_BYTES, "cuda" if dev == "cuda" else "cpu", tokens * 4 * V)
+    config = GRPOLossConfig(**options)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(5, 6, 12, V, torch.float32, dev)
+    mask[2, 3:] = False
+    if config.top_entropy_quantile < 1:  # keep every token clear of the quantile, where the mask jumps
+        hidden = _away_from_entropy_threshold(hidden, weight, bias, ids, mask, config.top_entropy_quantile)
+    inputs = loss_inputs(
+        ValueChecks(), 5, 6, torch.device(dev), config, adv, mask, None, extra["ref_logps"], None, None
+    )
+    chunks = fl.single_pass_chunks(fl.active_positions(mask), inputs, config, V, torch.device(dev))
+    assert (chunks is not None) == (schedule == "single"), case
+    if chunks is not None:
+        assert len(chunks) > 1
+    extra["sampling_logps"] = extra["old_logps"] + 0.05
+    check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+
+
+def _away_from_entropy_threshold(hidden, weight, bias, ids, mask, q, margin=1e-3):
+    for _ in range(100):
+        _, entropy = reference.logprobs_and_entropy(reference.linear_logits(hidden.double(), weight.double(),
+                                                                             bias.double()), ids)  # fmt: skip
+        active = entropy[mask]
+        threshold = torch.quantile(active, 1 - q)
+        if (active - threshold).abs().min() > margin:
+            return hidden
+        hidden = torch.randn_like(hidden)
+    raise AssertionError("could not draw inputs away from the entropy threshold")
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_linear_logprobs(impl, device):
+    dev = device if impl == "triton" else "cpu"
+    hidden, weight, bias, ids, _, mask, _ = make_inputs(3, 5, 20, 99, torch.float32, dev)
+    x = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    with backend(impl):
+        logps, entropy = linear_logprobs(x[0], x[1], ids, bias=x[2], temperature=0.7, return_entropy=True, mask=mask)
+    grads = torch.autograd.grad((logps * 1.5).sum() - entropy.sum(), x)
+    y = [t.detach().clone().double().requires_grad_() for t in (hidden, weight, bias)]
+    logits = reference.linear_logits(y[0], y[1], y[2])
+    ref_logps, ref_entropy = reference.logprobs_and_entropy(logits, ids, 0.7)
+    ref_logps, ref_entropy = ref_logps * mask, ref_entropy * mask
+    ref_grads = torch.autograd.grad((ref_logps * 1.5).sum() - ref_entropy.sum(), y)
+    assert_close(logps, ref_logps, atol=1e-5, rtol=1e-5, name="logps")
+    assert_close(entropy, ref_entropy, atol=1e-5, rtol=1e-5, name="entropy")
+    for name, g, r in zip(("d_hidden", "d_weight", "d_bias"), grads, ref_grads, strict=True):
+        assert_close(g, r, atol=1e-5, rtol=1e-4, name=name)
+
+
+def test_module_no_grad_and_scaled_backward():
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(3, 4, 10, 50, torch.float32, "cpu")
+    loss_fn = LinearGRPOLoss(GRPOLossConfig(loss_type="grpo", beta=0.1))
+    with torch.no_grad():
+        evaluated = loss_fn(hidden, weight, ids, adv, mask, bias=bias, ref_logps=extra["ref_logps"]).loss
+    h = hidden.clone().requires_grad_()
+    out = loss_fn(h, weight, ids, adv, mask, bias=bias, ref_logps=extra["ref_logps"])
+    assert torch.equal(out.loss.detach(), evaluated)
+    (g1,) = torch.autograd.grad(out.loss, h, retain_graph=True)
+    (g3,) = torch.autograd.grad(out.loss * 3, h)
+    assert_close(g3, 3 * g1, atol=1e-7, rtol=1e-6, name="scaled d_hidden")
+
+
+def test_matches_trl_on_a_tiny_llama():
+    """TRL takes the model's logits; we take its last hidden state and `lm_head.weight`. Same loss, same gradients for
+    every parameter of the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.utils import entropy_from_logits
+    from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax
+    from trl_oracle import TRLLoss
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model = LlamaForCausalLM(cfg).double()
+    B, P, T = 4, 5, 7
+    input_ids = torch.randint(0, 97, (B, P + T))
+    completion_ids = input_ids[:, P:]
+    mask = torch.ones(B, T)
+    mask[1, 4:] = 0
+    adv = torch.randn(B, dtype=torch.float64)
+    config = GRPOLossConfig(loss_type="grpo", beta=0.05, temperature=0.8, entropy_coef=0.01)
+    with torch.no_grad():
+        ref = trl_selective_log_softmax(model(input_ids).logits[:, P - 1 : -1] / 0.8, completion_ids) + 0.1
+
+    logits = model(input_ids).logits[:, P - 1 : -1] / config.temperature
+    trl_loss, _ = TRLLoss(config, use_vllm=False)(
+        trl_selective_log_softmax(logits, completion_ids), entropy_from_logits(logits), completion_ids, adv, mask,
+        ref_logps=ref,
+    )  # fmt: skip
+    trl_grads = torch.autograd.grad(trl_loss, list(model.parameters()))
+
+    hidden = model.model(input_ids).last_hidden_state[:, P - 1 : -1]
+    with backend("torch"):
+        out = fused_linear_grpo_loss(hidden, model.lm_head.weight, completion_ids, adv, mask, config=config,
+                                     ref_logps=ref)  # fmt: skip
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    assert_close(out.loss, trl_loss, atol=1e-12, rtol=1e-10, name="loss")
+    for (name, _), g, t in zip(model.named_parameters(), grads, trl_grads, strict=True):
+        assert_close(g, t, atol=1e-12, rtol=1e-9, name=name)
+
+
+def test_extra_memory_is_a_fraction_of_the_logits(monkeypatch):
+    """Forward + backward at N = 2,048 tokens, V = 8,192: the fp32 logits alone would be 64 MiB; the fused loss's
+    peak allocation, gradients included, stays under an eighth of that."""
+    from grpo_kernels.memory import MemoryMeter
+
+    B, T, H, V = 8, 256, 64, 8192
+    monkeypatch.setitem(fl.CHUNK_BYTES, "cpu", 1 << 20)
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = (torch.randn(V, H) / 8).requires_grad_()
+    ids = torch.randint(0, V, (B, T))
+    adv = torch.randn(B)
+    config = GRPOLossConfig(loss_type="dapo", entropy_coef=0.01)
+    with backend("torch"), MemoryMeter() as meter:
+        fused_linear_grpo_loss(hidden, weight, ids, adv, config=config).loss.backward()
+    logits_bytes = B * T * V * 4
+    assert meter.peak_bytes < logits_bytes / 8, f"peak {meter.peak_bytes / 2**20:.2f} MiB"
+    with backend("torch"), MemoryMeter() as naive:
+        reference.linear_grpo_loss(hidden, weight, ids, adv, config=config).loss.backward()
+    assert naive.peak_bytes > logits_bytes  # the meter sees the materialised logits
+
+
+def test_head_options_from_transformers_configs():
+    from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
+
+    assert head_options_from_config(Gemma2Config()).final_logit_softcapping == 30.0
+    assert head_options_from_config(CohereConfig(logit_scale=0.0625)).logit_scale == 0.0625
+    assert head_options_from_config(GraniteConfig(logits_scaling=8.0)).logit_scale == 0.125
+    llama = head_options_from_config(LlamaConfig(), temperature=0.7)
+    assert (llama.logit_scale, llama.final_logit_softcapping, llama.temperature) == (1.0, None, 0.7)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"hidden": torch.randn(6, 10)}, ValueError, "hidden must be \\[B, T, H\\]"),
+        ({"weight": torch.randn(50, 9)}, ValueError, "weight has shape \\(50, 9\\) but must be \\[V, H\\] with H = 10"),
+        ({"weight": torch.randn(50, 10, dtype=torch.float64)}, TypeError, "hidden is torch.float32 but weight is"),
+        ({"bias": torch.randn(49)}, ValueError, "bias has shape \\(49,\\)"),
+        ({"ids": torch.full((2, 3), 50)}, ValueError, "completion_ids holds token ids outside \\[0, 50\\)"),
+        ({"advantages": torch.randn(2, 4)}, ValueError, "advantages has shape \\(2, 4\\)"),
+    ],
+)
+def test_bad_input(change, error, match):
+    args = {"hidden": torch.randn(2, 3, 10), "weight": torch.randn(50, 10), "bias": None,
+            "ids": torch.randint(0, 50, (2, 3)), "advantages": torch.randn(2)}  # fmt: skip
+    args.update(change)
+    with pytest.raises(error, match=match):
+        fused_linear_grpo_loss(args["hidden"], args["weight"], args["ids"], args["advantages"], bias=args["bias"])
