@@ -119,3 +119,83 @@ def logprobs_bwd(
             d[inactive[sl]] = 0
         flat_out[sl] = d
     return dlogits
+
+
+# The fused linear loss works on owned chunks of logits `z` `[c, V]` (fresh from `hidden @ weight.T`), so it works
+# in place, a few rows at a time: the only other buffer is one block of exponentials, small enough to stay in cache.
+BLOCK_ELEMENTS = 1 << 18  # 1 MiB of fp32
+
+
+def _blocks(n_rows: int, vocab: int) -> Iterator[slice]:
+    step = max(1, BLOCK_ELEMENTS // max(vocab, 1))
+    for s in range(0, n_rows, step):
+        yield slice(s, min(s + step, n_rows))
+
+
+def chunk_stats(
+    z: torch.Tensor,  # [c, V] in math_dtype, owned: transformed and shifted in place
+    ids: torch.Tensor,  # [c]
+    temperature: float,
+    logit_scale: float,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """`(logp [c], entropy [c], state)`; `state` (row max, log-sum, sum) is what `chunk_grad` needs."""
+    c = z.shape[0]
+    m, log_s, s = (torch.empty(c, 1, dtype=z.dtype, device=z.device) for _ in range(3))
+    entropy = torch.empty(c, dtype=z.dtype, device=z.device)
+    for b in _blocks(c, z.shape[1]):
+        zb = z[b]
+        if softcap is None:
+            zb.mul_(logit_scale / temperature)
+        else:
+            zb.mul_(logit_scale / softcap).tanh_().mul_(softcap / temperature)
+        torch.amax(zb, dim=-1, keepdim=True, out=m[b])
+        zb.sub_(m[b])
+        e = zb.exp()
+        torch.sum(e, dim=-1, keepdim=True, out=s[b])
+        u = e.mul_(zb).sum(-1)  # sum e * (z - m); e is not needed after
+        torch.log(s[b], out=log_s[b])
+        entropy[b] = log_s[b].squeeze(-1) - u / s[b].squeeze(-1)
+    logp = (z.gather(-1, ids.long().unsqueeze(-1)) - log_s).squeeze(-1)
+    return logp, entropy, (m, log_s, s)
+
+
+def chunk_grad(
+    z: torch.Tensor,  # [c, V], as `chunk_stats` left it (z - m)
+    ids: torch.Tensor,  # [c]
+    state: tuple,
+    entropy: torch.Tensor,  # [c]
+    grad_logp: torch.Tensor,  # [c]
+    grad_entropy: torch.Tensor | None,  # [c]
+    temperature: float,
+    logit_scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """The gradient with respect to the raw logits, `[c, V]`, written over `z`.
+
+    With `zc = z - m`, `e = exp(zc)`, `s = sum e`: `dz = g * onehot(y) + e * (a + b * zc)` where
+    `a = -(g + h * (entropy - log s)) / s` and `b = -h / s`, times the transform's derivative."""
+    m, log_s, s = state
+    k = logit_scale / temperature
+    g = grad_logp.to(z.dtype).unsqueeze(-1)
+    if grad_entropy is None:
+        a, b = -g * k / s, None
+    else:
+        h = grad_entropy.to(z.dtype).unsqueeze(-1)
+        a = -(g + h * (entropy.to(z.dtype).unsqueeze(-1) - log_s)) * k / s
+        b = -h * k / s
+    y = ids.long().unsqueeze(-1)
+    for r in _blocks(z.shape[0], z.shape[1]):
+        zb = z[r]
+        e = zb.exp()
+        factor = None
+        if softcap is not None:  # 1 - tanh^2, from the shifted logits
+            factor = zb.add(m[r]).mul_(temperature / softcap).square_().neg_().add_(1.0)
+        if b is None:
+            torch.mul(e, a[r], out=zb)
+        else:
+            zb.mul_(b[r]).add_(a[r]).mul_(e)
+        zb.scatter_add_(-1, y[r], g[r] * k)
+        if factor is not None:
+            zb.mul_(factor)
+    return z

@@ -28,8 +28,11 @@ from grpo_kernels.backend import use_triton
 from grpo_kernels.config import GRPOLossConfig, HeadOptions
 from grpo_kernels.objective import LossInputs, LossPlan, grpo_objective, row_terms
 
-# Bytes of one chunk of logits: fp32 copies on CPU, where memory is plentiful and larger products run faster.
-CHUNK_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
+# Bytes of one chunk of logits. On CPU, 24 MiB (96 tokens at V = 65,536) keeps the three matrix products within a few
+# percent of their speed at 256 MiB chunks, measured on 2 cores at N = 8,192, H = 512; fewer than 64 tokens a chunk
+# slows the weight-gradient product, which rereads d_weight once per chunk.
+CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 1 << 30}
+MIN_CHUNK_TOKENS = {"cpu": 64, "cuda": 1}
 
 
 def head_options_from_config(config, temperature: float = 1.0) -> HeadOptions:
@@ -56,8 +59,8 @@ def head_options_from_config(config, temperature: float = 1.0) -> HeadOptions:
 
 def chunk_tokens(vocab: int, device: torch.device) -> int:
     """Tokens per chunk so that one chunk of fp32 logits takes about `CHUNK_BYTES` of the device."""
-    budget = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
-    return max(1, budget // (4 * max(vocab, 1)))
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    return max(MIN_CHUNK_TOKENS[kind], CHUNK_BYTES[kind] // (4 * max(vocab, 1)))
 
 
 class _Head:
@@ -66,64 +69,72 @@ class _Head:
     def __init__(self, hidden, weight, bias, ids, positions: torch.Tensor | None, head: HeadOptions) -> None:
         B, T, H = hidden.shape
         self.shape = (B, T, H)
-        flat = hidden.reshape(B * T, H)
+        self.flat = hidden.reshape(B * T, H)
         self.positions = positions  # flat index b * T + t of each active token; None: all are active
-        self.h = flat if self.positions is None else flat.index_select(0, self.positions)
+        self.n = B * T if positions is None else positions.numel()
         self.ids = ids.reshape(-1) if self.positions is None else ids.reshape(-1).index_select(0, self.positions)
         self.weight, self.bias, self.head = weight, bias, head
         self.ops = _row_ops(hidden)
+        self._buffer: torch.Tensor | None = None
         self.args = (head.temperature, head.logit_scale, head.final_logit_softcapping)
 
-    @property
-    def n(self) -> int:
-        return self.h.shape[0]
+    def rows(self, sl: slice) -> torch.Tensor:  # [c, H]
+        return self.flat[sl] if self.positions is None else self.flat.index_select(0, self.positions[sl])
 
-    def logits(self, sl: slice) -> torch.Tensor:  # [1, c, V]
-        z = self.h[sl] @ self.weight.t()
+    def logits(self, sl: slice) -> torch.Tensor:  # [c, V]
+        """The chunk's raw logits, in one buffer reused by every chunk (the chunk ops overwrite it); fp32 or fp64
+        on the CPU path."""
+        h = self.rows(sl)
+        dtype = cpu.math_dtype(h) if self.ops is cpu else h.dtype
+        if self._buffer is None or self._buffer.shape[0] < h.shape[0]:
+            self._buffer = None  # release the old one first
+            self._buffer = torch.empty(h.shape[0], self.weight.shape[0], dtype=dtype, device=h.device)
+        z = self._buffer[: h.shape[0]]
+        if dtype == h.dtype:
+            torch.mm(h, self.weight.t(), out=z)
+        else:
+            z.copy_(h @ self.weight.t())
         if self.bias is not None:
             z += self.bias
-        return z.unsqueeze(0)
+        return z
 
     def stats(self, z: torch.Tensor, sl: slice):
-        logp, entropy, stats = self.ops.logprobs_fwd(z, self.ids[sl].unsqueeze(0), None, *self.args)
-        return logp[0], entropy[0], stats[:, 0]
+        """`(logp, entropy, state)` of the chunk; `state` feeds `add_grads` for the same `z`."""
+        return self.ops.chunk_stats(z, self.ids[sl], *self.args)
 
     def start_grads(self, needs: tuple[bool, bool, bool]) -> None:
-        self.d_h = torch.empty_like(self.h) if needs[0] else None
+        V, dev = self.weight.shape[0], self.flat.device
+        self.d_h = None
+        if needs[0]:
+            self.d_h = torch.empty_like(self.flat) if self.positions is None else torch.zeros_like(self.flat)
         self.d_w = torch.zeros_like(self.weight) if needs[1] else None
-        self.d_b = (
-            torch.zeros(self.weight.shape[0], dtype=cpu.math_dtype(self.h), device=self.h.device) if needs[2] else None
-        )
+        self.d_b = torch.zeros(V, dtype=cpu.math_dtype(self.flat), device=dev) if needs[2] else None
 
-    def add_grads(self, z, sl, stats, entropy, grad_logp, grad_entropy) -> None:
-        """Turn the chunk's logits `z` into their gradient in place, then into the weights' gradients."""
-        ids = self.ids[sl].unsqueeze(0)
-        g_ent = None if grad_entropy is None else grad_entropy.unsqueeze(0)
-        dz = self.ops.logprobs_bwd(
-            z, ids, None, stats.unsqueeze(1), entropy.unsqueeze(0), grad_logp.unsqueeze(0), g_ent, *self.args, out=z
-        )[0]
+    def add_grads(self, z, sl, state, entropy, grad_logp, grad_entropy) -> None:
+        """Turn the chunk's logits `z` into their gradient (in place), then into the weights' gradients."""
+        dz = self.ops.chunk_grad(z, self.ids[sl], state, entropy, grad_logp, grad_entropy, *self.args)
+        dz = dz.to(self.weight.dtype)
         if self.d_h is not None:
-            torch.mm(dz, self.weight, out=self.d_h[sl])
+            if self.positions is None:
+                torch.mm(dz, self.weight, out=self.d_h[sl])
+            else:
+                self.d_h.index_copy_(0, self.positions[sl], dz @ self.weight)
         if self.d_w is not None:
-            self.d_w.addmm_(dz.t(), self.h[sl])
+            self.d_w.addmm_(dz.t(), self.rows(sl))
         if self.d_b is not None:
             self.d_b += dz.sum(0, dtype=self.d_b.dtype)
 
     def finish_grads(self, scale: torch.Tensor | None = None):
-        """`(d_hidden [B, T, H], d_weight, d_bias)`, each None where not needed, optionally times `scale`."""
+        """`(d_hidden [B, T, H], d_weight, d_bias)`, each None where not needed, multiplied in place by `scale`
+        (the gradients are handed over, not copied: this can be done once)."""
         B, T, H = self.shape
-        d_hidden = None
-        if self.d_h is not None:
-            d_h = self.d_h if scale is None else self.d_h * scale.to(self.d_h.dtype)
-            if self.positions is None:
-                d_hidden = d_h.view(B, T, H)
-            else:
-                d_hidden = d_h.new_zeros(B * T, H).index_copy_(0, self.positions, d_h).view(B, T, H)
-        d_w = self.d_w if self.d_w is None or scale is None else self.d_w * scale.to(self.d_w.dtype)
-        d_b = None
-        if self.d_b is not None:
-            d_b = (self.d_b if scale is None else self.d_b * scale).to(self.bias.dtype)
-        return d_hidden, d_w, d_b
+        d_h, d_w, d_b = self.d_h, self.d_w, self.d_b
+        self.d_h = self.d_w = self.d_b = None
+        if scale is not None:
+            for g in (d_h, d_w, d_b):
+                if g is not None:
+                    g.mul_(scale.to(g.dtype))
+        return None if d_h is None else d_h.view(B, T, H), d_w, None if d_b is None else d_b.to(self.bias.dtype)
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """`[n]` per-token values of the active tokens -> `[B, T]`, zero elsewhere."""
@@ -174,17 +185,16 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
         lm = _Head(hidden, weight, bias, ids, active_positions(mask), head)
         logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
         entropy = torch.empty_like(logp)
-        stats = torch.empty(2, lm.n, dtype=logp.dtype, device=hidden.device)
         for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device)):
-            logp[sl], entropy[sl], stats[:, sl] = lm.stats(lm.logits(sl), sl)
-        ctx.save_for_backward(hidden, weight, bias, ids, mask, stats, entropy)
+            logp[sl], entropy[sl], _ = lm.stats(lm.logits(sl), sl)
+        ctx.save_for_backward(hidden, weight, bias, ids, mask, entropy)
         ctx.head = head
         ctx.set_materialize_grads(False)
         return lm.scatter(logp), lm.scatter(entropy)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, ids, mask, stats, entropy = ctx.saved_tensors
+        hidden, weight, bias, ids, mask, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None
         lm = _Head(hidden, weight, bias, ids, active_positions(mask), ctx.head)
@@ -193,7 +203,9 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
         g_lp = torch.zeros_like(entropy) if grad_logp is None else gather(grad_logp).to(entropy.dtype)
         g_ent = None if grad_entropy is None else gather(grad_entropy).to(entropy.dtype)
         for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device)):
-            lm.add_grads(lm.logits(sl), sl, stats[:, sl], entropy[sl], g_lp[sl], None if g_ent is None else g_ent[sl])
+            z = lm.logits(sl)
+            _, _, state = lm.stats(z, sl)  # recomputed: the forward kept only [N]-sized results
+            lm.add_grads(z, sl, state, entropy[sl], g_lp[sl], None if g_ent is None else g_ent[sl])
         return (*lm.finish_grads(), None, None, None)
 
 
@@ -242,7 +254,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         T = inputs.mask.shape[1]
         for rows, sl in chunks:
             z = lm.logits(sl)
-            logp[sl], entropy[sl], stats = lm.stats(z, sl)
+            logp[sl], entropy[sl], state = lm.stats(z, sl)
             # this chunk's tokens in their rows' [rows, T] layout: its share of the loss and d loss / d (logp, H)
             flat = torch.arange(sl.start, sl.stop, device=hidden.device) if positions is None else positions[sl]
             local = flat - rows.start * T
@@ -263,7 +275,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             if grads:
                 g_lp = g[0].reshape(-1).index_select(0, local)
                 g_ent = g[1].reshape(-1).index_select(0, local) if len(g) > 1 else None
-                lm.add_grads(z, sl, stats, entropy[sl], g_lp, g_ent)
+                lm.add_grads(z, sl, state, entropy[sl], g_lp, g_ent)
         logps, entropies = lm.scatter(logp), lm.scatter(entropy)
         ctx.lm = lm if grads else None
         ctx.mark_non_differentiable(logps, entropies)
@@ -271,6 +283,11 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps, _grad_entropy):
+        if ctx.lm is None or (ctx.lm.d_h is None and ctx.lm.d_w is None and ctx.lm.d_b is None):
+            raise RuntimeError(
+                "fused_linear_grpo_loss forms its gradients in the forward and hands them over in the first backward; "
+                "a second backward through the same call is not supported: call the loss again"
+            )
         d_hidden, d_weight, d_bias = ctx.lm.finish_grads(grad_loss)
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None
 

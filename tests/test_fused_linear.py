@@ -114,7 +114,9 @@ def test_chunked_schedules(impl, case, device, monkeypatch):
     options, tokens, schedule = SCHEDULES[case]
     dev = device if impl == "triton" else "cpu"
     V = 61
-    monkeypatch.setitem(fl.CHUNK_BYTES, "cuda" if dev == "cuda" else "cpu", tokens * 4 * V)
+    kind = "cuda" if dev == "cuda" else "cpu"
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, tokens * 4 * V)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
     config = GRPOLossConfig(**options)
     hidden, weight, bias, ids, adv, mask, extra = make_inputs(5, 6, 12, V, torch.float32, dev)
     mask[2, 3:] = False
@@ -171,7 +173,10 @@ def test_module_no_grad_and_scaled_backward():
     out = loss_fn(h, weight, ids, adv, mask, bias=bias, ref_logps=extra["ref_logps"])
     assert torch.equal(out.loss.detach(), evaluated)
     (g1,) = torch.autograd.grad(out.loss, h, retain_graph=True)
-    (g3,) = torch.autograd.grad(out.loss * 3, h)
+    with pytest.raises(RuntimeError, match="second backward through the same call is not supported"):
+        torch.autograd.grad(out.loss, h)
+    again = loss_fn(h, weight, ids, adv, mask, bias=bias, ref_logps=extra["ref_logps"])
+    (g3,) = torch.autograd.grad(again.loss * 3, h)
     assert_close(g3, 3 * g1, atol=1e-7, rtol=1e-6, name="scaled d_hidden")
 
 
@@ -220,6 +225,7 @@ def test_extra_memory_is_a_fraction_of_the_logits(monkeypatch):
 
     B, T, H, V = 8, 256, 64, 8192
     monkeypatch.setitem(fl.CHUNK_BYTES, "cpu", 1 << 20)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, "cpu", 1)
     hidden = torch.randn(B, T, H, requires_grad=True)
     weight = (torch.randn(V, H) / 8).requires_grad_()
     ids = torch.randint(0, V, (B, T))

@@ -236,3 +236,19 @@ def logprobs_bwd(
         num_warps=num_warps_for(block),
     )
     return dlogits
+
+
+def chunk_stats(z, ids, temperature, logit_scale, softcap):
+    """`(logp [c], entropy [c], stats)` of an owned chunk of raw logits `z` `[c, V]` (read, not modified)."""
+    logp, entropy, stats = logprobs_fwd(z.unsqueeze(0), ids.unsqueeze(0), None, temperature, logit_scale, softcap)
+    return logp[0], entropy[0], stats
+
+
+def chunk_grad(z, ids, stats, entropy, grad_logp, grad_entropy, temperature, logit_scale, softcap):
+    """The gradient with respect to the raw logits of the chunk, written over `z` itself."""
+    dz = logprobs_bwd(
+        z.unsqueeze(0), ids.unsqueeze(0), None, stats, entropy.unsqueeze(0), grad_logp.unsqueeze(0),
+        None if grad_entropy is None else grad_entropy.unsqueeze(0), temperature, logit_scale, softcap,
+        out=z.unsqueeze(0),
+    )  # fmt: skip
+    return dz[0]
