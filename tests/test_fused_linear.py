@@ -186,7 +186,8 @@ def test_matches_trl_on_a_tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.trainer.utils import entropy_from_logits
     from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax
-    from trl_oracle import TRLLoss
+
+    from grpo_kernels.integrations.trl_reference import TRLLoss
 
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip

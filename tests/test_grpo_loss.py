@@ -8,10 +8,10 @@ import torch
 from helpers import assert_close, assert_within_pytorch_error
 from trl.trainer.utils import entropy_from_logits
 from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax
-from trl_oracle import TRLLoss
 
 from grpo_kernels import GRPOLossConfig, backend, grpo_loss, reference
 from grpo_kernels.config import LOSS_TYPES
+from grpo_kernels.integrations.trl_reference import TRLLoss
 
 BACKENDS = ["triton", "torch"]
 

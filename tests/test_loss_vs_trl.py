@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 from helpers import assert_close
-from trl_oracle import TRLLoss
 
 from grpo_kernels import GRPOLossConfig, reference
 from grpo_kernels.config import LOSS_TYPES
+from grpo_kernels.integrations.trl_reference import TRLLoss
 from grpo_kernels.objective import LossInputs, grpo_objective
 
 DT = torch.float64

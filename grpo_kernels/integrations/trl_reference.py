@@ -1,8 +1,11 @@
-"""TRL 1.16's own loss code, run on given per-token log-probs and entropies.
+"""TRL 1.16's own loss code, run on given per-token log-probs and entropies: the behavioural oracle.
 
 `GRPOTrainer._compute_loss` is called unchanged on a minimal stand-in for the trainer: one process, no gradient
-accumulation, training mode. The model call is replaced by the tensors under test, so TRL's loss math and ours see
-identical inputs, and gradients flow back to them.
+accumulation, training mode. The model call is replaced by the tensors given, so TRL's loss math and ours see
+identical inputs, and gradients flow back to them. The tests compare against it; the benchmarks time it as TRL's loss.
+
+    loss, metrics = TRLLoss(GRPOLossConfig(loss_type="grpo", beta=0.04), use_vllm=False)(
+        logps, entropy, completion_ids, advantages, mask, ref_logps=ref_logps)
 """
 
 from __future__ import annotations
