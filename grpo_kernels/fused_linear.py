@@ -21,6 +21,8 @@ weights each chunk's product is added in bf16, as chunked losses usually do).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from grpo_kernels import cpu
@@ -136,6 +138,13 @@ class _Head:
                     g.mul_(scale.to(g.dtype))
         return None if d_h is None else d_h.view(B, T, H), d_w, None if d_b is None else d_b.to(self.bias.dtype)
 
+    def scatter_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """`[n, H]` rows of the active tokens -> `[B, T, H]`, zero elsewhere."""
+        B, T, H = self.shape
+        if self.positions is None:
+            return x.view(B, T, H)
+        return x.new_zeros(B * T, H).index_copy_(0, self.positions, x).view(B, T, H)
+
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """`[n]` per-token values of the active tokens -> `[B, T]`, zero elsewhere."""
         B, T, _ = self.shape
@@ -176,32 +185,60 @@ def _row_ranges(counts: list[int], size: int) -> list[tuple[slice, slice]] | Non
     return out
 
 
+def use_fused_kernels(t: torch.Tensor) -> bool:
+    """True when `GRPO_KERNELS_LINEAR=fused` asks for the Triton kernels that keep the logits in registers
+    (`ops/linear.py`) and Triton runs the op. They are opt-in until their speed is measured on a GPU; the default,
+    `chunked`, runs the chunked schedules on every device (with the Triton row kernels on CUDA)."""
+    strategy = os.environ.get("GRPO_KERNELS_LINEAR", "chunked")
+    if strategy not in ("fused", "chunked"):
+        raise ValueError(f"GRPO_KERNELS_LINEAR must be 'fused' or 'chunked'; got {strategy!r}")
+    return strategy == "fused" and use_triton(t)
+
+
 class LinearLogProbEntropyFunction(torch.autograd.Function):
     """`(hidden [B, T, H], weight [V, H], bias [V] | None, ids [B, T], mask [B, T] | None, HeadOptions)
-    -> (logp, entropy)`, fp32 `[B, T]` (0 where masked). The backward recomputes each chunk's logits."""
+    -> (logp, entropy)`, fp32 `[B, T]` (0 where masked). The backward recomputes the logits: tile by tile in the
+    fused Triton kernels, or chunk by chunk."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, mask, head: HeadOptions):
         lm = _Head(hidden, weight, bias, ids, active_positions(mask), head)
-        logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
-        entropy = torch.empty_like(logp)
-        for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device)):
-            logp[sl], entropy[sl], _ = lm.stats(lm.logits(sl), sl)
-        ctx.save_for_backward(hidden, weight, bias, ids, mask, entropy)
+        ctx.fused = use_fused_kernels(hidden)
+        stats = None
+        if ctx.fused:
+            from grpo_kernels.ops.linear import linear_fwd
+
+            logp, entropy, stats = linear_fwd(lm.flat, weight, bias, lm.ids, lm.positions, lm.args)
+        else:
+            logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
+            entropy = torch.empty_like(logp)
+            for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device)):
+                logp[sl], entropy[sl], _ = lm.stats(lm.logits(sl), sl)
+        ctx.save_for_backward(hidden, weight, bias, ids, mask, entropy, stats)
         ctx.head = head
         ctx.set_materialize_grads(False)
         return lm.scatter(logp), lm.scatter(entropy)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, ids, mask, entropy = ctx.saved_tensors
+        hidden, weight, bias, ids, mask, entropy, stats = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None
         lm = _Head(hidden, weight, bias, ids, active_positions(mask), ctx.head)
-        lm.start_grads(ctx.needs_input_grad[:3])
         gather = (lambda x: x.reshape(-1)) if lm.positions is None else (lambda x: x.reshape(-1)[lm.positions])
         g_lp = torch.zeros_like(entropy) if grad_logp is None else gather(grad_logp).to(entropy.dtype)
         g_ent = None if grad_entropy is None else gather(grad_entropy).to(entropy.dtype)
+        needs = tuple(ctx.needs_input_grad[:3])
+        if ctx.fused:
+            from grpo_kernels.ops.linear import linear_bwd
+
+            d_h, d_w, d_b = linear_bwd(
+                lm.flat, weight, bias, lm.ids, lm.positions, stats, entropy, g_lp, g_ent, lm.args, needs
+            )
+            if d_h is not None:
+                d_h = lm.scatter_rows(d_h).to(hidden.dtype)
+            return d_h, d_w, None if d_b is None else d_b.to(bias.dtype), None, None, None
+        lm.start_grads(needs)
         for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device)):
             z = lm.logits(sl)
             _, _, state = lm.stats(z, sl)  # recomputed: the forward kept only [N]-sized results
@@ -306,7 +343,9 @@ def fused_linear_loss(
     """`(loss, logps, entropy, metrics)` by the single-pass schedule where it applies, else by two passes."""
     mask = inputs.mask if masked else None
     positions = active_positions(mask)
-    chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device)
+    chunks = None
+    if not use_fused_kernels(hidden):
+        chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device)
     if chunks is not None:
         needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
         loss, logps, entropy = FusedLinearGRPOFunction.apply(

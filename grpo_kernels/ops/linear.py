@@ -1,0 +1,298 @@
+"""Per-token log-probability and entropy straight from hidden states and the LM-head weight, logits never stored.
+
+Forward: each program takes `BLOCK_N` tokens and a slice of the vocabulary, forms `hidden @ weight.T` tile by tile in
+registers (`tl.dot`, fp32 accumulation), applies bias, logit scale, soft-cap and temperature, and folds each tile into
+an online log-sum-exp (`m`, `s`, `u = sum e * (z - m)`) and the target logit. The vocabulary is split across programs
+so that short batches still fill the GPU; `[splits, N]` partial statistics are merged after the kernel.
+
+Backward: each program recomputes one `[BLOCK_N, BLOCK_V]` tile of logits, turns it into its gradient with the
+per-token coefficients `g = dL/dlogp` and `h = dL/dentropy`, and adds `dz @ weight` to `d_hidden` and `dz.T @ hidden`
+to `d_weight`, `BLOCK_K` columns at a time. Those additions are ordered: a turnstile per (block, column chunk) lets the
+vocabulary tiles add into a block of `d_hidden` in increasing order, and the token tiles into a block of `d_weight`,
+so results are bit-identical run to run (no float atomics). Every wait is on a program with a smaller id, which the
+GPU has already started, so the order cannot deadlock. `d_hidden` accumulates in an fp32 buffer `[N, H]`;
+`d_weight` accumulates in the weight's own dtype, one addition per `BLOCK_N` tokens (exact for fp32 weights).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from grpo_kernels.ops._common import interpreting
+
+
+@triton.jit
+def _head_transform(acc, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    z = acc * logit_scale
+    if HAS_SOFTCAP:
+        z = softcap * (2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0)
+    return z * inv_temperature
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """`acc + a @ b` with fp32 accumulation; full fp32 products for fp32 inputs (no TF32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _logits_tile(
+    hidden_ptr, weight_ptr, bias_ptr, hrows, row_ok, cols, col_ok, H, stride_h, stride_w,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < H
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        a = tl.load(hidden_ptr + hrows[:, None] * stride_h + kk[None, :], mask=a_mask, other=0.0)
+        b_mask = col_ok[None, :] & k_ok[:, None]
+        b = tl.load(weight_ptr + cols[None, :] * stride_w + kk[:, None], mask=b_mask, other=0.0)
+        acc = _dot(a, b, acc, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    hidden_ptr, stride_h,  # [rows, H]
+    weight_ptr, stride_w,  # [V, H]
+    bias_ptr,  # [V]
+    ids_ptr,  # [N] target of each token
+    pos_ptr,  # [N] row of `hidden` of each token (HAS_POS)
+    part_ptr,  # [4, SPLITS, N] fp32 out: m, s, u, target logit
+    N, H, V, v_per_split,
+    inv_temperature, logit_scale, softcap,
+    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    hrows = rows.to(tl.int64)
+    if HAS_POS:
+        hrows = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    y = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    zy = tl.zeros([BLOCK_N], dtype=tl.float32)
+    v_start = split * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        acc = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, hrows, row_ok, cols, col_ok, H, stride_h, stride_w,
+                           HAS_BIAS, IEEE, BLOCK_N, BLOCK_V, BLOCK_K)  # fmt: skip
+        z = _head_transform(acc, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        shift = tl.where(s > 0, m - m_ref, 0.0)
+        alpha = tl.exp(shift)
+        e = tl.exp(z - m_ref[:, None])
+        zc = tl.where(e > 0, z - m_ref[:, None], 0.0)
+        u = alpha * (u + shift * s) + tl.sum(e * zc, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+    out = part_ptr + split * N + rows
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + splits * N, s, mask=row_ok)
+    tl.store(out + 2 * splits * N, u, mask=row_ok)
+    tl.store(out + 3 * splits * N, zy, mask=row_ok)
+
+
+@triton.jit
+def _turnstile_wait(lock_ptr, turn):
+    while tl.atomic_cas(lock_ptr, turn, turn) != turn:
+        pass
+
+
+@triton.jit
+def _linear_bwd_kernel(
+    hidden_ptr, stride_h,  # [rows, H]
+    weight_ptr, stride_w,  # [V, H]
+    bias_ptr,
+    ids_ptr, pos_ptr,
+    stats_ptr,  # [2, N] fp32: row max, log-sum
+    entropy_ptr, dlogp_ptr, dentropy_ptr,  # [N] fp32
+    dh_ptr,  # [N, H] fp32 accumulator (compact: one row per token)
+    dw_ptr,  # [V, H] in the weight's dtype, zero-initialised
+    db_ptr,  # [V] fp32
+    lock_h_ptr,  # [num_n, num_k] int32
+    lock_w_ptr,  # [num_v, num_k] int32
+    N, H, V, num_n, num_v,
+    inv_temperature, logit_scale, softcap,
+    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DENTROPY: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, IEEE: tl.constexpr,
+    GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # tile order: groups of GROUP_N token blocks; inside a group the token block varies fastest
+    pid = tl.program_id(0)
+    group_size = GROUP_N * num_v
+    first_n = (pid // group_size) * GROUP_N
+    width = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % group_size) % width
+    pid_v = (pid % group_size) // width
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    hrows = rows.to(tl.int64)
+    if HAS_POS:
+        hrows = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    acc = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, hrows, row_ok, cols, col_ok, H, stride_h, stride_w,
+                       HAS_BIAS, IEEE, BLOCK_N, BLOCK_V, BLOCK_K)  # fmt: skip
+    z = _head_transform(acc, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+    m = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+    log_s = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
+    g = tl.load(dlogp_ptr + rows, mask=row_ok, other=0.0)
+    y = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    logp = (z - m[:, None]) - log_s[:, None]
+    p = tl.exp(logp)
+    d = tl.where(cols[None, :] == y[:, None], g[:, None], 0.0) - g[:, None] * p
+    if HAS_DENTROPY:
+        h = tl.load(dentropy_ptr + rows, mask=row_ok, other=0.0)
+        ent = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+        d -= tl.where(p > 0, h[:, None] * p * (logp + ent[:, None]), 0.0)
+    d = d * (logit_scale * inv_temperature)
+    if HAS_SOFTCAP:
+        t = 2.0 * tl.sigmoid(2.0 * acc * logit_scale / softcap) - 1.0
+        d = d * (1.0 - t * t)
+    d = tl.where(row_ok[:, None] & col_ok[None, :], d, 0.0)
+    dd = d.to(weight_ptr.dtype.element_ty)
+
+    num_k = tl.cdiv(H, BLOCK_K)
+    if NEED_DH:  # d_hidden[rows] += dz @ weight[cols]: vocabulary tiles in increasing order
+        for kc in range(0, num_k):
+            kk = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = kk < H
+            w = tl.load(weight_ptr + cols[:, None] * stride_w + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # fmt: skip
+            part = _dot(dd, w, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), IEEE)
+            lock = lock_h_ptr + pid_n * num_k + kc
+            _turnstile_wait(lock, pid_v)
+            ptrs = dh_ptr + rows[:, None].to(tl.int64) * H + kk[None, :]
+            ok = row_ok[:, None] & k_ok[None, :]
+            tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + part, mask=ok)
+            tl.atomic_xchg(lock, pid_v + 1)
+    if NEED_DW or NEED_DB:  # d_weight[cols] += dz.T @ hidden[rows]: token tiles in increasing order
+        for kc in range(0, num_k):
+            lock = lock_w_ptr + pid_v * num_k + kc
+            if NEED_DW:
+                kk = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+                k_ok = kk < H
+                a = tl.load(hidden_ptr + hrows[:, None] * stride_h + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                            other=0.0)  # fmt: skip
+                part = _dot(tl.trans(dd), a, tl.zeros([BLOCK_V, BLOCK_K], dtype=tl.float32), IEEE)
+                _turnstile_wait(lock, pid_n)
+                ptrs = dw_ptr + cols[:, None].to(tl.int64) * H + kk[None, :]
+                ok = col_ok[:, None] & k_ok[None, :]
+                old = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+                tl.store(ptrs, (old + part).to(dw_ptr.dtype.element_ty), mask=ok)
+            else:
+                _turnstile_wait(lock, pid_n)
+            if NEED_DB and kc == 0:
+                tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_ok, other=0.0) + tl.sum(d, axis=0), mask=col_ok)
+            tl.atomic_xchg(lock, pid_n + 1)
+
+
+def _blocks(n: int, V: int, H: int) -> tuple[int, int, int]:
+    if interpreting():  # fewer, larger numpy steps; tl.dot needs at least 16
+        return (max(16, min(64, triton.next_power_of_2(n))), max(16, min(128, triton.next_power_of_2(V))),
+                max(16, min(64, triton.next_power_of_2(H))))  # fmt: skip
+    return 64, 128, 64
+
+
+def _common(hidden, weight, head):
+    temperature, logit_scale, softcap = head
+    return (1.0 / temperature, float(logit_scale), float(softcap or 1.0), softcap is not None,
+            hidden.dtype == torch.float32)  # fmt: skip
+
+
+def linear_fwd(
+    hidden: torch.Tensor,  # [rows, H], last dim contiguous
+    weight: torch.Tensor,  # [V, H], last dim contiguous
+    bias: torch.Tensor | None,  # [V]
+    ids: torch.Tensor,  # [N]
+    positions: torch.Tensor | None,  # [N] rows of `hidden` (None: token i is row i)
+    head: tuple[float, float, float | None],  # temperature, logit scale, soft-cap
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 `(logp [N], entropy [N], stats [2, N])` (stats: row max and log-sum of the transformed logits)."""
+    N, V, H = ids.numel(), weight.shape[0], hidden.shape[1]
+    dev = hidden.device
+    if N == 0:
+        return torch.zeros(0, device=dev), torch.zeros(0, device=dev), torch.zeros(2, 0, device=dev)
+    BN, BV, BK = _blocks(N, V, H)
+    num_n, num_vb = triton.cdiv(N, BN), triton.cdiv(V, BV)
+    target = 1 if interpreting() else 2 * torch.cuda.get_device_properties(dev).multi_processor_count
+    splits = max(1, min(num_vb, triton.cdiv(target, num_n)))
+    v_per_split = triton.cdiv(num_vb, splits) * BV
+    splits = triton.cdiv(V, v_per_split)
+    part = torch.empty(4, splits, N, dtype=torch.float32, device=dev)
+    inv_t, scale, cap, has_cap, ieee = _common(hidden, weight, head)
+    _linear_fwd_kernel[(num_n, splits)](
+        hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight, ids,
+        positions if positions is not None else ids, part, N, H, V, v_per_split, inv_t, scale, cap,
+        HAS_BIAS=bias is not None, HAS_POS=positions is not None, HAS_SOFTCAP=has_cap, IEEE=ieee,
+        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, num_warps=4 if interpreting() else 8, num_stages=3,
+    )  # fmt: skip
+    m, s, u, zy = part
+    top = m.amax(0)
+    ref = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    w = torch.where(s > 0, torch.exp(m - ref), torch.zeros_like(s))
+    total = (s * w).sum(0)
+    u_total = (w * (u + torch.where(s > 0, m - ref, torch.zeros_like(m)) * s)).sum(0)
+    log_s = total.log()
+    entropy = log_s - u_total / total
+    logp = (zy.sum(0) - ref) - log_s
+    return logp, entropy, torch.stack((ref, log_s))
+
+
+def linear_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    positions: torch.Tensor | None,
+    stats: torch.Tensor,  # [2, N]
+    entropy: torch.Tensor,  # [N]
+    grad_logp: torch.Tensor,  # [N]
+    grad_entropy: torch.Tensor | None,  # [N]
+    head: tuple[float, float, float | None],
+    needs: tuple[bool, bool, bool],  # d_hidden, d_weight, d_bias
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """`(d_hidden [N, H] fp32 (one row per token), d_weight [V, H] in the weight's dtype, d_bias [V] fp32)`."""
+    N, V, H = ids.numel(), weight.shape[0], hidden.shape[1]
+    dev = hidden.device
+    d_h = torch.zeros(N, H, dtype=torch.float32, device=dev) if needs[0] else None
+    d_w = torch.zeros_like(weight) if needs[1] else None
+    d_b = torch.zeros(V, dtype=torch.float32, device=dev) if needs[2] else None
+    if N == 0 or not any(needs):
+        return d_h, d_w, d_b
+    BN, BV, BK = _blocks(N, V, H)
+    num_n, num_v, num_k = triton.cdiv(N, BN), triton.cdiv(V, BV), triton.cdiv(H, BK)
+    lock_h = torch.zeros(num_n, num_k, dtype=torch.int32, device=dev)
+    lock_w = torch.zeros(num_v, num_k, dtype=torch.int32, device=dev)
+    inv_t, scale, cap, has_cap, ieee = _common(hidden, weight, head)
+    g = grad_logp.float().contiguous()
+    _linear_bwd_kernel[(num_n * num_v,)](
+        hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight, ids,
+        positions if positions is not None else ids, stats.contiguous(), entropy.contiguous(), g,
+        g if grad_entropy is None else grad_entropy.float().contiguous(),
+        d_h if d_h is not None else g, d_w if d_w is not None else weight, d_b if d_b is not None else g,
+        lock_h, lock_w, N, H, V, num_n, num_v, inv_t, scale, cap,
+        HAS_BIAS=bias is not None, HAS_POS=positions is not None, HAS_SOFTCAP=has_cap,
+        HAS_DENTROPY=grad_entropy is not None, NEED_DH=needs[0], NEED_DW=needs[1], NEED_DB=needs[2], IEEE=ieee,
+        GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, num_warps=4 if interpreting() else 8, num_stages=2,
+    )  # fmt: skip
+    return d_h, d_w, d_b
