@@ -78,6 +78,8 @@ def loss_inputs(
     sampling_logps: torch.Tensor | None,
 ) -> LossInputs:
     """Check the per-token inputs of a GRPO loss over `[B, T]` tokens and gather them into `LossInputs`."""
+    if B == 0:
+        raise ValueError("the batch is empty (B = 0): the loss needs at least one completion")
     bt = f"[B, T] = [{B}, {T}]"
     check_tensor(
         "advantages", advantages, kind="float", shapes=((B,), (B, T)), device=device, shape_hint=f"[B] or {bt}"

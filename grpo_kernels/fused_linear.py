@@ -41,7 +41,8 @@ def head_options_from_config(config, temperature: float = 1.0) -> HeadOptions:
     """The head's logit scale and soft-cap from a transformers model config (text config for multimodal models).
 
     Reads `final_logit_softcapping` (Gemma 2/3) and the scale models apply to the logits: `logit_scale` (Cohere),
-    `output_multiplier`, `lm_head_multiplier` (Falcon-H1), or `1 / logits_scaling` (Granite, MiniCPM3).
+    `output_multiplier`, `lm_head_multiplier` (Falcon-H1), or `1 / logits_scaling` (Granite, MiniCPM3;
+    HyperCLOVA X multiplies by it).
     """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     scale = None
@@ -49,8 +50,9 @@ def head_options_from_config(config, temperature: float = 1.0) -> HeadOptions:
         if getattr(text, name, None) is not None:
             scale = float(getattr(text, name))
             break
-    if scale is None and getattr(text, "logits_scaling", None) is not None:
-        scale = 1.0 / float(text.logits_scaling)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:  # HyperCLOVA X multiplies by it
+        hyperclova = getattr(text, "model_type", None) == "hyperclovax"
+        scale = float(text.logits_scaling) if hyperclova else 1.0 / float(text.logits_scaling)
     softcap = getattr(text, "final_logit_softcapping", None)
     return HeadOptions(
         temperature=temperature,
@@ -68,7 +70,7 @@ def chunk_tokens(vocab: int, device: torch.device) -> int:
 class _Head:
     """The active tokens' hidden rows and the head's weights: chunk logits, and gradient accumulation."""
 
-    def __init__(self, hidden, weight, bias, ids, positions: torch.Tensor | None, head: HeadOptions) -> None:
+    def __init__(self, hidden, weight, bias, ids, positions: torch.Tensor | None, head: HeadOptions, ops=None) -> None:
         B, T, H = hidden.shape
         self.shape = (B, T, H)
         self.flat = hidden.reshape(B * T, H)
@@ -76,7 +78,7 @@ class _Head:
         self.n = B * T if positions is None else positions.numel()
         self.ids = ids.reshape(-1) if self.positions is None else ids.reshape(-1).index_select(0, self.positions)
         self.weight, self.bias, self.head = weight, bias, head
-        self.ops = _row_ops(hidden)
+        self.ops = _row_ops(hidden) if ops is None else ops  # the backward reuses the forward's choice
         self._buffer: torch.Tensor | None = None
         self.args = (head.temperature, head.logit_scale, head.final_logit_softcapping)
 
@@ -204,6 +206,7 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, ids, mask, head: HeadOptions):
         lm = _Head(hidden, weight, bias, ids, active_positions(mask), head)
         ctx.fused = use_fused_kernels(hidden)
+        ctx.ops = lm.ops
         stats = None
         if ctx.fused:
             from grpo_kernels.ops.linear import linear_fwd
@@ -224,7 +227,7 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
         hidden, weight, bias, ids, mask, entropy, stats = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None
-        lm = _Head(hidden, weight, bias, ids, active_positions(mask), ctx.head)
+        lm = _Head(hidden, weight, bias, ids, active_positions(mask), ctx.head, ctx.ops)
         gather = (lambda x: x.reshape(-1)) if lm.positions is None else (lambda x: x.reshape(-1)[lm.positions])
         g_lp = torch.zeros_like(entropy) if grad_logp is None else gather(grad_logp).to(entropy.dtype)
         g_ent = None if grad_entropy is None else gather(grad_entropy).to(entropy.dtype)

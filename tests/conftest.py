@@ -29,3 +29,16 @@ def _seed(request):
 def device() -> str:
     """The device the Triton kernels run on: cuda when present, else cpu (interpreted)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _hypothesis_profiles() -> None:
+    """`ci` (the default): a few hundred examples per op; `--hypothesis-profile=thorough`: thousands."""
+    from hypothesis import HealthCheck, settings
+
+    common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow], "derandomize": True}
+    settings.register_profile("ci", max_examples=150, **common)
+    settings.register_profile("thorough", max_examples=3000, **common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_hypothesis_profiles()

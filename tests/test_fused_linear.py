@@ -286,3 +286,22 @@ def test_fused_kernels_are_deterministic(impl, device):
     assert torch.equal(a[0].loss, b[0].loss)
     for x, y in zip(a[1], b[1], strict=True):
         assert torch.equal(x, y)
+
+
+def test_backward_runs_where_the_forward_ran(monkeypatch):
+    """A forward inside `backend("torch")` keeps that backend for its backward, wherever `.backward()` is called."""
+    from grpo_kernels.ops import logprobs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backward switched to the Triton row kernels")
+
+    monkeypatch.setattr(logprobs, "chunk_grad", refuse)
+    monkeypatch.setenv("GRPO_KERNELS_LINEAR", "chunked")
+    hidden, weight, bias, ids, adv, mask, _ = make_inputs(3, 4, 8, 40, torch.float32, "cpu")
+    h = hidden.clone().requires_grad_()
+    config = GRPOLossConfig(loss_type="dapo", top_entropy_quantile=0.5)  # the two-pass schedule
+    with backend("torch"):
+        out = fused_linear_grpo_loss(h, weight, ids, adv, mask, bias=bias, config=config)
+    with backend("triton"):
+        out.loss.backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all()

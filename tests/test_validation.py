@@ -55,6 +55,15 @@ def test_bad_loss_input(changes, error, match):
         call(**changes)
 
 
+def test_empty_batch_is_an_error_and_no_tokens_a_zero_loss():
+    with pytest.raises(ValueError, match="the batch is empty"):
+        grpo_loss(torch.randn(0, 3, 5), torch.zeros(0, 3, dtype=torch.long), torch.randn(0))
+    logits = torch.randn(2, 0, 5, requires_grad=True)
+    out = grpo_loss(logits, torch.zeros(2, 0, dtype=torch.long), torch.randn(2), config=GRPOLossConfig("grpo"))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and logits.grad.shape == (2, 0, 5)
+
+
 def test_beta_needs_ref_logps():
     with pytest.raises(ValueError, match="ref_logps is required when beta != 0"):
         call(config=GRPOLossConfig(beta=0.1))
