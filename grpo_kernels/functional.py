@@ -169,10 +169,42 @@ def grpo_loss(
     num_items = check_positive_items(num_items_in_batch, logits.device)
     checks.run()
     mask = None if completion_mask is None else inputs.mask
-    head = HeadOptions(temperature=config.temperature)
-    logps, entropy = LogProbEntropyFunction.apply(_contiguous_last(logits), completion_ids, mask, head)
-    loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
+    if torch.compiler.is_compiling():
+        from grpo_kernels import library
+
+        logps, entropy, _ = library.logprobs_entropy(
+            _contiguous_last(logits), completion_ids, mask, config.temperature, 1.0, None, _backend_name(logits)
+        )
+        loss, metrics = _compiled_objective(logps, entropy, inputs, config, num_items)
+    else:
+        head = HeadOptions(temperature=config.temperature)
+        logps, entropy = LogProbEntropyFunction.apply(_contiguous_last(logits), completion_ids, mask, head)
+        loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
     return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(t: torch.Tensor) -> str:
+    return "triton" if use_triton(t) else "torch"
+
+
+@torch.compiler.assume_constant_result
+def _fused_kernels(t: torch.Tensor) -> bool:
+    from grpo_kernels.fused_linear import use_fused_kernels
+
+    return use_fused_kernels(t)
+
+
+def _compiled_objective(logps, entropy, inputs: LossInputs, config: GRPOLossConfig, num_items):
+    """The objective as one custom op, for `torch.compile`."""
+    from grpo_kernels import library
+
+    n = None if num_items is None else torch.as_tensor(num_items, dtype=torch.float32, device=logps.device)
+    loss, vector = library.objective(
+        logps, entropy, inputs.advantages, inputs.mask, inputs.old_logps, inputs.ref_logps,
+        inputs.importance_sampling_ratio, inputs.sampling_logps, n, library.encode(config),
+    )  # fmt: skip
+    return loss, dict(zip(library.metric_names(config), vector.unbind(0), strict=True))
 
 
 def selective_log_softmax(
@@ -336,6 +368,10 @@ def fused_linear_grpo_loss(
     )  # fmt: skip
     num_items = check_positive_items(num_items_in_batch, hidden.device)
     checks.run()
+    if torch.compiler.is_compiling():
+        logps, entropy = _compiled_linear(hidden, weight, bias, completion_ids, inputs.mask, head)
+        loss, metrics = _compiled_objective(logps, entropy, inputs, config, num_items)
+        return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)
     from grpo_kernels.fused_linear import fused_linear_loss
 
     loss, logps, entropy, metrics = fused_linear_loss(
@@ -370,7 +406,20 @@ def linear_logprobs(
         check_tensor("mask", mask, kind="mask", shapes=((B, T),), device=hidden.device, shape_hint=f"[{B}, {T}]")
     mask = check_mask(checks, "mask", mask)
     checks.run()
-    from grpo_kernels.fused_linear import LinearLogProbEntropyFunction
+    if torch.compiler.is_compiling():
+        logps, entropy = _compiled_linear(hidden, weight, bias, ids, mask, head)
+    else:
+        from grpo_kernels.fused_linear import LinearLogProbEntropyFunction
 
-    logps, entropy = LinearLogProbEntropyFunction.apply(hidden, weight, bias, ids, mask, head)
+        logps, entropy = LinearLogProbEntropyFunction.apply(hidden, weight, bias, ids, mask, head)
     return (logps, entropy) if return_entropy else logps
+
+
+def _compiled_linear(hidden, weight, bias, ids, mask, head: HeadOptions):
+    """The two-pass linear log-probs as one custom op, for `torch.compile`."""
+    from grpo_kernels import library
+
+    logps, entropy, _, _ = library.linear_logprobs_entropy(
+        hidden, weight, bias, ids, mask, *_head_args(head), _backend_name(hidden), _fused_kernels(hidden)
+    )
+    return logps, entropy

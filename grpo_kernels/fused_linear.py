@@ -197,56 +197,69 @@ def use_fused_kernels(t: torch.Tensor) -> bool:
     return strategy == "fused" and use_triton(t)
 
 
+def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool):
+    """`(logp [B, T], entropy [B, T], saved)`: the two-pass schedule's forward; `saved` (`[N]` entropies of the
+    active tokens and, for the fused kernels, `[2, N]` statistics) feeds `linear_backward`."""
+    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops)
+    stats = None
+    if fused:
+        from grpo_kernels.ops.linear import linear_fwd
+
+        logp, entropy, stats = linear_fwd(lm.flat, weight, bias, lm.ids, lm.positions, lm.args)
+    else:
+        logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
+        entropy = torch.empty_like(logp)
+        for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device)):
+            logp[sl], entropy[sl], _ = lm.stats(lm.logits(sl), sl)
+    return lm.scatter(logp), lm.scatter(entropy), (entropy, stats)
+
+
+def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool, saved, grad_logp,
+                    grad_entropy, needs: tuple[bool, bool, bool]):  # fmt: skip
+    """`(d_hidden, d_weight, d_bias)` (None where not needed) from the gradients of `linear_forward`'s outputs; the
+    logits are recomputed, tile by tile in the fused kernels or chunk by chunk."""
+    entropy, stats = saved
+    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops)
+    gather = (lambda x: x.reshape(-1)) if lm.positions is None else (lambda x: x.reshape(-1)[lm.positions])
+    g_lp = torch.zeros_like(entropy) if grad_logp is None else gather(grad_logp).to(entropy.dtype)
+    g_ent = None if grad_entropy is None else gather(grad_entropy).to(entropy.dtype)
+    if fused:
+        from grpo_kernels.ops.linear import linear_bwd
+
+        d_h, d_w, d_b = linear_bwd(lm.flat, weight, bias, lm.ids, lm.positions, stats, entropy, g_lp, g_ent, lm.args,
+                                   needs)  # fmt: skip
+        d_h = None if d_h is None else lm.scatter_rows(d_h).to(hidden.dtype)
+        return d_h, d_w, None if d_b is None else d_b.to(bias.dtype)
+    lm.start_grads(needs)
+    for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device)):
+        z = lm.logits(sl)
+        _, _, state = lm.stats(z, sl)  # recomputed: the forward kept only [N]-sized results
+        lm.add_grads(z, sl, state, entropy[sl], g_lp[sl], None if g_ent is None else g_ent[sl])
+    return lm.finish_grads()
+
+
 class LinearLogProbEntropyFunction(torch.autograd.Function):
     """`(hidden [B, T, H], weight [V, H], bias [V] | None, ids [B, T], mask [B, T] | None, HeadOptions)
     -> (logp, entropy)`, fp32 `[B, T]` (0 where masked). The backward recomputes the logits: tile by tile in the
-    fused Triton kernels, or chunk by chunk."""
+    fused Triton kernels, or chunk by chunk, with the implementation the forward used."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, mask, head: HeadOptions):
-        lm = _Head(hidden, weight, bias, ids, active_positions(mask), head)
-        ctx.fused = use_fused_kernels(hidden)
-        ctx.ops = lm.ops
-        stats = None
-        if ctx.fused:
-            from grpo_kernels.ops.linear import linear_fwd
-
-            logp, entropy, stats = linear_fwd(lm.flat, weight, bias, lm.ids, lm.positions, lm.args)
-        else:
-            logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
-            entropy = torch.empty_like(logp)
-            for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device)):
-                logp[sl], entropy[sl], _ = lm.stats(lm.logits(sl), sl)
-        ctx.save_for_backward(hidden, weight, bias, ids, mask, entropy, stats)
-        ctx.head = head
+        ctx.ops, ctx.fused, ctx.head = _row_ops(hidden), use_fused_kernels(hidden), head
+        logp, entropy, (saved_entropy, stats) = linear_forward(hidden, weight, bias, ids, mask, head, ctx.ops,
+                                                               ctx.fused)  # fmt: skip
+        ctx.save_for_backward(hidden, weight, bias, ids, mask, saved_entropy, stats)
         ctx.set_materialize_grads(False)
-        return lm.scatter(logp), lm.scatter(entropy)
+        return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, ids, mask, entropy, stats = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None
-        lm = _Head(hidden, weight, bias, ids, active_positions(mask), ctx.head, ctx.ops)
-        gather = (lambda x: x.reshape(-1)) if lm.positions is None else (lambda x: x.reshape(-1)[lm.positions])
-        g_lp = torch.zeros_like(entropy) if grad_logp is None else gather(grad_logp).to(entropy.dtype)
-        g_ent = None if grad_entropy is None else gather(grad_entropy).to(entropy.dtype)
-        needs = tuple(ctx.needs_input_grad[:3])
-        if ctx.fused:
-            from grpo_kernels.ops.linear import linear_bwd
-
-            d_h, d_w, d_b = linear_bwd(
-                lm.flat, weight, bias, lm.ids, lm.positions, stats, entropy, g_lp, g_ent, lm.args, needs
-            )
-            if d_h is not None:
-                d_h = lm.scatter_rows(d_h).to(hidden.dtype)
-            return d_h, d_w, None if d_b is None else d_b.to(bias.dtype), None, None, None
-        lm.start_grads(needs)
-        for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device)):
-            z = lm.logits(sl)
-            _, _, state = lm.stats(z, sl)  # recomputed: the forward kept only [N]-sized results
-            lm.add_grads(z, sl, state, entropy[sl], g_lp[sl], None if g_ent is None else g_ent[sl])
-        return (*lm.finish_grads(), None, None, None)
+        grads = linear_backward(hidden, weight, bias, ids, mask, ctx.head, ctx.ops, ctx.fused, (entropy, stats),
+                                grad_logp, grad_entropy, tuple(ctx.needs_input_grad[:3]))  # fmt: skip
+        return (*grads, None, None, None)
 
 
 def single_pass_chunks(

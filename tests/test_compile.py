@@ -1,0 +1,98 @@
+"""`torch.compile`: the public ops are custom ops with fake implementations and registered backwards, so a compiled
+function that calls them compiles as one graph (`fullgraph=True` fails on any break) and gives the eager results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+
+from grpo_kernels import GRPOLossConfig, backend, fused_linear_grpo_loss, grpo_loss, library, linear_logprobs
+
+CONFIGS = [
+    GRPOLossConfig(loss_type="grpo", beta=0.1, entropy_coef=0.05),
+    GRPOLossConfig(loss_type="dapo", importance_sampling_level="sequence", top_entropy_quantile=0.5),
+    GRPOLossConfig(loss_type="cispo", epsilon_high=2.0, off_policy_mask_threshold=0.1),
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    with backend("torch"):
+        yield
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.loss_type)
+def test_grpo_loss_compiles_without_graph_breaks(config):
+    B, T, V = 3, 5, 40
+    logits = torch.randn(B, T, V)
+    ids = torch.randint(0, V, (B, T))
+    adv = torch.randn(B)
+    mask = torch.rand(B, T) > 0.2
+    ref = torch.randn(B, T) - 3
+
+    def step(x):
+        out = grpo_loss(x.tanh() * 4, ids, adv, mask, config=config, ref_logps=ref)
+        return out.loss, out.metrics
+
+    x = logits.clone().requires_grad_()
+    loss, metrics = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    (grad,) = torch.autograd.grad(loss, x)
+    y = logits.clone().requires_grad_()
+    eager_loss, eager_metrics = step(y)
+    (eager_grad,) = torch.autograd.grad(eager_loss, y)
+    assert_close(loss, eager_loss, atol=1e-6, rtol=1e-5, name="loss")
+    assert_close(grad, eager_grad, atol=1e-7, rtol=1e-5, name="grad")
+    assert set(metrics) == set(eager_metrics)
+    for k in metrics:
+        assert_close(metrics[k], eager_metrics[k], atol=1e-6, rtol=1e-5, name=k)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.loss_type)
+def test_fused_linear_loss_compiles_with_the_model(config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))  # fmt: skip
+    B, P, T = 3, 2, 5
+    input_ids = torch.randint(0, 64, (B, P + T))
+    adv, mask, ref = torch.randn(B), torch.rand(B, T) > 0.2, torch.randn(B, T) - 4
+
+    def step():
+        hidden = model.model(input_ids).last_hidden_state[:, P - 1 : -1]
+        return fused_linear_grpo_loss(hidden, model.lm_head.weight, input_ids[:, P:], adv, mask, config=config,
+                                      ref_logps=ref).loss  # fmt: skip
+
+    params = list(model.parameters())
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")()
+    grads = torch.autograd.grad(loss, params)
+    eager = step()
+    eager_grads = torch.autograd.grad(eager, params)
+    assert_close(loss, eager, atol=1e-6, rtol=1e-5, name="loss")
+    for (name, _), g, e in zip(model.named_parameters(), grads, eager_grads, strict=True):
+        assert_close(g, e, atol=1e-6, rtol=1e-4, name=name)
+
+
+def test_linear_logprobs_compiles():
+    hidden, weight = torch.randn(2, 4, 16), torch.randn(50, 16)
+    ids = torch.randint(0, 50, (2, 4))
+    fn = torch.compile(lambda h, w: linear_logprobs(h, w, ids, return_entropy=True), fullgraph=True,
+                       backend="aot_eager")  # fmt: skip
+    logps, entropy = fn(hidden, weight)
+    eager_logps, eager_entropy = linear_logprobs(hidden, weight, ids, return_entropy=True)
+    assert_close(logps, eager_logps, atol=1e-6, rtol=1e-5, name="logps")
+    assert_close(entropy, eager_entropy, atol=1e-6, rtol=1e-5, name="entropy")
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library's own checks: schema, fake implementation, autograd registration."""
+    logits, ids = torch.randn(2, 3, 20, dtype=torch.float64), torch.randint(0, 20, (2, 3))
+    torch.library.opcheck(library.logprobs_entropy, (logits, ids, None, 0.8, 1.0, None, "torch"))
+    hidden, weight = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
+    torch.library.opcheck(library.linear_logprobs_entropy, (hidden, weight, None, ids, None, 1.0, 1.0, None, "torch",
+                                                            False))  # fmt: skip
+    logps, entropy = torch.randn(2, 3, dtype=torch.float64) - 2, torch.rand(2, 3, dtype=torch.float64)
+    args = (logps, entropy, torch.randn(2, 1, dtype=torch.float64), torch.ones(2, 3, dtype=torch.bool), None, None,
+            None, None, None, library.encode(GRPOLossConfig(loss_type="grpo")))  # fmt: skip
+    torch.library.opcheck(library.objective, args)
