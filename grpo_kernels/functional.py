@@ -295,8 +295,17 @@ def group_advantages(
     return reference.group_advantages(r.float(), num_generations, scale, weights, multi_objective_aggregation)
 
 
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A plain tensor from a `DTensor` (an all-gather whose backward reduce-scatters), anything else unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def _check_head(hidden, weight, bias) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Check the head's tensors; under autocast, cast them to the autocast dtype as `F.linear` would."""
+    """Check the head's tensors; gather FSDP2-sharded (`DTensor`) head weights, whose gradients then flow back to the
+    shards; under autocast, cast to the autocast dtype as `F.linear` would."""
+    hidden, weight, bias = (_full(t) for t in (hidden, weight, bias))
     check_tensor("hidden", hidden, kind="float", shape_hint="[B, T, H]")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H]; got shape {tuple(hidden.shape)}")
