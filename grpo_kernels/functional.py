@@ -345,6 +345,7 @@ def fused_linear_grpo_loss(
     num_items_in_batch: torch.Tensor | float | None = None,
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
+    vocab_process_group=None,
 ) -> GRPOLossOutput:
     """The GRPO loss of TRL 1.16 from hidden states and the LM-head weight, never materialising the logits.
 
@@ -356,6 +357,9 @@ def fused_linear_grpo_loss(
         bias: optional `[V]` LM-head bias.
         logit_scale, final_logit_softcapping: the head's logit transform (see `head_options_from_config`);
             `config.temperature` divides the result.
+        vocab_process_group: for a vocabulary-parallel head: each rank of this `torch.distributed` group passes its
+            contiguous shard of `weight` (and `bias`), rows `[rank * V_local, (rank + 1) * V_local)`, and the same
+            hidden states; `completion_ids` are global ids.
 
     Returns:
         `GRPOLossOutput`, as `grpo_loss`.
@@ -364,7 +368,7 @@ def fused_linear_grpo_loss(
         raise TypeError(f"config must be a GRPOLossConfig; got {type(config).__name__}")
     hidden, weight, bias = _check_head(hidden, weight, bias)
     B, T, _ = hidden.shape
-    V = weight.shape[0]
+    V = _vocab(weight, vocab_process_group)
     head = HeadOptions(config.temperature, logit_scale, final_logit_softcapping)
     checks = ValueChecks()
     check_tensor(
@@ -377,6 +381,10 @@ def fused_linear_grpo_loss(
     )  # fmt: skip
     num_items = check_positive_items(num_items_in_batch, hidden.device)
     checks.run()
+    if vocab_process_group is not None:
+        logps, entropy = _vocab_parallel(hidden, weight, bias, completion_ids, inputs.mask, head, vocab_process_group)
+        loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
+        return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)
     if torch.compiler.is_compiling():
         logps, entropy = _compiled_linear(hidden, weight, bias, completion_ids, inputs.mask, head)
         loss, metrics = _compiled_objective(logps, entropy, inputs, config, num_items)
@@ -400,22 +408,25 @@ def linear_logprobs(
     mask: torch.Tensor | None = None,  # [B, T]: tokens outside it are skipped and get 0
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
+    vocab_process_group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs (and entropies) of `ids` from hidden states, without the logits; differentiable.
 
     For old and reference policies, or anyone who wants only the log-probs. Returns fp32 `[B, T]` (a pair with
-    `return_entropy`)."""
+    `return_entropy`). `vocab_process_group`: as in `fused_linear_grpo_loss`."""
     hidden, weight, bias = _check_head(hidden, weight, bias)
     B, T, _ = hidden.shape
     head = HeadOptions(temperature, logit_scale, final_logit_softcapping)
     checks = ValueChecks()
     check_tensor("ids", ids, kind="int", shapes=((B, T),), device=hidden.device, shape_hint=f"[{B}, {T}]")
-    check_ids(checks, "ids", ids, weight.shape[0])
+    check_ids(checks, "ids", ids, _vocab(weight, vocab_process_group))
     if mask is not None:
         check_tensor("mask", mask, kind="mask", shapes=((B, T),), device=hidden.device, shape_hint=f"[{B}, {T}]")
     mask = check_mask(checks, "mask", mask)
     checks.run()
-    if torch.compiler.is_compiling():
+    if vocab_process_group is not None:
+        logps, entropy = _vocab_parallel(hidden, weight, bias, ids, mask, head, vocab_process_group)
+    elif torch.compiler.is_compiling():
         logps, entropy = _compiled_linear(hidden, weight, bias, ids, mask, head)
     else:
         from grpo_kernels.fused_linear import LinearLogProbEntropyFunction
@@ -432,3 +443,29 @@ def _compiled_linear(hidden, weight, bias, ids, mask, head: HeadOptions):
         hidden, weight, bias, ids, mask, *_head_args(head), _backend_name(hidden), _fused_kernels(hidden)
     )
     return logps, entropy
+
+
+def _vocab(weight: torch.Tensor, group) -> int:
+    """The full vocabulary size: the weight's rows, times the ranks of a vocabulary-parallel group."""
+    if group is None:
+        return weight.shape[0]
+    import torch.distributed as dist
+
+    return weight.shape[0] * dist.get_world_size(group)
+
+
+def _vocab_parallel(hidden, weight, bias, ids, mask, head: HeadOptions, group):
+    """`[B, T]` log-probs and entropies through a vocabulary-parallel head, for the active tokens only."""
+    from grpo_kernels.fused_linear import active_positions
+    from grpo_kernels.parallel import VocabParallelLogProbs
+
+    B, T, H = hidden.shape
+    positions = active_positions(mask)
+    flat, flat_ids = hidden.reshape(B * T, H), ids.reshape(-1)
+    if positions is not None:
+        flat, flat_ids = flat.index_select(0, positions), flat_ids.index_select(0, positions)
+    logp, entropy = VocabParallelLogProbs.apply(flat, weight, bias, flat_ids, group, head)
+    if positions is None:
+        return logp.view(B, T), entropy.view(B, T)
+    zeros = logp.new_zeros(B * T)
+    return zeros.index_copy(0, positions, logp).view(B, T), zeros.index_copy(0, positions, entropy).view(B, T)
