@@ -1,0 +1,454 @@
+"""The trainer: the default run learns, one step matches the reference loss on materialised logits, token-budget
+micro-batches and packing give the gradient of one big batch, resume continues exactly, two gloo processes train,
+and options, rewards and bad values fail clearly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_close
+
+from grpo_kernels import GRPOLossConfig, reference
+from grpo_kernels.config import LOSS_TYPES
+from trainer import Trainer, TrainerConfig, estimate_memory, format_memory, parse_config, plan_microbatches
+from trainer.data import PromptSampler, arithmetic_examples, score
+from trainer.loop import Rollout
+from trainer.model import MicroBatch, model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small(tmp_path: Path, **overrides) -> TrainerConfig:
+    """A fast configuration: 4 prompts x 4 completions a step."""
+    options = dict(num_prompts=4, num_generations=4, max_steps=2, pretrain_steps=0, output_dir=str(tmp_path),
+                   tensorboard=False)  # fmt: skip
+    return TrainerConfig(**{**options, **overrides})
+
+
+def rollout(trainer: Trainer, rows: int = 12, seed: int = 0) -> Rollout:
+    """A rollout of random prompts and completions of varied lengths (some stopped with EOS), advantages, and old and
+    reference log-probs near the policy's."""
+    g = torch.Generator().manual_seed(seed)
+    V = trainer.tokenizer.vocab_size
+    prompts = [torch.randint(0, 256, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g) for _ in range(rows)]
+    completions = []
+    for _ in range(rows):
+        c = torch.randint(0, V - 1, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g)
+        if torch.rand(1, generator=g) < 0.5:
+            c[-1] = trainer.tokenizer.eos_token_id
+        completions.append(c)
+    r = Rollout(
+        prompt_ids=prompts,
+        completion_ids=completions,
+        advantages=torch.randn(rows, generator=g),
+        num_items=float(sum(len(c) for c in completions)),
+        steps=[list(range(rows))],
+        metrics={},
+    )
+    C = max(len(c) for c in completions)
+    r.old_logps = torch.randn(rows, C, generator=g) * 0.1 - 5.5
+    r.ref_logps = torch.randn(rows, C, generator=g) * 0.1 - 5.5
+    return r
+
+
+def gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.grad is not None}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loss of a step
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def reference_step(trainer: Trainer, r: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The step's loss and gradients the plain way: left-padded prompts + right-padded completions in one batch,
+    position ids from the attention mask, the LM head's logits materialised, `reference.linear_grpo_loss`."""
+    model = trainer.policy.model
+    cfg = trainer.cfg
+    B = len(r.prompt_ids)
+    P = max(len(p) for p in r.prompt_ids)
+    C = max(len(c) for c in r.completion_ids)
+    ids = torch.full((B, P + C), trainer.tokenizer.pad_token_id)
+    attention = torch.zeros(B, P + C, dtype=torch.long)
+    completion_ids = torch.full((B, C), trainer.tokenizer.pad_token_id)
+    mask = torch.zeros(B, C, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(r.prompt_ids, r.completion_ids, strict=True)):
+        ids[i, P - len(p) : P], attention[i, P - len(p) : P] = p, 1
+        ids[i, P : P + len(c)], attention[i, P : P + len(c)] = c, 1
+        completion_ids[i, : len(c)], mask[i, : len(c)] = c, True
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.model(input_ids=ids, attention_mask=attention, position_ids=positions).last_hidden_state
+    out = reference.linear_grpo_loss(
+        hidden[:, P - 1 : -1], model.lm_head.weight, completion_ids, r.advantages, mask, config=cfg.loss_config(),
+        old_logps=r.old_logps, ref_logps=r.ref_logps, num_items_in_batch=r.num_items,
+    )  # fmt: skip
+    out.loss.backward()
+    return out.loss.detach(), gradients(trainer)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_step_matches_reference_loss_on_materialised_logits(loss_type, tmp_path):
+    cfg = small(tmp_path, loss_type=loss_type, beta=0.04, temperature=0.8, entropy_coef=0.01,
+                max_completion_length=11, max_tokens_per_microbatch=1 << 20)  # fmt: skip
+    trainer = Trainer(cfg)
+    r = rollout(trainer)
+    sums = trainer.accumulate(r, list(range(len(r.prompt_ids))))
+    grads = gradients(trainer)
+    expected_loss, expected = reference_step(trainer, r)
+    assert_close(torch.tensor(sums.loss), expected_loss, atol=1e-6, rtol=1e-5, name="loss")
+    assert grads.keys() == expected.keys()
+    for name in grads:
+        assert_close(grads[name], expected[name], atol=1e-6, rtol=1e-4, name=name)
+
+
+def test_old_and_reference_logprobs_come_from_hidden_states(tmp_path):
+    trainer = Trainer(small(tmp_path, beta=0.04, num_iterations=2))
+    r = rollout(trainer)
+    logps = trainer._logprobs(trainer.policy, r)
+    model = trainer.policy.model
+    for i, (p, c) in enumerate(zip(r.prompt_ids, r.completion_ids, strict=True)):
+        logits = model(input_ids=torch.cat([p, c])[None]).logits[0, len(p) - 1 : -1]
+        expected = reference.selective_log_softmax(logits, c, trainer.cfg.temperature)
+        assert_close(logps[i, : len(c)], expected, atol=1e-5, rtol=1e-5, name=f"row {i}")
+        assert (logps[i, len(c) :] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Micro-batches
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_plan_microbatches_keeps_the_budget():
+    lengths = [5, 30, 7, 7, 12, 3, 40, 9]
+    for packed in (False, True):
+        plan = plan_microbatches(lengths, 24, packed)
+        assert sorted(i for mb in plan for i in mb) == list(range(len(lengths)))
+        for mb in plan:
+            cost = sum(lengths[i] for i in mb) if packed else len(mb) * max(lengths[i] for i in mb)
+            assert cost <= 24 or len(mb) == 1, (mb, cost)
+    assert [len(mb) for mb in plan_microbatches([5] * 10, 1000, False)] == [10]
+    assert plan_microbatches([100, 1], 10, True) == [[0], [1]]  # a long sequence alone, still trained
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_token_budget_microbatches_and_packing_give_the_big_batch_gradient(loss_type, tmp_path):
+    trainer = Trainer(small(tmp_path, loss_type=loss_type, beta=0.04))
+    r = rollout(trainer, rows=16)
+    rows = list(range(16))
+    variants = {"one batch": (1 << 20, False), "budget 24": (24, False), "packed, budget 30": (30, True)}
+    results = {}
+    for name, (budget, packed) in variants.items():
+        trainer.cfg = dataclasses.replace(trainer.cfg, max_tokens_per_microbatch=budget, packing=packed)
+        assert (len(trainer._plan(r, rows)) == 1) == (budget > 1000)
+        sums = trainer.accumulate(r, rows)
+        results[name] = (sums.loss, gradients(trainer))
+    loss, grads = results.pop("one batch")
+    for name, (other_loss, other) in results.items():
+        assert math.isclose(other_loss, loss, rel_tol=1e-5, abs_tol=1e-7), (name, other_loss, loss)
+        for k in grads:
+            assert_close(other[k], grads[k], atol=1e-6, rtol=1e-4, name=f"{name}: {k}")
+
+
+def test_packed_microbatch_predicts_each_completion_from_its_own_sequence(tmp_path):
+    trainer = Trainer(small(tmp_path))
+    r = rollout(trainer, rows=5)
+    rows = list(range(5))
+    padded = MicroBatch.build(r.prompt_ids, r.completion_ids, rows, packed=False, pad_token_id=256, device="cpu")
+    packed = MicroBatch.build(r.prompt_ids, r.completion_ids, rows, packed=True, pad_token_id=256, device="cpu")
+    assert packed.input_ids.shape == (
+        1,
+        sum(len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids, strict=True)),
+    )
+    for mb in (padded, packed):  # the token at each gathered position is the one before the completion token
+        flat = mb.input_ids.reshape(-1)
+        nxt = flat[(mb.index + 1).clamp(max=flat.numel() - 1)]
+        assert torch.equal(
+            torch.where(mb.completion_mask.bool(), nxt, 0), torch.where(mb.completion_mask.bool(), mb.completion_ids, 0)
+        )
+    policy = trainer.policy
+    with torch.no_grad():
+        assert_close(policy.hidden_states(packed), policy.hidden_states(padded), atol=1e-5, rtol=1e-5, name="hidden")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_default_run_learns(tmp_path):
+    """A shortened default run: the answer accuracy of the last 20 of 120 steps beats that of the first 20."""
+    history = Trainer(TrainerConfig(max_steps=120, output_dir=str(tmp_path), tensorboard=False)).train()
+    accuracy = [m["rewards/answer/mean"] for m in history]
+    first, last = sum(accuracy[:20]) / 20, sum(accuracy[-20:]) / 20
+    assert last > first + 0.15, (first, last)
+    assert history[-1]["reward"] > history[0]["reward"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = dict(max_steps=3, steps_per_generation=2, beta=0.04)
+    full = Trainer(small(tmp_path / "full", save_steps=1, **common)).train()
+    resumed_trainer = Trainer(small(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-1"), **common))
+    assert resumed_trainer.rollout is not None  # checkpoint-1 is half-way through a generation batch
+    resumed = resumed_trainer.train()
+    assert [m["step"] for m in resumed] == [2, 3]
+    for a, b in zip(full[1:], resumed, strict=True):
+        for key in ("reward", "loss", "kl", "grad_norm", "completions/mean_length"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+    w_full = dict(
+        Trainer(small(tmp_path / "x", resume=str(tmp_path / "full" / "checkpoint-3"))).policy.named_parameters()
+    )
+    w_resumed = Trainer(small(tmp_path / "y", resume=str(tmp_path / "resumed" / "checkpoint-3"))).policy
+    for name, p in w_resumed.named_parameters():
+        assert torch.equal(p, w_full[name]), name
+
+
+def test_lora_reference_is_the_base_model_with_adapters_disabled(tmp_path):
+    pytest.importorskip("peft")
+    common = dict(lora_r=4, max_steps=3, steps_per_generation=2)
+    trainer = Trainer(small(tmp_path / "lora", save_steps=1, **common))
+    assert trainer.ref_policy is None
+    history = trainer.train()
+    assert history[-1]["kl"] > 0
+    base = Trainer(small(tmp_path / "base", beta=0.0))  # the same initial weights, no adapters
+    r = rollout(trainer)
+    with trainer.policy.model.disable_adapter():
+        ref = trainer._logprobs(trainer.policy, r)
+    assert_close(ref, base._logprobs(base.policy, r), atol=1e-6, rtol=1e-6, name="reference log-probs")
+    resumed = Trainer(small(tmp_path / "resumed", resume=str(tmp_path / "lora" / "checkpoint-1"), **common)).train()
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in history[1:]]
+
+
+def test_run_writes_metrics_curves_and_checkpoint(tmp_path):
+    history = Trainer(small(tmp_path, beta=0.04)).train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows == history
+    for key in ("reward", "reward_std", "rewards/answer/mean", "rewards/format/std", "kl", "entropy", "loss",
+                "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio", "tokens_per_second",
+                "peak_memory_gib", "learning_rate", "grad_norm", "skipped_steps"):  # fmt: skip
+        assert key in rows[0], key
+    assert (tmp_path / "checkpoint-2" / "config.json").is_file()
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_tensorboard_logs_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    Trainer(small(tmp_path, max_steps=1, tensorboard=True)).train()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def tiny_hub_model(path: Path) -> None:
+    """A Llama with a character-level Hugging Face tokenizer, saved as `from_pretrained` reads it, and a dataset."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokens = ["<pad>", "<s>", "</s>", "<unk>", *"0123456789+-=?#., abcdefghijklmnopqrstuvwxyz"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(path)  # fmt: skip
+    config = LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    rows = [{"question": "what is 2+2?", "answer": "2+2 = 4. #### 4"}, {"question": "what is 3+4?", "answer": "#### 7"}]
+    (path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_hugging_face_model_and_dataset(tmp_path):
+    tiny_hub_model(tmp_path / "hub")
+    cfg = small(tmp_path / "run", model=str(tmp_path / "hub"), dataset=str(tmp_path / "hub" / "data.jsonl"),
+                reward_funcs=["math", "stop"], num_prompts=2, max_completion_length=12, packing=True)  # fmt: skip
+    history = Trainer(cfg).train()
+    assert [m["step"] for m in history] == [1, 2] and "rewards/math/mean" in history[-1]
+    assert (tmp_path / "run" / "checkpoint-2" / "tokenizer.json").is_file()
+    resumed = Trainer(dataclasses.replace(cfg, resume="latest", max_steps=3)).train()
+    assert [m["step"] for m in resumed] == [3]
+
+
+def test_nan_reward_and_nan_loss_skip_the_step_without_touching_the_weights(tmp_path, monkeypatch):
+    def broken(*, completions, **kwargs):
+        return [math.inf] * len(completions)
+
+    cfg = small(tmp_path, max_steps=1, reward_funcs=["answer"], reward_weights=[1.0])
+    trainer = Trainer(cfg, reward_functions={"broken": broken})
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    with pytest.warns(RuntimeWarning, match="broken returned NaN or infinite"):
+        history = trainer.train()
+    assert history[-1]["skipped_steps"] == 1
+    for n, p in trainer.policy.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+    trainer = Trainer(small(tmp_path / "loss", max_steps=2))
+    forward = trainer.policy.forward
+
+    calls = []
+
+    def nan_loss_once(mb, loss=None, temperature=1.0):
+        out = forward(mb, loss, temperature)
+        if loss is not None and not calls:
+            calls.append(1)
+            out.loss = out.loss * math.nan
+        return out
+
+    monkeypatch.setattr(trainer.policy, "forward", nan_loss_once)
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    with pytest.warns(RuntimeWarning, match="NaN or infinite; skipping the step"):
+        trainer.optimize(*_first_step(trainer))
+    assert trainer.skipped == 1 and not trainer.optimizer.state
+    for n, p in trainer.policy.named_parameters():
+        assert torch.equal(p, before[n]), n
+    history = trainer.train()  # the next step trains
+    assert history[-1]["skipped_steps"] == 1 and history[-1]["grad_norm"] > 0
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.policy.named_parameters())
+
+
+def _first_step(trainer: Trainer) -> tuple[Rollout, list[int]]:
+    r, _ = trainer.generate()
+    trainer.rollout = r
+    return r, r.steps[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_on_gloo_train(tmp_path):
+    """`accelerate launch` with two processes; without GPUs they run on the CPU and all-reduce over gloo."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()),
+           "-m", "trainer", "--max-steps", "2", "--num-prompts", "4", "--num-generations", "4", "--pretrain-steps", "0",
+           "--max-tokens-per-microbatch", "40", "--output-dir", str(tmp_path), "--no-tensorboard"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (tmp_path / "checkpoint-2" / "process_1.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Options, data, rewards
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_loss_options_are_grpo_loss_config_fields_with_its_defaults():
+    cfg = TrainerConfig()
+    for f in dataclasses.fields(GRPOLossConfig):
+        assert hasattr(cfg, f.name), f.name
+        if f.name not in ("max_completion_length", "beta"):  # the built-in task's short completions, and its KL
+            assert getattr(cfg, f.name) == f.default, f.name
+    assert cfg.loss_config() == GRPOLossConfig(max_completion_length=cfg.max_completion_length, beta=cfg.beta)
+
+
+def test_command_line_yaml_and_help(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("loss_type: grpo\nbeta: 0.04\nreward-weights: [1, 0.5]\nepsilon_high: 0.28\nlearning_rate: 1e-6\n")
+    cfg = parse_config(["--config", str(path), "--beta", "0.1", "--no-gradient-checkpointing", "--delta", "none"])
+    assert (cfg.loss_type, cfg.beta, cfg.reward_weights, cfg.epsilon_high) == ("grpo", 0.1, [1.0, 0.5], 0.28)
+    assert cfg.learning_rate == 1e-6
+    assert cfg.gradient_checkpointing is False and cfg.delta is None
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainerConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    assert "max_tokens_per_microbatch" not in text and "token budget of a micro-batch" in " ".join(text.split())
+    path.write_text("los_type: grpo\n")
+    with pytest.raises(ValueError, match="unknown options los_type"):
+        parse_config(["--config", str(path)])
+    with pytest.raises(SystemExit):
+        parse_config(["--loss-type", "ppo"])
+    assert "loss_type must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_generations": 1}, "num_generations must be >= 2"),
+        ({"reward_weights": [1.0]}, "reward_weights has 1 values but reward_funcs has 2"),
+        ({"num_prompts": 3, "num_generations": 3, "steps_per_generation": 2}, "does not split evenly"),
+        ({"max_tokens_per_microbatch": 0}, "max_tokens_per_microbatch must be a positive int"),
+        ({"loss_type": "dr_grpo", "epsilon": -1.0}, "epsilon must be >= 0"),
+        ({"lr_scheduler": "step"}, "lr_scheduler must be one of"),
+    ],
+)
+def test_bad_options_fail_clearly(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainerConfig(**overrides)
+
+
+def test_reward_functions_that_misbehave_fail_clearly():
+    kwargs = dict(prompts=["1+1="] * 2, completions=["2", "3"], answers=["2", "2"], stopped=[True, False])
+
+    def raises(**kw):
+        raise KeyError("answer")
+
+    with pytest.raises(RuntimeError, match="reward function 'raises' raised KeyError"):
+        score(["raises"], [raises], **kwargs)
+    with pytest.raises(ValueError, match="'short' returned 1 values for 2 completions"):
+        score(["short"], [lambda **kw: [1.0]], **kwargs)
+    with pytest.raises(TypeError, match="'text' returned 'yes' for completion 0"):
+        score(["text"], [lambda **kw: ["yes", 1.0]], **kwargs)
+    rewards, invalid = score(["ok", "none"], [lambda **kw: [1.0, math.nan], lambda **kw: [None, 0.5]], **kwargs)
+    assert torch.equal(invalid, torch.tensor([[False, False], [True, False]]))
+    assert math.isnan(rewards[0, 1]) and rewards[1, 1] == 0.5
+
+
+def test_built_in_rewards():
+    from trainer.data import answer_reward, format_reward, math_reward, stop_reward
+
+    completions = ["7", "7x", " 7 ", "\\boxed{7}", "²", "", "12"]
+    answers = ["7"] * 6 + ["12"]
+    stopped = [True, True, True, False, True, True, False]
+    assert answer_reward(completions=completions, answers=answers) == [1, 0, 1, 1, 0, 0, 1]
+    assert format_reward(completions=completions, stopped=stopped) == [1, 0.5, 0, 0, 0, 0, 0.5]
+    assert stop_reward(stopped=stopped) == [float(s) for s in stopped]
+    got = math_reward(completions=["so the answer is 1,234.", "\\boxed{12}", "no"], answers=["1234", "12", "3"])
+    assert got == [1.0, 1.0, 0.0]
+
+
+def test_prompts_depend_only_on_the_seed_and_the_batch_index():
+    examples = arithmetic_examples()
+    assert len(examples) == 55 and all(str(eval(e.prompt[:-1])) == e.answer for e in examples)
+    a, b = PromptSampler(examples, seed=3), PromptSampler(examples, seed=3)
+    b.batch(7, 16)
+    assert a.batch(2, 16) == b.batch(2, 16) and a.batch(9, 16) == b.batch(9, 16)
+    epoch = [e for i in range(5) for e in a.batch(i, 11)]
+    assert sorted(epoch, key=lambda e: e.prompt) == sorted(examples, key=lambda e: e.prompt)
+
+
+def test_dataset_file_examples(tmp_path):
+    from trainer.data import dataset_examples
+
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"q": "2+2?", "a": "think... #### 4"}) + "\n" + json.dumps({"q": "3", "a": "5"}) + "\n")
+    examples = dataset_examples(str(path), None, "train", "q", "a")
+    assert [(e.prompt, e.answer) for e in examples] == [("2+2?", "4"), ("3", "5")]
+    with pytest.raises(ValueError, match="has no column 'question'"):
+        dataset_examples(str(path), None, "train", "question", "a")
+
+
+def test_dry_run_memory_report(tmp_path):
+    cfg = TrainerConfig(beta=0.04, max_tokens_per_microbatch=8192)
+    items = {name: n for name, n, _ in estimate_memory(cfg, model_config(cfg))}
+    assert items["reference model"] == items["weights"] > 0
+    assert items["optimizer (AdamW)"] == 2 * items["gradients"]
+    assert items["estimated peak"] >= items["weights"] + items["optimizer (AdamW)"]
+    done = subprocess.run([sys.executable, "-m", "trainer", "--dry-run-memory", "--output-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "estimated peak" in done.stdout and not (tmp_path / "metrics.jsonl").exists()
+    assert "GiB" in format_memory(estimate_memory(TrainerConfig(), model_config(TrainerConfig())))

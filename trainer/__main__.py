@@ -1,0 +1,30 @@
+"""`python -m trainer [options]`: GRPO training from the command line (see `--help`)."""
+
+from __future__ import annotations
+
+import sys
+
+from trainer.config import parse_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    if cfg.dry_run_memory:
+        import torch
+        from accelerate import PartialState
+
+        from trainer.model import estimate_memory, format_memory, model_config
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        if state.is_main_process:
+            print(f"Estimated memory per process ({state.num_processes} process(es)):")
+            print(format_memory(estimate_memory(cfg, model_config(cfg), state.num_processes)))
+        return 0
+    from trainer.loop import Trainer
+
+    Trainer(cfg).train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
