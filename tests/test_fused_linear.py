@@ -23,7 +23,7 @@ from grpo_kernels.validation import ValueChecks
 
 # Triton with the logits kept in registers, Triton row kernels on chunks of logits, and the PyTorch path
 IMPLS = ["triton-fused", "triton-chunked", "torch"]
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.bf16)]
 
 
 def make_inputs(B, T, H, V, dtype, dev, bias=True):
@@ -37,9 +37,15 @@ def make_inputs(B, T, H, V, dtype, dev, bias=True):
     logps = reference.linear_grpo_loss(
         hidden.double(), weight.double(), ids, adv.double(), mask, bias=None if b is None else b.double()
     ).logps.float()
-    # zero on padding, as TRL's own log-prob pass leaves them (TRL's metrics read padding when T == 1)
+    # Old-policy log-ratios well inside (|d| < 0.1) or well outside (0.32 < |d| < 0.45) the clip range (log 0.8 to
+    # log 1.28 at most), so that a log-prob rounded in half precision (bf16 logits are 1/32 apart near 8) cannot move a
+    # token across a clip boundary, where the gradient jumps. Zero on padding, as TRL's own log-prob pass leaves them
+    # (TRL's metrics read padding when T == 1).
+    inside = torch.rand(B, T, device=dev) < 0.5
+    d = torch.where(inside, torch.rand(B, T, device=dev) * 0.2 - 0.1, torch.rand(B, T, device=dev) * 0.13 + 0.32)
+    d = torch.where(inside | (torch.rand(B, T, device=dev) < 0.5), d, -d)
     extra = {
-        "old_logps": (logps + torch.randn(B, T, device=dev) * 0.2) * mask,
+        "old_logps": (logps - d) * mask,
         "ref_logps": (logps + torch.randn(B, T, device=dev) * 0.3) * mask,
     }
     return hidden, weight, b, ids, adv, mask, extra

@@ -40,7 +40,7 @@ def loss_and_grad(fn, logits, *args, upcast_to=None, **kwargs):
 
 @pytest.mark.parametrize("impl", BACKENDS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.bf16)])
 def test_loss_and_dlogits_match_reference(impl, loss_type, dtype, device):
     dev = device if impl == "triton" else "cpu"
     config = GRPOLossConfig(loss_type=loss_type, beta=0.05, entropy_coef=0.01, max_completion_length=6)

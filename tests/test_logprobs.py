@@ -15,7 +15,7 @@ BACKENDS = ["triton", "torch"]
 
 
 def _dtypes():
-    return [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+    return [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.bf16)]
 
 
 def run_op(logits, ids, mask, temperature, grads, logit_scale=1.0, softcap=None):

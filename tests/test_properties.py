@@ -107,7 +107,7 @@ def _away_from_discontinuities(config, logps, entropy, batch, extra, margin=1e-4
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    a, e = actual.detach().double(), expected.detach().double()
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
     if not e.numel():
         return
@@ -120,13 +120,14 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
 
 @contextlib.contextmanager
 def _implementation(impl: str):
-    """`impl` is "torch", "triton-chunked" or "triton-fused": the backend, and for Triton the linear strategy."""
+    """`impl` is "torch", "triton-chunked" or "triton-fused": the backend, and for Triton the linear strategy.
+    Yields the device its inputs go to (Triton: the GPU when there is one, else the interpreter on the CPU)."""
     name, _, strategy = impl.partition("-")
     before = os.environ.get("GRPO_KERNELS_LINEAR")
     os.environ["GRPO_KERNELS_LINEAR"] = strategy or "chunked"
     try:
         with backend(name):
-            yield
+            yield "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
     finally:
         if before is None:
             del os.environ["GRPO_KERNELS_LINEAR"]
@@ -156,9 +157,10 @@ def test_grpo_loss_from_logits(config, batch):
     expected = reference.grpo_loss(x, ids, adv, mask, config=config, **extra)
     (d_expected,) = torch.autograd.grad(expected.loss, x)
     for impl in ("triton", "torch"):
-        y = logits.float().requires_grad_()
-        with _implementation(impl):
-            out = grpo_loss(y, ids, adv.float(), mask, config=config, **{k: v.float() for k, v in extra.items()})
+        with _implementation(impl) as dev:
+            y = logits.float().to(dev).requires_grad_()
+            out = grpo_loss(y, ids.to(dev), adv.float().to(dev), mask.to(dev), config=config,
+                            **{k: v.float().to(dev) for k, v in extra.items()})  # fmt: skip
             (dy,) = torch.autograd.grad(out.loss, y)
         _close(out.loss, expected.loss, f"{impl} loss")
         _close(dy, d_expected, f"{impl} dlogits")
@@ -183,10 +185,11 @@ def test_fused_linear_grpo_loss(config, batch, H, use_bias, head):
                                           config=config, **head, **extra)  # fmt: skip
     d_expected = torch.autograd.grad(expected.loss, leaves)
     for impl in ("triton-fused", "triton-chunked", "torch"):
-        got = [t.float().requires_grad_() for t in leaves]
-        with _implementation(impl):
-            out = fused_linear_grpo_loss(got[0], got[1], ids, adv.float(), mask, bias=got[2] if use_bias else None,
-                                         config=config, **head, **{k: v.float() for k, v in extra.items()})  # fmt: skip
+        with _implementation(impl) as dev:
+            got = [t.float().to(dev).requires_grad_() for t in leaves]
+            out = fused_linear_grpo_loss(got[0], got[1], ids.to(dev), adv.float().to(dev), mask.to(dev),
+                                         bias=got[2] if use_bias else None, config=config, **head,
+                                         **{k: v.float().to(dev) for k, v in extra.items()})  # fmt: skip
             grads = torch.autograd.grad(out.loss, got)
         _close(out.loss, expected.loss, f"{impl} loss")
         for name, a, e in zip(("d_hidden", "d_weight", "d_bias"), grads, d_expected, strict=False):
@@ -205,10 +208,12 @@ def test_linear_logprobs(batch, H, temperature):
     weights = torch.randn(2, B, T, generator=g, dtype=torch.float64) * mask
     expected = torch.autograd.grad((logps * weights[0] + entropy * weights[1]).sum(), x)
     for impl in ("triton-fused", "triton-chunked", "torch"):
-        y = [t.float().requires_grad_() for t in x]
-        with _implementation(impl):
-            lp, ent = linear_logprobs(y[0], y[1], ids, temperature=temperature, return_entropy=True, mask=mask)
-            grads = torch.autograd.grad((lp * weights[0] + ent * weights[1]).sum(), y)
+        with _implementation(impl) as dev:
+            y = [t.float().to(dev).requires_grad_() for t in x]
+            lp, ent = linear_logprobs(y[0], y[1], ids.to(dev), temperature=temperature, return_entropy=True,
+                                      mask=mask.to(dev))  # fmt: skip
+            w = weights.to(dev)
+            grads = torch.autograd.grad((lp * w[0] + ent * w[1]).sum(), y)
         _close(lp, logps * mask, f"{impl} logps")
         _close(ent, entropy * mask, f"{impl} entropy")
         for name, a, e in zip(("d_hidden", "d_weight"), grads, expected, strict=True):
@@ -234,8 +239,8 @@ def test_group_advantages(G, groups, K, scale, aggregation, nan_fraction, ties, 
     weights = torch.rand(K, generator=g, dtype=torch.float64) + 0.5
     expected = reference.group_advantages(rewards, G, scale, weights, aggregation)
     for impl in ("triton", "torch"):
-        with _implementation(impl):
-            got = group_advantages(rewards.float(), G, scale_rewards=scale, reward_weights=weights.float(),
-                                   multi_objective_aggregation=aggregation)  # fmt: skip
+        with _implementation(impl) as dev:
+            r, w = rewards.float().to(dev), weights.float().to(dev)
+            got = group_advantages(r, G, scale_rewards=scale, reward_weights=w, multi_objective_aggregation=aggregation)
         assert torch.isfinite(got).all()
         _close(got, expected, f"{impl} advantages")
