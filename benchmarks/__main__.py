@@ -1,0 +1,124 @@
+"""`python -m benchmarks`: measure every op against its baselines and write results.json, results.md and plots."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks import report
+from benchmarks.providers import MODES, OPS, PROVIDERS, Case, sweep
+from benchmarks.runner import device_name, run_sweep, versions
+
+TIMING = {
+    "cuda": "triton.testing.do_bench (L2 cleared before each run) for forward and forward+backward; CUDA events "
+    "around the backward alone, its forward untimed. Medians and 20% / 80% quantiles. Memory: the CUDA allocator's "
+    "peak, in a run apart.",
+    "cpu": "one warm-up, then {repeats} timed runs (time.perf_counter) per row; median, 20% / 80% quantiles, min and "
+    "max. Memory: grpo_kernels.memory.MemoryMeter's exact count of PyTorch allocations, in a run apart.",
+}
+
+
+def parse_shape(op: str, text: str, dtype: str, device: str) -> Case:
+    """`BxTxHxV` (fused_linear), `BxTxV` (loss_from_logits) or `B` (advantages) -> Case."""
+    want = {"fused_linear": 4, "loss_from_logits": 3, "advantages": 1}[op]
+    try:
+        dims = [int(x) for x in text.lower().split("x")]
+    except ValueError:
+        dims = []
+    if len(dims) != want or min(dims) < 1:
+        form = {"fused_linear": "BxTxHxV", "loss_from_logits": "BxTxV", "advantages": "B"}[op]
+        raise SystemExit(f"--shapes {text!r}: {op} shapes are {form}, positive integers (e.g. 8x1024x512x65536)")
+    if op == "fused_linear":
+        return Case(op, dims[0], dims[1], dims[2], dims[3], dtype, device)
+    if op == "loss_from_logits":
+        return Case(op, dims[0], dims[1], None, dims[2], dtype, device)
+    return Case(op, dims[0], 1, None, None, "float32", device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time and peak memory of grpo_kernels' ops next to eager PyTorch, TRL, Liger-Kernel, Cut "
+        "Cross-Entropy and the bare matrix products, in forward, backward and forward+backward. Providers that are "
+        "not installed, or do not run on the device, are skipped with the reason.",
+        epilog="Examples: `python -m benchmarks --quick --out runs/quick` (a few minutes on a 2-core CPU); "
+        "`python -m benchmarks --out benchmarks/results/h100` (the full sweep on a GPU); "
+        "`python -m benchmarks --ops fused_linear --shapes 8x1024x512x65536 --modes forward+backward`.",
+    )
+    p.add_argument("--quick", action="store_true", help="a small sweep (fp32, N <= 4,096, V = 32,768)")
+    p.add_argument("--out", type=Path, default=Path("runs/benchmarks"), help="output folder (default: %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="ops to measure (default: all)")
+    names = sorted({pr.name for pr in PROVIDERS})
+    p.add_argument("--providers", nargs="+", choices=names, default=names, help="providers (default: all)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes (default: all)")
+    p.add_argument("--shapes", nargs="+", help="measure these shapes instead of a sweep (needs exactly one --ops)")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), help="dtype of --shapes (default: float32 on CPU, else bfloat16)"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row on CPU (default: %(default)s)")
+    p.add_argument("--time-limit", type=float, help="seconds after which no new shape is started")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report-only", action="store_true", help="remake results.md and plots from OUT/results.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.report_only:
+        meta, rows = report.load(args.out / "results.json")
+        written = report.write_report(args.out, rows, meta)
+        print("\n".join(str(p) for p in written))
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: PyTorch sees no CUDA device")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1; got {args.repeats}")
+    if args.shapes:
+        if len(args.ops) != 1:
+            raise SystemExit("--shapes needs exactly one --ops (shapes are read per op)")
+        dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+        cases = [parse_shape(args.ops[0], s, dtype, device) for s in args.shapes]
+        name = "custom"
+    else:
+        name = "quick" if args.quick else "full"
+        cases = [c for c in sweep(name, device) if c.op in args.ops]
+    providers = [p for p in PROVIDERS if p.name in args.providers]
+    meta = {
+        "command": shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]),
+        "sweep": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "timing": TIMING[device].format(repeats=args.repeats),
+        "device": device_name(device),
+        "device_type": device,
+        "versions": versions(),
+        "load_average": [round(os.getloadavg()[0], 2)],  # 1-minute load of the host, at the start and the end
+        "cpu_threads": torch.get_num_threads(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save(rows: list[dict]) -> None:  # as rows come, so that an interrupted sweep keeps what it measured
+        report.write_json(args.out / "results.json", rows, meta)
+
+    rows = run_sweep(
+        cases, providers, args.modes, args.repeats, not args.no_memory, not args.no_progress, save, args.time_limit
+    )
+    measured = {(r["op"], r["B"], r["T"], r["H"], r["V"], r["dtype"]) for r in rows}
+    meta["not_measured"] = [c.label() for c in cases if (c.op, c.B, c.T, c.H, c.V, c.dtype) not in measured]
+    meta["load_average"].append(round(os.getloadavg()[0], 2))
+    written = report.write_all(args.out, rows, meta)
+    print(report.markdown([r for r in rows if r["mode"] == "forward+backward" or r["op"] == "advantages"], meta))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The GPU run on a machine with no network: the kernel tests on CUDA (compiled Triton, bf16), the full benchmark sweep,
+# then the opt-in fused linear kernels on the issue-3 target shape in a process of their own (a fault there cannot
+# take the sweep with it). About 7 minutes at most: tests not started 2 minutes in are skipped with that reason, and
+# no new shape is started 3 minutes into the sweep (what is left is named in results.md).
+#
+#   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
+#
+# Writes to DIR: log.txt (this script's output: GPU, versions, tests, sweep), results.json, results.md,
+# fused_linear.png, loss_from_logits.png, advantages.png, fused.tgz (the fused kernels' results folder) and, when a
+# test fails, failures.txt (each failure's traceback, written as it happens).
+# Keep results.json, results.md and the plots in benchmarks/results/<gpu>/.
+#
+# It needs PyTorch, Triton, transformers, matplotlib, tqdm, pytest, pytest-benchmark and hypothesis on the machine
+# (pytest-xdist and pytest-timeout are used when present), and the other packages as pure-Python wheels in .whl/ at
+# the repository root, which it installs into a folder of its own:
+#   trl-1.16.0-py3-none-any.whl
+#   liger_kernel-0.8.5-py3-none-any.whl
+#   cut_cross_entropy-25.1.1-py3-none-any.whl
+#   datasets-5.2.0-py3-none-any.whl, dill-0.4.1-py3-none-any.whl, multiprocess-0.70.19-py312-none-any.whl (trl's)
+# Fetch them where there is network (for the machine's Python 3.12):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out="${OUT:-runs/gpu}"
+site="${GPU_RUN_SITE:-/tmp/grpo-bench-site}"
+scratch="${TMPDIR:-/tmp}/grpo-gpu-run"
+test_seconds="${TEST_SECONDS:-120}"    # tests not started by then are skipped
+sweep_seconds="${SWEEP_SECONDS:-180}"  # no new shape is started after this; the shape under way finishes
+mkdir -p "$out" "$scratch"
+
+versions() {
+  python3 - <<'PY'
+import importlib.metadata as md
+import torch
+assert torch.cuda.is_available(), "PyTorch sees no CUDA device"
+print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+for name in ("triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy", "datasets", "matplotlib",
+             "pytest-xdist", "pytest-timeout"):
+    try:
+        print(f"{name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name} MISSING")
+try:
+    import trl.trainer.grpo_trainer  # noqa: F401  (the TRL baselines and tests need it, and it needs datasets)
+except Exception as err:
+    print(f"trl does not import: {type(err).__name__}: {err}")
+PY
+}
+
+run() {
+  echo "== GPU"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || return 1
+
+  echo "== wheels from .whl/"
+  ls .whl/*.whl || { echo "no wheels in .whl/: see the comment at the top of $0" >&2; return 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+    || return 1
+  export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+  unset TRITON_INTERPRET GRPO_KERNELS_BACKEND GRPO_KERNELS_LINEAR
+  versions || return 1
+
+  echo "== tests (CUDA): the kernels, the loss against TRL, memory, compile"
+  local tests=0 extra=()
+  python3 -c "import xdist" 2>/dev/null && extra+=(-n 8)
+  python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 60)
+  export GRPO_KERNELS_TEST_FAILURES="$out/failures.txt" GRPO_KERNELS_TEST_DEADLINE=$(($(date +%s) + test_seconds))
+  timeout --kill-after=10 $((test_seconds + 40)) \
+    python3 -m pytest tests/test_logprobs.py tests/test_advantages.py tests/test_grpo_loss.py \
+    tests/test_fused_linear.py tests/test_memory.py tests/test_loss_vs_trl.py tests/test_properties.py \
+    tests/test_validation.py tests/test_compile.py "${extra[@]}" -q -rfE --tb=short -p no:cacheprovider || tests=$?
+  unset GRPO_KERNELS_TEST_FAILURES GRPO_KERNELS_TEST_DEADLINE
+
+  echo "== benchmark sweep (the fused kernels apart, below)"
+  local sweep=0 providers
+  providers=$(python3 -c "from benchmarks.providers import PROVIDERS as P; print(*sorted({p.name for p in P} - {'ours-fused'}))")
+  # shellcheck disable=SC2086
+  timeout --kill-after=10 $((sweep_seconds + 60)) python3 -m benchmarks --device cuda --out "$out" --no-progress \
+    --time-limit "$sweep_seconds" --providers $providers || sweep=$?
+  if [ "$sweep" -ne 0 ] && [ -f "$out/results.json" ]; then
+    echo "sweep exited with $sweep: tables and plots from the rows it saved"
+    python3 -m benchmarks --report-only --out "$out" || true
+  fi
+
+  echo "== fused linear kernels (GRPO_KERNELS_LINEAR=fused) on the target shape"
+  local fused=0
+  timeout --kill-after=10 60 python3 -m benchmarks --device cuda --out "$scratch/fused" --no-progress \
+    --ops fused_linear --shapes 8x1024x4096x131072 --providers ours-triton ours-fused floor || fused=$?
+  [ -d "$scratch/fused" ] && tar czf "$out/fused.tgz" -C "$scratch" fused && cat "$scratch/fused/results.md"
+
+  echo "== done: tests exit $tests, sweep exit $sweep, fused exit $fused"
+  ls -l "$out"
+  [ "$tests" -eq 0 ] && [ "$sweep" -eq 0 ] && [ "$fused" -eq 0 ]
+}
+
+run 2>&1 | tee "$out/log.txt"

@@ -1,0 +1,446 @@
+"""What the suite measures: the ops, the shapes (cases and sweeps) and each implementation of an op (a provider).
+
+Three ops:
+
+- `fused_linear`: the GRPO loss from hidden states `[B, T, H]` and the LM-head weight `[V, H]`; gradients flow to
+  both. Compute-bound: its floor is the plain matrix products it must do (one forward, two backward).
+- `loss_from_logits`: the GRPO loss from logits `[B, T, V]`; the gradient flows to the logits. Memory-bound: its
+  floor is a device copy's bandwidth, and it must read the logits once forward, and read them and write their
+  gradient backward.
+- `advantages`: group advantages from rewards `[B]`, groups of `GROUP_SIZE`; forward only, memory-bound.
+
+Every loss is TRL 1.16's default: `loss_type="dapo"`, `beta=0`, on-policy (old log-probs = the current ones),
+temperature 1, every token in the loss (a mask of ones is passed all the same).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from grpo_kernels import (
+    GRPOLossConfig,
+    backend,
+    fused_linear,
+    fused_linear_grpo_loss,
+    group_advantages,
+    grpo_loss,
+    reference,
+)
+
+OPS = ("fused_linear", "loss_from_logits", "advantages")
+MODES = ("forward", "backward", "forward+backward")
+OP_MODES = {"fused_linear": MODES, "loss_from_logits": MODES, "advantages": ("forward",)}
+GROUP_SIZE = 8  # completions per prompt in the advantages op
+CONFIG = GRPOLossConfig(loss_type="dapo")
+LINEAR_ARGS = ("hidden", "weight", "ids", "advantages", "mask")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shape of one op on one device.
+
+    Args:
+        op: one of `OPS`.
+        B, T: batch and completion length (`advantages`: B rewards, T = 1).
+        H: hidden size (`fused_linear` only).
+        V: vocabulary size (not for `advantages`).
+        dtype: "float32" or "bfloat16" (the inputs'; `advantages` is always fp32).
+        device: "cpu" or "cuda".
+    """
+
+    op: str
+    B: int
+    T: int
+    H: int | None
+    V: int | None
+    dtype: str
+    device: str
+
+    @property
+    def N(self) -> int:
+        """Tokens (rewards for `advantages`)."""
+        return self.B * self.T
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def label(self) -> str:
+        """E.g. "fused_linear B=8 T=1024 H=4096 V=131072 bfloat16"."""
+        dims = " ".join(f"{k}={v}" for k, v in (("B", self.B), ("T", self.T), ("H", self.H), ("V", self.V)) if v)
+        return f"{self.op} {dims} {self.dtype}"
+
+    def flops(self, mode: str) -> float:
+        """Floating-point operations of the matrix products the op must do in `mode` (0 for memory-bound ops)."""
+        if self.op != "fused_linear":
+            return 0.0
+        products = {"forward": 1, "backward": 2, "forward+backward": 3}[mode]
+        return 2.0 * products * self.N * self.H * self.V
+
+    def bytes_moved(self, mode: str) -> float:
+        """The fewest bytes of device memory the op must move in `mode` (0 for compute-bound ops)."""
+        if self.op == "loss_from_logits":
+            passes = {"forward": 1, "backward": 2, "forward+backward": 3}[mode]
+            return float(passes * self.N * self.V * self.torch_dtype.itemsize)
+        if self.op == "advantages":
+            return 8.0 * self.N  # read fp32 rewards, write fp32 advantages
+        return 0.0
+
+    def copy_bytes(self) -> int:
+        """Bytes a device copy of the op's largest input moves (read and write): the memory-bound ops' floor."""
+        if self.op == "loss_from_logits":
+            return 2 * self.N * self.V * self.torch_dtype.itemsize
+        return 2 * 4 * self.N if self.op == "advantages" else 0
+
+    def grad_bytes(self) -> int:
+        """Bytes of the gradients the op hands back (`d_hidden` and `d_weight`, or `d_logits`)."""
+        size = self.torch_dtype.itemsize
+        if self.op == "fused_linear":
+            return (self.N + self.V) * self.H * size
+        if self.op == "loss_from_logits":
+            return self.N * self.V * size
+        return 0
+
+
+def _bt(n: int, t: int = 1024) -> tuple[int, int]:
+    """`(B, T)` with `B * T = n` and completions of `t` tokens (one shorter completion when `n < t`)."""
+    return max(1, n // t), min(n, t)
+
+
+def _grid(op: str, ns: Sequence[int], h: int | None, v: int | None, dtype: str, device: str) -> list[Case]:
+    return [Case(op, *_bt(n), h, v, dtype, device) for n in ns]
+
+
+def _rewards(bs: Sequence[int], device: str) -> list[Case]:
+    return [Case("advantages", b, 1, None, None, "float32", device) for b in bs]
+
+
+def sweep(name: str, device: str) -> list[Case]:
+    """The cases of a named sweep: "quick" (a few minutes on a 2-core CPU) or "full" (per device type)."""
+    if name == "quick":
+        return [
+            *_grid("fused_linear", (256, 1024), 512, 32_768, "float32", device),
+            *_grid("loss_from_logits", (1024, 4096), None, 32_768, "float32", device),
+            *_rewards((1024, 65_536), device),
+        ]
+    if name != "full":
+        raise ValueError(f"unknown sweep {name!r}: use 'quick' or 'full'")
+    if device == "cpu":
+        return [
+            *_grid("fused_linear", (1024, 4096, 8192), 512, 32_768, "float32", "cpu"),
+            *_grid("fused_linear", (1024, 4096, 8192), 512, 65_536, "float32", "cpu"),
+            *_grid("loss_from_logits", (1024, 4096), None, 32_768, "float32", "cpu"),
+            *_grid("loss_from_logits", (1024, 4096), None, 131_072, "float32", "cpu"),
+            *_rewards((1024, 65_536, 1_048_576), "cpu"),
+        ]
+    # GPU, the issue-3 target first (Llama-3: V = 128k, H = 4,096, N = 8,192), then Qwen2.5 (152k, 896) and
+    # Llama-2/Mistral (32k, 4,096); fp32 last
+    return [
+        *_grid("fused_linear", (1024, 8192, 32_768), 4096, 131_072, "bfloat16", device),
+        *_grid("loss_from_logits", (1024, 4096, 16_384), None, 131_072, "bfloat16", device),
+        *_grid("loss_from_logits", (1024, 4096, 16_384), None, 151_936, "bfloat16", device),
+        *_grid("loss_from_logits", (1024, 4096, 16_384), None, 32_768, "bfloat16", device),
+        *_rewards((1024, 65_536, 1_048_576), device),
+        *_grid("fused_linear", (4096, 16_384, 65_536), 896, 151_936, "bfloat16", device),
+        *_grid("fused_linear", (4096, 16_384, 65_536), 4096, 32_768, "bfloat16", device),
+        *_grid("fused_linear", (1024, 4096), 896, 151_936, "float32", device),
+    ]
+
+
+def make_inputs(case: Case) -> dict[str, torch.Tensor]:
+    """Fresh random inputs: hidden states and a weight that give logits of unit scale, random token ids and
+    advantages of both signs, a mask of ones."""
+    torch.manual_seed(0)
+    dev, dt, B, T = case.device, case.torch_dtype, case.B, case.T
+    if case.op == "advantages":
+        return {"rewards": torch.rand(B, device=dev)}
+    inputs = {
+        "ids": torch.randint(case.V, (B, T), device=dev),
+        "advantages": torch.randn(B, device=dev),
+        "mask": torch.ones(B, T, device=dev),
+    }
+    if case.op == "fused_linear":
+        inputs["hidden"] = torch.randn(B, T, case.H, device=dev, dtype=dt).requires_grad_()
+        inputs["weight"] = (torch.randn(case.V, case.H, device=dev) * case.H**-0.5).to(dt).requires_grad_()
+    else:
+        inputs["logits"] = torch.randn(B, T, case.V, device=dev, dtype=dt).requires_grad_()
+    return inputs
+
+
+@dataclass
+class Bound:
+    """A provider bound to one case's inputs.
+
+    Args:
+        forward: runs the op's forward; returns what `backward` takes (a loss for autograd providers).
+        backward: runs the backward on `forward`'s result; None where the op has none.
+        grads: tensors whose `.grad` is reset before each run.
+    """
+
+    forward: Callable[[], Any]
+    backward: Callable[[Any], Any] | None = lambda loss: loss.backward()
+    grads: tuple[torch.Tensor, ...] = ()
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One implementation of an op.
+
+    Args:
+        name: stable id in results.json (the same for every op it implements).
+        op: the op it implements.
+        label: its column title in results.md.
+        bind: `(case, inputs) -> Bound`; imports what it needs when called.
+        module: the Python package it needs (None: this project's and PyTorch's code only).
+        devices: device types it runs on.
+        role: "ours", "baseline" (the other providers' results are compared with it in `speedup_vs`) or "floor"
+            (the bare work of the op: its matrix products, or a device copy of its largest input).
+        memory: `case -> bytes` it needs beyond the inputs, where that can exceed the device (None: bounded).
+    """
+
+    name: str
+    op: str
+    label: str
+    bind: Callable[[Case, dict[str, torch.Tensor]], Bound]
+    module: str | None = None
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    role: str = "baseline"
+    memory: Callable[[Case], int] | None = field(default=None, repr=False)
+
+    def unavailable(self, device: str) -> str | None:
+        """Why the provider cannot run on `device`, or None when it can."""
+        if device not in self.devices:
+            return f"runs on {' or '.join(self.devices)} only"
+        if self.module is not None and importlib.util.find_spec(self.module) is None:
+            return f"{self.module} is not installed"
+        return None
+
+
+# --- fused_linear --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _linear_strategy(strategy: str) -> Iterator[None]:
+    """`GRPO_KERNELS_LINEAR=strategy` inside the block (read by the forward, which picks the backward too)."""
+    before = os.environ.get("GRPO_KERNELS_LINEAR")
+    os.environ["GRPO_KERNELS_LINEAR"] = strategy
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["GRPO_KERNELS_LINEAR"]
+        else:
+            os.environ["GRPO_KERNELS_LINEAR"] = before
+
+
+def _ours_linear(name: str, strategy: str = "chunked") -> Callable[[Case, dict], Bound]:
+    def bind(case: Case, x: dict) -> Bound:
+        if strategy == "fused" and not hasattr(fused_linear, "use_fused_kernels"):
+            raise RuntimeError("this grpo_kernels has no fused linear kernels (GRPO_KERNELS_LINEAR=fused)")
+
+        def forward() -> torch.Tensor:
+            with backend(name), _linear_strategy(strategy):
+                return fused_linear_grpo_loss(*(x[k] for k in LINEAR_ARGS), config=CONFIG).loss
+
+        return Bound(forward, grads=(x["hidden"], x["weight"]))
+
+    return bind
+
+
+def _eager_linear(case: Case, x: dict) -> Bound:
+    def forward() -> torch.Tensor:
+        return reference.linear_grpo_loss(*(x[k] for k in LINEAR_ARGS), config=CONFIG).loss
+
+    return Bound(forward, grads=(x["hidden"], x["weight"]))
+
+
+def _trl_linear(case: Case, x: dict) -> Bound:
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE  # the vocabulary tile GRPOTrainer uses
+
+    from grpo_kernels.integrations.trl_reference import TRLLoss
+
+    loss_fn = TRLLoss(CONFIG, use_vllm=False)
+    B, T, H = x["hidden"].shape
+
+    def forward() -> torch.Tensor:
+        # (hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs), as GRPOTrainer does
+        logps, entropy, *_ = ChunkedLogProbFunction.apply(
+            x["hidden"].reshape(-1, H), x["weight"], None, x["ids"].reshape(-1), CONFIG.temperature,
+            _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs", "entropy"),
+        )  # fmt: skip
+        return loss_fn(logps.view(B, T), entropy.view(B, T), x["ids"], x["advantages"], x["mask"])[0]
+
+    return Bound(forward, grads=(x["hidden"], x["weight"]))
+
+
+def _liger_linear(case: Case, x: dict) -> Bound:
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    loss_fn = LigerFusedLinearGRPOLoss(
+        beta=CONFIG.beta, compiled=False, use_ref_model=False, loss_type=CONFIG.loss_type, epsilon_low=CONFIG.epsilon,
+        epsilon_high=CONFIG.epsilon_high_value, temperature=CONFIG.temperature,
+    )  # fmt: skip
+
+    def forward() -> torch.Tensor:
+        return loss_fn(x["hidden"], x["weight"], x["ids"], x["mask"], x["advantages"])[0]
+
+    return Bound(forward, grads=(x["hidden"], x["weight"]))
+
+
+def _cce_linear(case: Case, x: dict) -> Bound:
+    from cut_cross_entropy import linear_cross_entropy
+
+    _, T, H = x["hidden"].shape
+    adv = x["advantages"].repeat_interleave(T)
+
+    def forward() -> torch.Tensor:
+        # -log p per token; on-policy the GRPO gradient is -A * d log p, so the loss around it is `A . ce / N`
+        ce = linear_cross_entropy(x["hidden"].reshape(-1, H), x["weight"], x["ids"].reshape(-1), reduction="none")
+        return (ce * adv).sum() / ce.numel()
+
+    return Bound(forward, grads=(x["hidden"], x["weight"]))
+
+
+def _matmul_floor(case: Case, x: dict) -> Bound:
+    h, w = x["hidden"].detach().reshape(-1, case.H), x["weight"].detach()
+
+    def backward(z: torch.Tensor) -> None:
+        # the gradient products, with the logits standing in for their gradient (same shape and dtype)
+        z @ w
+        z.t() @ h
+
+    return Bound(lambda: h @ w.t(), backward)
+
+
+def _logits_memory(case: Case) -> int:
+    return case.N * case.V * case.torch_dtype.itemsize
+
+
+def _eager_linear_memory(case: Case) -> int:
+    # logits in the input dtype, their fp32 copy, log-softmax, softmax and the fp32 gradient, about at once
+    return case.N * case.V * (case.torch_dtype.itemsize + 4 * 4)
+
+
+# --- loss_from_logits ----------------------------------------------------------------------------------------------
+
+
+def _ours_logits(name: str) -> Callable[[Case, dict], Bound]:
+    def bind(case: Case, x: dict) -> Bound:
+        def forward() -> torch.Tensor:
+            with backend(name):
+                return grpo_loss(x["logits"], x["ids"], x["advantages"], x["mask"], config=CONFIG).loss
+
+        return Bound(forward, grads=(x["logits"],))
+
+    return bind
+
+
+def _eager_logits(case: Case, x: dict) -> Bound:
+    def forward() -> torch.Tensor:
+        return reference.grpo_loss(x["logits"], x["ids"], x["advantages"], x["mask"], config=CONFIG).loss
+
+    return Bound(forward, grads=(x["logits"],))
+
+
+def _trl_logits(case: Case, x: dict) -> Bound:
+    from trl.trainer.utils import selective_log_softmax_and_entropy
+
+    from grpo_kernels.integrations.trl_reference import TRLLoss
+
+    loss_fn = TRLLoss(CONFIG, use_vllm=False)
+
+    def forward() -> torch.Tensor:
+        logps, entropy = selective_log_softmax_and_entropy(x["logits"], x["ids"], entropy_requires_grad=False)
+        return loss_fn(logps, entropy, x["ids"], x["advantages"], x["mask"])[0]
+
+    return Bound(forward, grads=(x["logits"],))
+
+
+def _liger_logits(case: Case, x: dict) -> Bound:
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    # Liger takes the model's logits [B, T + 1, V] and drops the last position itself; by default its backward
+    # writes the gradient over them (inplace=True), which changes no timing
+    logits = torch.cat([x["logits"].detach(), x["logits"].detach()[:, -1:]], dim=1).requires_grad_()
+
+    def forward() -> torch.Tensor:
+        return triton_grpo_loss(
+            logits, None, None, x["ids"], x["advantages"], x["mask"], temperature=CONFIG.temperature,
+            beta=CONFIG.beta, eps_low=CONFIG.epsilon, eps_high=CONFIG.epsilon_high_value, loss_type=CONFIG.loss_type,
+            reduce=True,
+        )[0]  # fmt: skip
+
+    return Bound(forward, grads=(logits,))
+
+
+def _copy_floor(key: str) -> Callable[[Case, dict], Bound]:
+    def bind(case: Case, x: dict) -> Bound:
+        src = x[key].detach()
+        dst = torch.empty_like(src)
+        return Bound(lambda: dst.copy_(src), backward=None)
+
+    return bind
+
+
+def _eager_logits_memory(case: Case) -> int:
+    # fp32 copy of the logits, log-softmax, softmax and the gradient, about at once
+    return case.N * case.V * (4 * 4 + case.torch_dtype.itemsize)
+
+
+# --- advantages ----------------------------------------------------------------------------------------------------
+
+
+def _ours_advantages(name: str) -> Callable[[Case, dict], Bound]:
+    def bind(case: Case, x: dict) -> Bound:
+        def forward() -> torch.Tensor:
+            with backend(name):
+                return group_advantages(x["rewards"], GROUP_SIZE)
+
+        return Bound(forward, backward=None)
+
+    return bind
+
+
+def _eager_advantages(case: Case, x: dict) -> Bound:
+    return Bound(lambda: reference.group_advantages(x["rewards"], GROUP_SIZE), backward=None)
+
+
+def _ours(op: str, bind: Callable[[str], Callable[[Case, dict], Bound]]) -> tuple[Provider, Provider]:
+    """This project's Triton path (CUDA) and CPU path (forced with `backend("torch")`) of `op`."""
+    return (
+        Provider("ours-triton", op, "grpo_kernels (Triton)", bind("triton"), devices=("cuda",), role="ours"),
+        Provider("ours-torch", op, "grpo_kernels (CPU path)", bind("torch"), devices=("cpu",), role="ours"),
+    )
+
+
+# the opt-in `GRPO_KERNELS_LINEAR=fused` kernels (logits tiles in registers), next to the default chunked schedule
+_OURS_FUSED = Provider(
+    "ours-fused", "fused_linear", "grpo_kernels (fused Triton)", _ours_linear("triton", "fused"), devices=("cuda",),
+    role="ours",
+)  # fmt: skip
+
+PROVIDERS: tuple[Provider, ...] = (
+    *_ours("fused_linear", _ours_linear),
+    _OURS_FUSED,
+    Provider("eager", "fused_linear", "eager PyTorch", _eager_linear, memory=_eager_linear_memory),
+    Provider("trl", "fused_linear", "TRL 1.16 chunked", _trl_linear, module="trl"),
+    Provider("liger", "fused_linear", "Liger fused linear", _liger_linear, module="liger_kernel"),
+    Provider("cce", "fused_linear", "Cut Cross-Entropy", _cce_linear, "cut_cross_entropy", ("cuda",)),
+    Provider("floor", "fused_linear", "matmul floor", _matmul_floor, role="floor", memory=_logits_memory),
+    *_ours("loss_from_logits", _ours_logits),
+    Provider("eager", "loss_from_logits", "eager PyTorch", _eager_logits, memory=_eager_logits_memory),
+    Provider("trl", "loss_from_logits", "TRL 1.16", _trl_logits, module="trl"),
+    Provider("liger", "loss_from_logits", "Liger triton_grpo_loss", _liger_logits, "liger_kernel", ("cuda",)),
+    Provider("floor", "loss_from_logits", "copy floor", _copy_floor("logits"), role="floor"),
+    *_ours("advantages", _ours_advantages),
+    Provider("eager", "advantages", "eager PyTorch", _eager_advantages),
+    Provider("floor", "advantages", "copy floor", _copy_floor("rewards"), role="floor"),
+)

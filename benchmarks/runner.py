@@ -1,0 +1,324 @@
+"""How the suite measures: times, peak memory, and the sweep that turns cases and providers into result rows.
+
+Time and memory come from separate runs: the CPU byte meter watches every allocation and would slow the timed runs.
+
+- CUDA: `triton.testing.do_bench` (L2 cleared before each run) for forward and forward+backward. A backward alone
+  cannot be timed by `do_bench` (it needs a fresh forward each time), so it is timed with CUDA events around the
+  backward of each of 5 to 100 runs, the forward outside the events. Memory: the allocator's peak.
+- CPU: one warm-up and `repeats` timed runs with `time.perf_counter`. Memory: `MemoryMeter`'s exact count of
+  PyTorch's allocations.
+
+Medians and the 20% / 80% quantiles of the runs are reported; memory is the peak allocated beyond the inputs.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import platform
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import grpo_kernels
+from benchmarks.providers import MODES, OP_MODES, Bound, Case, Provider, make_inputs
+from grpo_kernels.memory import MemoryMeter
+
+MIB = 1 << 20
+CUDA_MIN_RUNS = 5
+VERSIONED = ("triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers")
+
+
+def _reset(grads: Sequence[torch.Tensor]) -> None:
+    for g in grads:
+        g.grad = None
+
+
+def steps(bound: Bound, mode: str) -> tuple[Callable[[], Any] | None, Callable[[Any], Any]]:
+    """`(setup, run)` for `mode`: `setup` (untimed, may be None) makes what the timed `run` takes."""
+    if mode == "forward":
+        return None, lambda _: bound.forward()
+    if mode == "backward":
+        return bound.forward, bound.backward
+    return None, lambda _: bound.backward(bound.forward())
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_runs(bound: Bound, mode: str, device: str, repeats: int) -> list[float]:
+    """Milliseconds of each timed run of `mode` (see the module's docstring for how)."""
+    setup, run = steps(bound, mode)
+
+    def once() -> float:
+        _reset(bound.grads)
+        state = setup() if setup else None
+        _sync(device)
+        start = time.perf_counter()
+        out = run(state)
+        _sync(device)
+        elapsed = (time.perf_counter() - start) * 1e3
+        del out, state
+        return elapsed
+
+    once()  # warm-up: compilation, autotuning, first-touch of memory
+    if device == "cpu":
+        return [once() for _ in range(repeats)]
+    estimate = once()
+    if setup is None:
+        import triton.testing
+
+        rep = max(100.0, min(10 * estimate, 1500.0), CUDA_MIN_RUNS * estimate)
+        return triton.testing.do_bench(lambda: run(None), rep=rep, grad_to_none=list(bound.grads), return_mode="all")
+    return _time_backward_cuda(bound, setup, run, estimate)
+
+
+def _time_backward_cuda(bound: Bound, setup: Callable[[], Any], run: Callable[[Any], Any], estimate: float) -> list:
+    start = time.perf_counter()
+    state = setup()
+    torch.cuda.synchronize()
+    with_setup = estimate + (time.perf_counter() - start) * 1e3
+    del state
+    runs = min(100, max(CUDA_MIN_RUNS, int(1000 / max(with_setup, 1e-3))))
+    cache = torch.empty(256 * MIB, dtype=torch.int8, device="cuda")  # cleared before each run, as do_bench does
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
+    for begin, end in events:
+        _reset(bound.grads)
+        state = setup()
+        cache.zero_()
+        begin.record()
+        out = run(state)
+        end.record()
+        del out, state
+    torch.cuda.synchronize()
+    return [begin.elapsed_time(end) for begin, end in events]
+
+
+def peak_bytes(bound: Bound, mode: str, device: str) -> int:
+    """Peak bytes allocated by one run of `mode` beyond what was allocated before it (the forward's saved tensors
+    for a backward alone)."""
+    setup, run = steps(bound, mode)
+    _reset(bound.grads)
+    state = setup() if setup else None
+    with MemoryMeter(device) as meter:
+        out = run(state)
+    del out, state
+    _reset(bound.grads)
+    return meter.peak_bytes
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model and the threads PyTorch uses."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python, PyTorch, this package and each provider's library (None where not installed)."""
+    out: dict[str, str | None] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "grpo_kernels": grpo_kernels.__version__,
+    }
+    for dist in VERSIONED:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def free_bytes(device: str) -> int:
+    """Memory the device can still give: CUDA's free plus the allocator's cached, or the host's MemAvailable."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return 1 << 62
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _unfit(provider: Provider, case: Case) -> str | None:
+    """Why `provider` cannot run `case` here: not installed, another device, or more memory than is free."""
+    reason = provider.unavailable(case.device)
+    if reason is None and provider.memory is not None:
+        need, free = provider.memory(case), free_bytes(case.device)
+        if need > 0.9 * free:
+            reason = f"needs about {need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free"
+    return reason
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, torch.OutOfMemoryError):
+        return "out of memory"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}"[:200]
+
+
+def _row(case: Case, provider: Provider, mode: str, env: dict) -> dict[str, Any]:
+    return {
+        "op": case.op,
+        "provider": provider.name,
+        "label": provider.label,
+        "role": provider.role,
+        "mode": mode,
+        "B": case.B,
+        "T": case.T,
+        "N": case.N,
+        "H": case.H,
+        "V": case.V,
+        "dtype": case.dtype,
+        "device_type": case.device,
+        "device": env["device"],
+        "time_ms": None,
+        "time_p20_ms": None,
+        "time_p80_ms": None,
+        "time_min_ms": None,
+        "time_max_ms": None,
+        "repeats": 0,
+        "peak_mib": None,
+        "grads_mib": case.grad_bytes() / MIB,
+        "tflops": None,
+        "gb_per_s": None,
+        "floor_fraction": None,
+        "speedup_vs": {},
+        "skipped": None,
+        "versions": env["versions"],
+    }
+
+
+def measure(case: Case, provider: Provider, bound: Bound, mode: str, repeats: int, memory: bool, row: dict) -> None:
+    """Fill `row` with the times (and peak memory) of `mode`."""
+    times = time_runs(bound, mode, case.device, repeats)
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    median = float(q[0])
+    row.update(
+        time_ms=median, time_p20_ms=float(q[1]), time_p80_ms=float(q[2]), time_min_ms=min(times),
+        time_max_ms=max(times), repeats=len(times),
+    )  # fmt: skip
+    if case.op == "fused_linear":
+        row["tflops"] = case.flops(mode) / (median * 1e-3) / 1e12
+    else:
+        moved = case.copy_bytes() if provider.role == "floor" else case.bytes_moved(mode)
+        row["gb_per_s"] = moved / (median * 1e-3) / 1e9
+    if memory:
+        row["peak_mib"] = peak_bytes(bound, mode, case.device) / MIB
+
+
+def _shape_key(row: dict) -> tuple:
+    return row["op"], row["B"], row["T"], row["H"], row["V"], row["dtype"], row["device_type"]
+
+
+def derive(rows: list[dict]) -> None:
+    """Fill each row's `floor_fraction` (the floor's speed over this row's: 1.0 = as fast as the bare matrix products,
+    or a device copy's bandwidth) and `speedup_vs` (each baseline's time over this row's) from the others."""
+    shapes: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["time_ms"] is not None:
+            shapes.setdefault(_shape_key(r), []).append(r)
+    for same in shapes.values():
+        for r in same:
+            if r["op"] == "fused_linear":
+                floor = next((o for o in same if o["role"] == "floor" and o["mode"] == r["mode"]), None)
+                r["floor_fraction"] = None if floor is None else floor["time_ms"] / r["time_ms"]
+            else:
+                floor = next((o for o in same if o["role"] == "floor"), None)
+                r["floor_fraction"] = None if floor is None else r["gb_per_s"] / floor["gb_per_s"]
+            r["speedup_vs"] = {
+                o["provider"]: o["time_ms"] / r["time_ms"]
+                for o in same
+                if o["role"] == "baseline" and o["mode"] == r["mode"] and o is not r
+            }
+
+
+def run_sweep(
+    cases: Sequence[Case],
+    providers: Sequence[Provider],
+    modes: Sequence[str] = MODES,
+    repeats: int = 3,
+    memory: bool = True,
+    progress: bool = True,
+    on_rows: Callable[[list[dict]], None] | None = None,
+    time_limit: float | None = None,
+) -> list[dict]:
+    """Measure every provider of each case's op in each of `modes` the op has; one row each.
+
+    A provider that cannot run (not installed, wrong device, would not fit in memory, raised, ran out of memory)
+    gets rows with `skipped` set to the reason, printed once per provider and reason; nothing stops the sweep.
+
+    Args:
+        cases: the shapes to measure.
+        providers: the implementations to measure (those of other ops are ignored).
+        modes: among "forward", "backward", "forward+backward".
+        repeats: timed runs per row on CPU (CUDA sizes its own).
+        memory: also measure peak memory (one more run per row).
+        progress: show a progress bar.
+        on_rows: called with all rows so far after each provider of each case (e.g. to save them as they come).
+        time_limit: seconds after which no new case is started (the cases left get no rows).
+    """
+    start = time.monotonic()
+    env = {"device": device_name(cases[0].device) if cases else "", "versions": versions()}
+    mine = {case: [p for p in providers if p.op == case.op] for case in cases}
+    ops_modes = {case: [m for m in modes if m in OP_MODES[case.op]] for case in cases}
+    rows: list[dict] = []
+    printed: set[tuple[str, str]] = set()
+    bar = tqdm(total=sum(len(mine[c]) * len(ops_modes[c]) for c in cases), disable=not progress, unit="row")
+    for i, case in enumerate(cases):
+        if time_limit is not None and time.monotonic() - start > time_limit:
+            bar.write(f"time limit of {time_limit:.0f} s reached: {len(cases) - i} cases not measured")
+            break
+        inputs = None
+        for provider in mine[case]:
+            reason = _unfit(provider, case)
+            bound = None
+            if reason is None:
+                try:
+                    inputs = inputs if inputs is not None else make_inputs(case)
+                    bound = provider.bind(case, inputs)
+                except Exception as err:
+                    reason = _reason(err)
+            for mode in ops_modes[case]:
+                bar.set_postfix_str(f"{case.op} N={case.N} {provider.name} {mode}", refresh=False)
+                bar.update()
+                if bound is not None and bound.backward is None and mode != "forward":
+                    continue
+                row = _row(case, provider, mode, env)
+                if reason is None:
+                    try:
+                        measure(case, provider, bound, mode, repeats, memory, row)
+                    except Exception as err:
+                        reason = _reason(err)
+                    if reason is not None:  # out of the except block, whose traceback holds the failed run's tensors
+                        _release(case.device)
+                row["skipped"] = reason
+                if reason is not None and (provider.name, reason) not in printed:
+                    printed.add((provider.name, reason))
+                    bar.write(f"skipped {provider.name} ({case.op}): {reason}")
+                rows.append(row)
+            del bound
+            derive(rows)
+            if on_rows is not None:
+                on_rows(rows)
+        del inputs
+        _release(case.device)
+    bar.close()
+    return rows

@@ -1,0 +1,197 @@
+"""The benchmark suite's own code, on a tiny sweep: rows for every provider, the JSON schema, the report files, and
+providers that cannot run reported with their reason instead of stopping the sweep."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from benchmarks import report
+from benchmarks.__main__ import main, parse_shape
+from benchmarks.providers import OP_MODES, PROVIDERS, Bound, Case, Provider
+from benchmarks.runner import run_sweep
+
+ROW_KEYS = {
+    "op", "provider", "label", "role", "mode", "B", "T", "N", "H", "V", "dtype", "device_type", "device", "time_ms",
+    "time_p20_ms", "time_p80_ms", "time_min_ms", "time_max_ms", "repeats", "peak_mib", "grads_mib", "tflops",
+    "gb_per_s", "floor_fraction", "speedup_vs", "skipped", "versions",
+}  # fmt: skip
+
+
+def tiny_cases(device: str) -> list[Case]:
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    return [
+        Case("fused_linear", 2, 8, 16, 64, dtype, device),
+        Case("fused_linear", 2, 16, 16, 64, dtype, device),
+        Case("loss_from_logits", 2, 8, None, 64, dtype, device),
+        Case("advantages", 16, 1, None, None, "float32", device),
+    ]
+
+
+def _oom_bind(case: Case, inputs: dict) -> Bound:
+    def forward() -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 PiB")
+
+    return Bound(forward)
+
+
+def _broken_bind(case: Case, inputs: dict) -> Bound:
+    raise ValueError("no such argument")
+
+
+def odd_providers() -> list[Provider]:
+    """A provider whose package is missing, one that would not fit in memory, one that runs out of memory while
+    measured and one that raises when bound."""
+    eager = next(p for p in PROVIDERS if p.name == "eager" and p.op == "fused_linear")
+    return [
+        dataclasses.replace(eager, name="missing", module="no_such_package_for_grpo_benchmarks"),
+        dataclasses.replace(eager, name="huge", memory=lambda case: 1 << 62),
+        dataclasses.replace(eager, name="oom", bind=_oom_bind),
+        dataclasses.replace(eager, name="broken", bind=_broken_bind),
+    ]
+
+
+@pytest.fixture(scope="module")
+def sweep_out(tmp_path_factory):
+    """One tiny CPU sweep of every provider and the odd ones, written out as the CLI does."""
+    out = tmp_path_factory.mktemp("bench")
+    rows = run_sweep(tiny_cases("cpu"), [*PROVIDERS, *odd_providers()], repeats=1, progress=False)
+    meta = {"command": "test", "sweep": "tiny", "date": "today", "timing": "t", "device": "cpu", "versions": {}}
+    written = report.write_all(out, rows, meta)
+    return out, rows, written
+
+
+def test_every_installed_provider_gives_a_row_per_shape_and_mode(sweep_out):
+    _, rows, _ = sweep_out
+    for provider in PROVIDERS:
+        if provider.unavailable("cpu") is not None:
+            continue
+        for case in tiny_cases("cpu"):
+            if case.op != provider.op:
+                continue
+            has_backward = provider.role != "floor" or provider.op == "fused_linear"
+            for mode in OP_MODES[case.op] if has_backward else ("forward",):
+                found = [
+                    r for r in rows
+                    if (r["provider"], r["op"], r["N"], r["mode"]) == (provider.name, case.op, case.N, mode)
+                ]  # fmt: skip
+                assert len(found) == 1, (provider.name, case, mode)
+                row = found[0]
+                assert row["skipped"] is None, (provider.name, case, mode, row["skipped"])
+                assert row["time_ms"] > 0 and row["repeats"] == 1 and row["peak_mib"] >= 0
+
+
+def test_providers_that_cannot_run_are_reported_with_the_reason(sweep_out, capsys):
+    _, rows, _ = sweep_out
+    reasons = {r["provider"]: r["skipped"] for r in rows if r["op"] == "fused_linear"}
+    assert reasons["missing"] == "no_such_package_for_grpo_benchmarks is not installed"
+    assert reasons["huge"].startswith("needs about")
+    assert reasons["oom"] == "out of memory"
+    assert reasons["broken"] == "ValueError: no such argument"
+    assert reasons["ours-triton"] == "runs on cuda only"
+    for name in ("missing", "huge", "oom", "broken"):  # a row for each mode all the same, with no numbers
+        skipped = [r for r in rows if r["provider"] == name]
+        assert len(skipped) == 2 * 3 and all(r["time_ms"] is None and r["peak_mib"] is None for r in skipped)
+    capsys.readouterr()
+    again = run_sweep(tiny_cases("cpu")[:1], odd_providers()[:1], repeats=1, progress=False)
+    printed = capsys.readouterr()
+    assert "skipped missing (fused_linear): no_such_package_for_grpo_benchmarks is not installed" in printed.out
+    assert len(again) == 3
+
+
+def test_results_json_holds_the_schema(sweep_out):
+    out, rows, _ = sweep_out
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema"] == report.SCHEMA and data["rows"] == rows
+    for row in data["rows"]:
+        assert set(row) == ROW_KEYS
+        assert row["op"] in OP_MODES and row["mode"] in OP_MODES[row["op"]]
+        assert row["N"] == row["B"] * row["T"] and row["versions"]["torch"] == torch.__version__
+        assert row["role"] in ("ours", "baseline", "floor")
+        if row["skipped"] is None:
+            assert row["time_p20_ms"] <= row["time_ms"] <= row["time_p80_ms"]
+            assert row["floor_fraction"] > 0
+            rate = row["tflops"] if row["op"] == "fused_linear" else row["gb_per_s"]
+            assert rate > 0
+        else:
+            assert isinstance(row["skipped"], str) and row["time_ms"] is None
+
+
+def test_floor_fraction_and_speedups_come_from_the_other_rows(sweep_out):
+    _, rows, _ = sweep_out
+    timed = [r for r in rows if r["op"] == "fused_linear" and r["N"] == 16 and r["skipped"] is None]
+    for mode in OP_MODES["fused_linear"]:
+        by_name = {r["provider"]: r for r in timed if r["mode"] == mode}
+        floor, ours, eager = by_name["floor"], by_name["ours-torch"], by_name["eager"]
+        assert floor["floor_fraction"] == 1.0
+        assert ours["floor_fraction"] == pytest.approx(floor["time_ms"] / ours["time_ms"])
+        assert ours["speedup_vs"]["eager"] == pytest.approx(eager["time_ms"] / ours["time_ms"])
+        assert "eager" not in eager["speedup_vs"] and "floor" not in ours["speedup_vs"]
+
+
+def test_markdown_has_a_table_per_op_and_mode(sweep_out):
+    out, _, written = sweep_out
+    text = (out / "results.md").read_text()
+    assert out / "results.md" in written
+    for heading in ("## Fused linear GRPO loss", "## GRPO loss from logits", "## Group advantages"):
+        assert heading in text
+    assert "### forward+backward, float32, V = 64, H = 16" in text and "### backward, float32, V = 64" in text
+    assert "| N (B × T) | grpo_kernels (CPU path) | eager PyTorch |" in text and "**" in text
+    assert "no_such_package_for_grpo_benchmarks is not installed" in text
+
+
+def test_plots_are_written_for_ops_measured_at_several_sizes(sweep_out):
+    pytest.importorskip("matplotlib")
+    out, _, written = sweep_out
+    png = out / "fused_linear.png"  # the tiny sweep has two N for this op, one for the others
+    assert png in written and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "advantages.png").exists()
+
+
+def test_command_line_writes_the_results_and_remakes_the_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--device", "cpu", "--ops", "fused_linear", "--shapes", "1x4x8x32", "2x4x8x32", "--providers",
+            "ours-torch", "floor", "--repeats", "2", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["provider"], r["N"]) for r in rows} == {(p, n) for p in ("ours-torch", "floor") for n in (4, 8)}
+    assert all(r["repeats"] == 2 for r in rows)
+    (out / "results.md").unlink()
+    assert main(["--report-only", "--out", str(out)]) == 0
+    assert "### forward+backward, float32, V = 32, H = 8" in (out / "results.md").read_text()
+    late = tmp_path / "late"
+    assert (
+        main(["--device", "cpu", "--ops", "advantages", "--shapes", "16", "--time-limit", "0", "--out", str(late)]) == 0
+    )
+    assert json.loads((late / "results.json").read_text())["rows"] == []
+    assert "not measured: advantages B=16 T=1 float32" in (late / "results.md").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+def test_bad_shapes_are_refused_with_the_expected_form():
+    assert parse_shape("loss_from_logits", "2x8x64", "float32", "cpu") == Case(
+        "loss_from_logits", 2, 8, None, 64, "float32", "cpu"
+    )
+    with pytest.raises(SystemExit, match="fused_linear shapes are BxTxHxV"):
+        parse_shape("fused_linear", "2x8x64", "float32", "cpu")
+    with pytest.raises(SystemExit, match="needs exactly one --ops"):
+        main(["--shapes", "4", "--device", "cpu"])
+
+
+@pytest.mark.gpu
+def test_the_sweep_runs_on_cuda(capsys):
+    """do_bench, the CUDA backward timing and the allocator's peak on every provider; a third-party provider that
+    fails here is reported (printed), not failed: its library is not under test."""
+    rows = run_sweep(tiny_cases("cuda"), PROVIDERS, repeats=1, progress=False)
+    for provider in PROVIDERS:
+        mine = [r for r in rows if r["provider"] == provider.name and r["op"] == provider.op]
+        assert mine, provider.name
+        if provider.name in ("ours-triton", "eager", "floor"):
+            assert all(r["skipped"] is None and r["time_ms"] > 0 and r["peak_mib"] >= 0 for r in mine), mine
+    with capsys.disabled():
+        print(capsys.readouterr().out)
