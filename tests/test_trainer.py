@@ -212,6 +212,32 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(p, w_full[name]), name
 
 
+def test_an_interrupted_save_leaves_no_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(small(tmp_path, max_steps=1, save_steps=1))
+    trainer.train()
+    first = trainer.save()  # the same step again: replaces the checkpoint
+    assert first == tmp_path / "checkpoint-1" and (first / "process_0.pt").is_file()
+    trainer.step = 2
+    real_save = torch.save
+
+    def interrupted(obj, f, *args, **kwargs):
+        if str(f).endswith("process_0.pt"):
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not (tmp_path / "checkpoint-2").exists() and (tmp_path / ".checkpoint-2.partial").is_dir()
+    resumed = Trainer(small(tmp_path, max_steps=1, resume="latest"))  # the complete checkpoint
+    assert resumed.step == 1
+    trainer.save()  # a later save clears what the interrupted one left
+    assert (tmp_path / "checkpoint-2" / "process_0.pt").is_file() and not (tmp_path / ".checkpoint-2.partial").exists()
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        Trainer(small(tmp_path, resume=str(tmp_path / "missing")))
+
+
 def test_lora_reference_is_the_base_model_with_adapters_disabled(tmp_path):
     pytest.importorskip("peft")
     common = dict(lora_r=4, max_steps=3, steps_per_generation=2)

@@ -20,6 +20,7 @@ import contextlib
 import math
 import random
 import resource
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -171,7 +172,10 @@ def find_checkpoint(resume: str, output_dir: Path) -> Path:
         if not (path / "trainer_state.pt").is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint (no trainer_state.pt)")
         return path
-    found = sorted(output_dir.glob("checkpoint-*/trainer_state.pt"), key=lambda p: int(p.parent.name.split("-")[1]))
+    found = sorted(
+        (p for p in output_dir.glob("checkpoint-*/trainer_state.pt") if p.parent.name.split("-", 1)[1].isdigit()),
+        key=lambda p: int(p.parent.name.split("-", 1)[1]),
+    )
     if not found:
         raise FileNotFoundError(f"--resume latest: no checkpoint-*/ in {output_dir}")
     return found[-1].parent
@@ -492,11 +496,17 @@ class Trainer:
 
     def save(self) -> Path:
         """Write `output_dir/checkpoint-{step}`: the model (`save_pretrained`), optimizer, scheduler, step and
-        counters, and per process the RNG states and the generation batch still in use."""
+        counters, and per process the RNG states and the generation batch still in use. Everything is written to a
+        hidden `.checkpoint-{step}.partial` first and renamed once complete, so an interrupted save never leaves a
+        checkpoint that `--resume` would pick up."""
         acc = self.accelerator
-        path = self.output_dir / f"checkpoint-{self.step}"
+        final = self.output_dir / f"checkpoint-{self.step}"
+        path = self.output_dir / f".checkpoint-{self.step}.partial"
         if acc.is_main_process:
-            path.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(path, ignore_errors=True)  # what an earlier interrupted save left
+            path.mkdir(parents=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
             self._generator.save_pretrained(path)
             if isinstance(self.tokenizer, HFTokenizer):
                 self.tokenizer.tokenizer.save_pretrained(path)
@@ -518,7 +528,12 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save({"rollout": asdict(rollout) if keep else None, "rng": rng}, path / f"process_{self.rank}.pt")
         acc.wait_for_everyone()
-        return path
+        if acc.is_main_process:
+            if final.exists():  # the same step saved again (e.g. after a resume): the new one replaces it
+                shutil.rmtree(final)
+            path.rename(final)
+        acc.wait_for_everyone()
+        return final
 
     def load(self, path: Path) -> None:
         """Continue from a checkpoint written by `save`, exactly where it stopped."""
