@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU run on a machine with no network: the kernel tests on CUDA (compiled Triton, bf16), the full benchmark sweep,
-# then the opt-in fused linear kernels on the issue-3 target shape in a process of their own (a fault there cannot
-# take the sweep with it). About 7 minutes at most: tests not started 2 minutes in are skipped with that reason, and
-# no new shape is started 3 minutes into the sweep (what is left is named in results.md).
+# then the opt-in strategies of the fused linear loss (fused kernels, vocab blocks) on the issue-3 target shape in a
+# process of their own (a fault there cannot take the sweep with it). About 9 minutes at most: tests not started
+# 100 s in are skipped with that reason, and no new shape is started 4 minutes into the sweep.
 #
 #   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
 #
 # Writes to DIR: log.txt (this script's output: GPU, versions, tests, sweep), results.json, results.md,
-# fused_linear.png, loss_from_logits.png, advantages.png, fused.tgz (the fused kernels' results folder) and, when a
+# fused_linear.png, loss_from_logits.png, advantages.png, fused.tgz (the opt-in strategies' results folder) and, when a
 # test fails, failures.txt (each failure's traceback, written as it happens).
 # Keep results.json, results.md and the plots in benchmarks/results/<gpu>/.
 #
@@ -28,8 +28,8 @@ cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu}"
 site="${GPU_RUN_SITE:-/tmp/grpo-bench-site}"
 scratch="${TMPDIR:-/tmp}/grpo-gpu-run"
-test_seconds="${TEST_SECONDS:-120}"    # tests not started by then are skipped
-sweep_seconds="${SWEEP_SECONDS:-180}"  # no new shape is started after this; the shape under way finishes
+test_seconds="${TEST_SECONDS:-100}"    # tests not started by then are skipped
+sweep_seconds="${SWEEP_SECONDS:-240}"  # no new shape is started after this; the shape under way finishes
 mkdir -p "$out" "$scratch"
 
 versions() {
@@ -74,9 +74,10 @@ run() {
     tests/test_validation.py tests/test_compile.py "${extra[@]}" -q -rfE --tb=short -p no:cacheprovider || tests=$?
   unset GRPO_KERNELS_TEST_FAILURES GRPO_KERNELS_TEST_DEADLINE
 
-  echo "== benchmark sweep (the fused kernels apart, below)"
+  echo "== benchmark sweep (the opt-in strategies apart, below)"
   local sweep=0 providers
-  providers=$(python3 -c "from benchmarks.providers import PROVIDERS as P; print(*sorted({p.name for p in P} - {'ours-fused'}))")
+  providers=$(python3 -c "from benchmarks.providers import PROVIDERS as P
+print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab'}))")
   # shellcheck disable=SC2086
   timeout --kill-after=10 $((sweep_seconds + 60)) python3 -m benchmarks --device cuda --out "$out" --no-progress \
     --time-limit "$sweep_seconds" --providers $providers || sweep=$?
@@ -85,10 +86,10 @@ run() {
     python3 -m benchmarks --report-only --out "$out" || true
   fi
 
-  echo "== fused linear kernels (GRPO_KERNELS_LINEAR=fused) on the target shape"
+  echo "== the opt-in strategies (GRPO_KERNELS_LINEAR=fused, vocab-blocks) on the target shape"
   local fused=0
-  timeout --kill-after=10 60 python3 -m benchmarks --device cuda --out "$scratch/fused" --no-progress \
-    --ops fused_linear --shapes 8x1024x4096x131072 --providers ours-triton ours-fused floor || fused=$?
+  timeout --kill-after=10 90 python3 -m benchmarks --device cuda --out "$scratch/fused" --no-progress \
+    --ops fused_linear --shapes 8x1024x4096x131072 --providers ours-triton ours-fused ours-vocab floor || fused=$?
   [ -d "$scratch/fused" ] && tar czf "$out/fused.tgz" -C "$scratch" fused && cat "$scratch/fused/results.md"
 
   echo "== done: tests exit $tests, sweep exit $sweep, fused exit $fused"

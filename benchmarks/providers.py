@@ -427,9 +427,15 @@ _OURS_FUSED = Provider(
     role="ours",
 )  # fmt: skip
 
+# `GRPO_KERNELS_LINEAR=vocab-blocks`: d_weight per vocabulary block (one more product, small chunks), any device
+_OURS_VOCAB = Provider(
+    "ours-vocab", "fused_linear", "grpo_kernels (vocab blocks)", _ours_linear("auto", "vocab-blocks"), role="ours"
+)
+
 PROVIDERS: tuple[Provider, ...] = (
     *_ours("fused_linear", _ours_linear),
     _OURS_FUSED,
+    _OURS_VOCAB,
     Provider("eager", "fused_linear", "eager PyTorch", _eager_linear, memory=_eager_linear_memory),
     Provider("trl", "fused_linear", "TRL 1.16 chunked", _trl_linear, module="trl"),
     Provider("liger", "fused_linear", "Liger fused linear", _liger_linear, module="liger_kernel"),

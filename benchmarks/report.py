@@ -31,7 +31,9 @@ How to read these tables:
   step), so its "forward" includes most of the backward's work and its "backward" only scales them: compare the
   forward+backward tables. The forward of every provider is measured with inputs that require grad.
 - grpo_kernels (fused Triton), GPU only, is the opt-in `GRPO_KERNELS_LINEAR=fused` strategy (logits tiles kept in
-  registers, the logits recomputed in the backward); grpo_kernels (Triton) is the default chunked schedule.
+  registers, the logits recomputed in the backward); grpo_kernels (Triton) is the default chunked schedule;
+  grpo_kernels (vocab blocks) is the opt-in `GRPO_KERNELS_LINEAR=vocab-blocks` strategy (d_weight formed once per
+  block of vocabulary columns: one more matrix product, small chunks).
 - Every loss is TRL's default (dapo, beta 0, on-policy) over every token. Liger's fused linear loss runs with
   `compiled=False`. Cut Cross-Entropy computes log-probs only (its cross-entropy, with its default gradient
   filtering), with a few `[N]`-sized ops around it; it is the speed reference for the fused linear op.

@@ -160,6 +160,60 @@ def chunk_stats(
     return logp, entropy, (m, log_s, s)
 
 
+def row_stats(state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(row max, log-sum)` `[c]` from the `state` of `chunk_stats`."""
+    return state[0].squeeze(-1), state[1].squeeze(-1)
+
+
+def block_grad(
+    z: torch.Tensor,  # [n, v] raw logits of vocabulary entries col_offset, col_offset + 1, ..., in math_dtype, owned
+    ids: torch.Tensor,  # [n]
+    col_offset: int,
+    m: torch.Tensor,  # [n] the full rows' max of the transformed logits
+    log_s: torch.Tensor,  # [n] and log-sum of exp(z - m)
+    entropy: torch.Tensor,  # [n]
+    grad_logp: torch.Tensor,  # [n]
+    grad_entropy: torch.Tensor | None,  # [n]
+    mask: torch.Tensor | None,  # [n] bool: rows outside get zeros
+    temperature: float,
+    logit_scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """The gradient with respect to a block of columns of the raw logits, written over `z`, from the full rows'
+    statistics: `k (g onehot(y) - p (g + h (log p + entropy)))` times the soft-cap's derivative, `k` the scale over
+    the temperature."""
+    k = logit_scale / temperature
+    m, log_s = m.to(z.dtype).unsqueeze(-1), log_s.to(z.dtype).unsqueeze(-1)
+    g = grad_logp.to(z.dtype).unsqueeze(-1)
+    h = None if grad_entropy is None else grad_entropy.to(z.dtype).unsqueeze(-1)
+    ent = entropy.to(z.dtype).unsqueeze(-1)
+    y = ids.long() - col_offset
+    target = ((y >= 0) & (y < z.shape[1])).unsqueeze(-1)
+    y = y.clamp(0, z.shape[1] - 1).unsqueeze(-1)
+    for r in _blocks(z.shape[0], z.shape[1]):
+        zb = z[r]
+        factor = None
+        if softcap is None:
+            zb.mul_(k)
+        else:
+            zb.mul_(logit_scale / softcap).tanh_()
+            factor = 1.0 - zb.square()  # the soft-cap's derivative
+            zb.mul_(softcap / temperature)
+        logp = zb.sub_(m[r]).sub_(log_s[r])
+        p = logp.exp()
+        if h is None:
+            torch.mul(p, -g[r] * k, out=zb)
+        else:
+            zb.add_(ent[r]).mul_(h[r]).add_(g[r]).mul_(p).mul_(-k)
+            zb.masked_fill_(p == 0, 0.0)  # p log p -> 0
+        zb.scatter_add_(-1, y[r], g[r] * k * target[r])
+        if factor is not None:
+            zb.mul_(factor)
+        if mask is not None:
+            zb.masked_fill_(~mask[r].unsqueeze(-1), 0.0)
+    return z
+
+
 def chunk_grad(
     z: torch.Tensor,  # [c, V], as `chunk_stats` left it (z - m)
     ids: torch.Tensor,  # [c]

@@ -16,7 +16,17 @@ Two schedules:
   and the backward recomputes each chunk's logits: four products.
 
 `d_weight` is accumulated across chunks in the weight's dtype (exact fp32 accumulation for fp32 weights; for bf16
-weights each chunk's product is added in bf16, as chunked losses usually do).
+weights each chunk's product is added in bf16, as chunked losses usually do). Each chunk rereads and rewrites all of
+`d_weight`, so chunks are large on CUDA (1 GiB of fp32 logits: 512 MiB of bf16 logits beyond the gradients).
+
+`GRPO_KERNELS_LINEAR` picks the strategy:
+
+- `chunked` (the default): as above.
+- `vocab-blocks`: the token chunks form only `d_hidden` and keep each token's log-sum-exp statistics and gradient
+  coefficients (`[N]` vectors); `d_weight` and `d_bias` are then formed one block of vocabulary columns at a time, from
+  that block's logits recomputed for every token: one more matrix product, but `d_weight` is written once, never
+  accumulated, and chunks and blocks are small (128 MiB of fp32 logits on CUDA at most: 64 MiB in bf16).
+- `fused`: the Triton kernels of `ops/linear.py` (CUDA), which keep each logits tile in registers.
 """
 
 from __future__ import annotations
@@ -34,6 +44,10 @@ from grpo_kernels.objective import LossInputs, LossPlan, grpo_objective, row_ter
 # percent of their speed at 256 MiB chunks, measured on 2 cores at N = 8,192, H = 512; fewer than 64 tokens a chunk
 # slows the weight-gradient product, which rereads d_weight once per chunk.
 CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 1 << 30}
+# With GRPO_KERNELS_LINEAR=vocab-blocks nothing is accumulated across chunks, so chunks can be small: on CUDA at most
+# 128 MiB (64 MiB of bf16 logits), for token chunks and vocabulary blocks alike.
+VOCAB_BLOCKS_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 128 << 20}
+STRATEGIES = ("chunked", "fused", "vocab-blocks")
 MIN_CHUNK_TOKENS = {"cpu": 64, "cuda": 1}
 
 
@@ -62,22 +76,42 @@ def head_options_from_config(config, temperature: float = 1.0) -> HeadOptions:
 
 
 def chunk_tokens(vocab: int, device: torch.device) -> int:
-    """Tokens per chunk so that one chunk of fp32 logits takes about `CHUNK_BYTES` of the device."""
+    """Tokens per chunk so that one chunk of fp32 logits takes about `CHUNK_BYTES` of the device (or
+    `VOCAB_BLOCKS_CHUNK_BYTES`, where smaller, for the vocab-blocks strategy)."""
     kind = "cuda" if device.type == "cuda" else "cpu"
-    return max(MIN_CHUNK_TOKENS[kind], CHUNK_BYTES[kind] // (4 * max(vocab, 1)))
+    return max(MIN_CHUNK_TOKENS[kind], _chunk_bytes(kind) // (4 * max(vocab, 1)))
+
+
+def _chunk_bytes(kind: str) -> int:
+    if linear_strategy() == "vocab-blocks":
+        return min(CHUNK_BYTES[kind], VOCAB_BLOCKS_CHUNK_BYTES[kind])
+    return CHUNK_BYTES[kind]
+
+
+def linear_strategy() -> str:
+    """`GRPO_KERNELS_LINEAR`: "chunked" (the default), "fused" or "vocab-blocks" (see the module's docstring)."""
+    strategy = os.environ.get("GRPO_KERNELS_LINEAR", "chunked")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"GRPO_KERNELS_LINEAR must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    return strategy
 
 
 class _Head:
     """The active tokens' hidden rows and the head's weights: chunk logits, and gradient accumulation."""
 
-    def __init__(self, hidden, weight, bias, ids, positions: torch.Tensor | None, head: HeadOptions, ops=None) -> None:
+    def __init__(self, hidden, weight, bias, ids, positions: torch.Tensor | None, head: HeadOptions, ops=None,
+                 vocab_blocks: bool | None = None) -> None:  # fmt: skip
         B, T, H = hidden.shape
         self.shape = (B, T, H)
         self.flat = hidden.reshape(B * T, H)
         self.positions = positions  # flat index b * T + t of each active token; None: all are active
         self.n = B * T if positions is None else positions.numel()
-        self.ids = ids.reshape(-1) if self.positions is None else ids.reshape(-1).index_select(0, self.positions)
+        self.all_ids = ids.reshape(-1)
+        self.ids = self.all_ids if self.positions is None else self.all_ids.index_select(0, self.positions)
         self.weight, self.bias, self.head = weight, bias, head
+        # d_weight and d_bias per vocabulary block after the token chunks, from [N]-sized statistics they keep
+        self.vocab_blocks = linear_strategy() == "vocab-blocks" if vocab_blocks is None else vocab_blocks
+        self._rows: dict[str, torch.Tensor] | None = None
         self.ops = _row_ops(hidden) if ops is None else ops  # the backward reuses the forward's choice
         self._buffer: torch.Tensor | None = None
         self.args = (head.temperature, head.logit_scale, head.final_logit_softcapping)
@@ -113,9 +147,15 @@ class _Head:
             self.d_h = torch.empty_like(self.flat) if self.positions is None else torch.zeros_like(self.flat)
         self.d_w = torch.zeros_like(self.weight) if needs[1] else None
         self.d_b = torch.zeros(V, dtype=cpu.math_dtype(self.flat), device=dev) if needs[2] else None
+        if self.vocab_blocks and (needs[1] or needs[2]):
+            self._rows = {}
 
     def add_grads(self, z, sl, state, entropy, grad_logp, grad_entropy) -> None:
-        """Turn the chunk's logits `z` into their gradient (in place), then into the weights' gradients."""
+        """Turn the chunk's logits `z` into their gradient (in place), then into the weights' gradients (with
+        vocabulary blocks: into `d_hidden`, keeping what `finish_grads` needs for the weights')."""
+        if self._rows is not None:
+            m, log_s = self.ops.row_stats(state)
+            self._keep(sl, m=m, log_s=log_s, entropy=entropy, g=grad_logp, h=grad_entropy)
         dz = self.ops.chunk_grad(z, self.ids[sl], state, entropy, grad_logp, grad_entropy, *self.args)
         dz = dz.to(self.weight.dtype)
         if self.d_h is not None:
@@ -123,15 +163,69 @@ class _Head:
                 torch.mm(dz, self.weight, out=self.d_h[sl])
             else:
                 self.d_h.index_copy_(0, self.positions[sl], dz @ self.weight)
+        if self._rows is not None:
+            return
         if self.d_w is not None:
             self.d_w.addmm_(dz.t(), self.rows(sl))
         if self.d_b is not None:
             self.d_b += dz.sum(0, dtype=self.d_b.dtype)
 
+    def _keep(self, sl: slice, **values: torch.Tensor | None) -> None:
+        """Store the chunk's `[c]` values at their tokens' rows of `[B * T]` vectors (zero for tokens not in the
+        loss)."""
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key not in self._rows:
+                self._rows[key] = torch.zeros(self.flat.shape[0], dtype=cpu.math_dtype(self.flat),
+                                              device=self.flat.device)  # fmt: skip
+            dst, value = self._rows[key], value.reshape(-1).to(self._rows[key].dtype)
+            if self.positions is None:
+                dst[sl] = value
+            else:
+                dst.index_copy_(0, self.positions[sl], value)
+
+    def _vocab_block_grads(self) -> None:
+        """`d_weight` and `d_bias` block by block of the vocabulary: each block's logits for every token are
+        recomputed (one more matrix product in all), turned into their gradient with the rows' statistics, and
+        multiplied once by the hidden rows; nothing is accumulated across chunks."""
+        rows, self._rows = self._rows, None
+        self._buffer = None  # the token chunks' buffer
+        if not rows:  # no token in the loss: the zero gradients stand
+            return
+        flat, n = self.flat, self.flat.shape[0]
+        V = self.weight.shape[0]
+        kind = "cuda" if flat.device.type == "cuda" else "cpu"
+        width = max(1, min(V, _chunk_bytes(kind) // (4 * max(n, 1))))
+        dtype = cpu.math_dtype(flat) if self.ops is cpu else flat.dtype
+        buffer = torch.empty(n * width, dtype=dtype, device=flat.device)
+        mask = None
+        if self.positions is not None:
+            mask = torch.zeros(n, dtype=torch.bool, device=flat.device).index_fill_(0, self.positions, True)
+        h = rows.get("h")
+        for start in range(0, V, width):
+            cols = slice(start, min(start + width, V))
+            z = buffer[: n * (cols.stop - start)].view(n, cols.stop - start)
+            if dtype == flat.dtype:
+                torch.mm(flat, self.weight[cols].t(), out=z)
+            else:
+                z.copy_(flat @ self.weight[cols].t())
+            if self.bias is not None:
+                z += self.bias[cols]
+            dz = self.ops.block_grad(z, self.all_ids, start, rows["m"], rows["log_s"], rows["entropy"], rows["g"], h,
+                                     mask, *self.args)  # fmt: skip
+            dz = dz.to(self.weight.dtype)
+            if self.d_w is not None:
+                torch.mm(dz.t(), flat, out=self.d_w[cols])
+            if self.d_b is not None:
+                self.d_b[cols] = dz.sum(0, dtype=self.d_b.dtype)
+
     def finish_grads(self, scale: torch.Tensor | None = None):
         """`(d_hidden [B, T, H], d_weight, d_bias)`, each None where not needed, multiplied in place by `scale`
         (the gradients are handed over, not copied: this can be done once)."""
         B, T, H = self.shape
+        if self._rows is not None:
+            self._vocab_block_grads()
         d_h, d_w, d_b = self.d_h, self.d_w, self.d_b
         self.d_h = self.d_w = self.d_b = None
         if scale is not None:
@@ -189,12 +283,9 @@ def _row_ranges(counts: list[int], size: int) -> list[tuple[slice, slice]] | Non
 
 def use_fused_kernels(t: torch.Tensor) -> bool:
     """True when `GRPO_KERNELS_LINEAR=fused` asks for the Triton kernels that keep the logits in registers
-    (`ops/linear.py`) and Triton runs the op. They are opt-in until their speed is measured on a GPU; the default,
-    `chunked`, runs the chunked schedules on every device (with the Triton row kernels on CUDA)."""
-    strategy = os.environ.get("GRPO_KERNELS_LINEAR", "chunked")
-    if strategy not in ("fused", "chunked"):
-        raise ValueError(f"GRPO_KERNELS_LINEAR must be 'fused' or 'chunked'; got {strategy!r}")
-    return strategy == "fused" and use_triton(t)
+    (`ops/linear.py`) and Triton runs the op. They are opt-in: their backward is far slower than the chunked
+    schedules' (measured on an H200)."""
+    return linear_strategy() == "fused" and use_triton(t)
 
 
 def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool):
@@ -215,11 +306,11 @@ def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fuse
 
 
 def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool, saved, grad_logp,
-                    grad_entropy, needs: tuple[bool, bool, bool]):  # fmt: skip
+                    grad_entropy, needs: tuple[bool, bool, bool], vocab_blocks: bool | None = None):  # fmt: skip
     """`(d_hidden, d_weight, d_bias)` (None where not needed) from the gradients of `linear_forward`'s outputs; the
     logits are recomputed, tile by tile in the fused kernels or chunk by chunk."""
     entropy, stats = saved
-    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops)
+    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops, vocab_blocks)
     gather = (lambda x: x.reshape(-1)) if lm.positions is None else (lambda x: x.reshape(-1)[lm.positions])
     g_lp = torch.zeros_like(entropy) if grad_logp is None else gather(grad_logp).to(entropy.dtype)
     g_ent = None if grad_entropy is None else gather(grad_entropy).to(entropy.dtype)
@@ -235,6 +326,7 @@ def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fus
         z = lm.logits(sl)
         _, _, state = lm.stats(z, sl)  # recomputed: the forward kept only [N]-sized results
         lm.add_grads(z, sl, state, entropy[sl], g_lp[sl], None if g_ent is None else g_ent[sl])
+        del z, state  # the chunk buffer goes before the vocabulary blocks' one comes
     return lm.finish_grads()
 
 
@@ -246,6 +338,7 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, mask, head: HeadOptions):
         ctx.ops, ctx.fused, ctx.head = _row_ops(hidden), use_fused_kernels(hidden), head
+        ctx.vocab_blocks = linear_strategy() == "vocab-blocks"
         logp, entropy, (saved_entropy, stats) = linear_forward(hidden, weight, bias, ids, mask, head, ctx.ops,
                                                                ctx.fused)  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, ids, mask, saved_entropy, stats)
@@ -258,7 +351,7 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None
         grads = linear_backward(hidden, weight, bias, ids, mask, ctx.head, ctx.ops, ctx.fused, (entropy, stats),
-                                grad_logp, grad_entropy, tuple(ctx.needs_input_grad[:3]))  # fmt: skip
+                                grad_logp, grad_entropy, tuple(ctx.needs_input_grad[:3]), ctx.vocab_blocks)  # fmt: skip
         return (*grads, None, None, None)
 
 

@@ -21,8 +21,9 @@ from grpo_kernels.config import LOSS_TYPES
 from grpo_kernels.functional import loss_inputs
 from grpo_kernels.validation import ValueChecks
 
-# Triton with the logits kept in registers, Triton row kernels on chunks of logits, and the PyTorch path
-IMPLS = ["triton-fused", "triton-chunked", "torch"]
+# backend-strategy: Triton with the logits kept in registers, Triton row kernels on chunks of logits (d_weight
+# accumulated across chunks, or formed per vocabulary block), and the PyTorch path (both schedules)
+IMPLS = ["triton-fused", "triton-chunked", "triton-vocab-blocks", "torch", "torch-vocab-blocks"]
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.bf16)]
 
 
@@ -62,8 +63,9 @@ def run(fn, hidden, weight, bias, ids, adv, mask, upcast_to=None, **kwargs):
 @pytest.fixture(params=IMPLS)
 def impl(request, monkeypatch):
     name = request.param
-    monkeypatch.setenv("GRPO_KERNELS_LINEAR", "chunked" if name == "triton-chunked" else "fused")
-    with backend(name.split("-")[0]):
+    name_backend, _, strategy = name.partition("-")
+    monkeypatch.setenv("GRPO_KERNELS_LINEAR", strategy or "chunked")
+    with backend(name_backend):
         yield name
 
 
@@ -88,7 +90,7 @@ def check_against_reference(impl, hidden, weight, bias, ids, adv, mask, **kwargs
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_loss_type_matches_reference(impl, loss_type, dtype, device):
-    dev = "cpu" if impl == "torch" else device
+    dev = "cpu" if impl.startswith("torch") else device
     config = GRPOLossConfig(loss_type=loss_type, beta=0.05, entropy_coef=0.01, temperature=0.9, max_completion_length=7)
     hidden, weight, bias, ids, adv, mask, extra = make_inputs(4, 7, 24, 131, dtype, dev)
     check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=config, **extra)
@@ -105,7 +107,7 @@ def test_every_loss_type_matches_reference(impl, loss_type, dtype, device):
     ],
 )
 def test_odd_shapes_and_heads(impl, shape, options, head, device):
-    dev = "cpu" if impl == "torch" else device
+    dev = "cpu" if impl.startswith("torch") else device
     config = GRPOLossConfig(max_completion_length=8, **options)
     hidden, weight, bias, ids, adv, mask, extra = make_inputs(*shape, torch.float32, dev)
     check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=config, **head, **extra)
@@ -124,7 +126,7 @@ SCHEDULES = {
 @pytest.mark.parametrize("case", list(SCHEDULES))
 def test_chunked_schedules(impl, case, device, monkeypatch):
     options, tokens, schedule = SCHEDULES[case]
-    dev = "cpu" if impl == "torch" else device
+    dev = "cpu" if impl.startswith("torch") else device
     V = 61
     kind = "cuda" if dev == "cuda" else "cpu"
     monkeypatch.setitem(fl.CHUNK_BYTES, kind, tokens * 4 * V)
@@ -159,7 +161,7 @@ def _away_from_entropy_threshold(hidden, weight, bias, ids, mask, q, margin=1e-3
 
 
 def test_linear_logprobs(impl, device):
-    dev = "cpu" if impl == "torch" else device
+    dev = "cpu" if impl.startswith("torch") else device
     hidden, weight, bias, ids, _, mask, _ = make_inputs(3, 5, 20, 99, torch.float32, dev)
     x = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
     logps, entropy = linear_logprobs(x[0], x[1], ids, bias=x[2], temperature=0.7, return_entropy=True, mask=mask)
@@ -253,6 +255,28 @@ def test_extra_memory_is_a_fraction_of_the_logits(monkeypatch):
     assert naive.peak_bytes > logits_bytes  # the meter sees the materialised logits
 
 
+@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks"])
+@pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])  # the single-pass and the two-pass schedule
+def test_extra_memory_beyond_the_gradients_is_a_few_chunks(strategy, top_entropy_quantile, monkeypatch):
+    """At N = 2,048, V = 8,192 with 1 MiB chunks (32 tokens; 128-column vocabulary blocks), forward + backward
+    allocate at most three chunks' worth beyond the gradients they hand back."""
+    from grpo_kernels.memory import MemoryMeter
+
+    B, T, H, V = 8, 256, 64, 8192
+    budget = 1 << 20
+    monkeypatch.setitem(fl.CHUNK_BYTES, "cpu", budget)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, "cpu", 1)
+    monkeypatch.setenv("GRPO_KERNELS_LINEAR", strategy)
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = (torch.randn(V, H) / 8).requires_grad_()
+    ids = torch.randint(0, V, (B, T))
+    config = GRPOLossConfig(loss_type="dapo", entropy_coef=0.01, top_entropy_quantile=top_entropy_quantile)
+    with backend("torch"), MemoryMeter() as meter:
+        fused_linear_grpo_loss(hidden, weight, ids, torch.randn(B), config=config).loss.backward()
+    grads = (hidden.numel() + weight.numel()) * 4
+    assert meter.peak_bytes - grads < 3 * budget, f"{(meter.peak_bytes - grads) / 2**20:.2f} MiB beyond the grads"
+
+
 def test_head_options_from_transformers_configs():
     from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
 
@@ -284,7 +308,7 @@ def test_bad_input(change, error, match):
 
 def test_fused_kernels_are_deterministic(impl, device):
     """Bit-identical loss and gradients run to run (the fused backward orders its additions)."""
-    dev = "cpu" if impl == "torch" else device
+    dev = "cpu" if impl.startswith("torch") else device
     hidden, weight, bias, ids, adv, mask, extra = make_inputs(6, 9, 40, 300, torch.float32, dev)
     config = GRPOLossConfig(loss_type="grpo", beta=0.1, entropy_coef=0.05)
     a = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
@@ -292,6 +316,36 @@ def test_fused_kernels_are_deterministic(impl, device):
     assert torch.equal(a[0].loss, b[0].loss)
     for x, y in zip(a[1], b[1], strict=True):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("name", ["triton", "torch"])
+@pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])  # the single-pass and the two-pass schedule
+def test_vocab_blocks_form_the_weight_gradients_block_by_block(name, top_entropy_quantile, device, monkeypatch):
+    """With GRPO_KERNELS_LINEAR=vocab-blocks, d_weight and d_bias come from several vocabulary blocks, each written
+    once, and match the chunked strategy's gradients and the reference."""
+    dev = "cpu" if name == "torch" else device
+    kind = "cuda" if dev == "cuda" else "cpu"
+    V = 300
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, 7 * 4 * V)  # 7-token chunks; blocks of 7 * 300 / (4 * 9) columns
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(4, 9, 40, V, torch.float32, dev)
+    config = GRPOLossConfig(loss_type="dapo", beta=0.1, entropy_coef=0.05, top_entropy_quantile=top_entropy_quantile)
+    ops = fl._row_ops(hidden) if name == "triton" else fl.cpu
+    blocks = []
+    real = ops.block_grad
+    monkeypatch.setattr(
+        ops, "block_grad", lambda z, ids, start, *a: blocks.append((start, z.shape)) or real(z, ids, start, *a)
+    )
+    with backend(name):
+        monkeypatch.setenv("GRPO_KERNELS_LINEAR", "chunked")
+        _, chunked = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+        assert not blocks
+        monkeypatch.setenv("GRPO_KERNELS_LINEAR", "vocab-blocks")
+        check_against_reference(name, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+        assert [start for start, _ in blocks] == list(range(0, V, 58)) and all(shape[0] == 36 for _, shape in blocks)
+        _, blocked = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+    for a, b, what in zip(blocked, chunked, ("d_hidden", "d_weight", "d_bias"), strict=True):
+        assert_close(a, b, atol=1e-6, rtol=1e-5, name=f"{what}: vocab blocks vs chunks")
 
 
 def test_backward_runs_where_the_forward_ran(monkeypatch):

@@ -184,7 +184,7 @@ def test_fused_linear_grpo_loss(config, batch, H, use_bias, head):
     expected = reference.linear_grpo_loss(leaves[0], leaves[1], ids, adv, mask, bias=leaves[2] if use_bias else None,
                                           config=config, **head, **extra)  # fmt: skip
     d_expected = torch.autograd.grad(expected.loss, leaves)
-    for impl in ("triton-fused", "triton-chunked", "torch"):
+    for impl in ("triton-fused", "triton-chunked", "triton-vocab-blocks", "torch", "torch-vocab-blocks"):
         with _implementation(impl) as dev:
             got = [t.float().to(dev).requires_grad_() for t in leaves]
             out = fused_linear_grpo_loss(got[0], got[1], ids.to(dev), adv.float().to(dev), mask.to(dev),

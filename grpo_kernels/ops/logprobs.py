@@ -107,6 +107,7 @@ def _logprobs_bwd_kernel(
     N,
     T,
     V,
+    col_offset,  # vocabulary index of the first column (a block of columns, in `block_grad`)
     inv_temperature,
     logit_scale,
     softcap,
@@ -131,7 +132,7 @@ def _logprobs_bwd_kernel(
         if HAS_DENTROPY:
             h = tl.load(dentropy_ptr + row)
             entropy = tl.load(entropy_ptr + row)
-        y = tl.load(ids_ptr + row).to(tl.int64)
+        y = tl.load(ids_ptr + row).to(tl.int64) - col_offset
         for start in range(0, V, BLOCK_V):
             in_row = start + cols < V
             x = tl.load(row_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
@@ -204,8 +205,10 @@ def logprobs_bwd(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     out: torch.Tensor | None = None,  # [B, T, V] contiguous; may be `logits` itself
+    col_offset: int = 0,  # `logits` holds the vocabulary's columns col_offset, col_offset + 1, ... (a block of them)
 ) -> torch.Tensor:
-    """Return the gradient with respect to the logits, `[B, T, V]`, in `out` or a new tensor of the logits' dtype."""
+    """Return the gradient with respect to the logits, `[B, T, V]`, in `out` or a new tensor of the logits' dtype.
+    With `col_offset`, `logits` is a block of columns of the full logits and `stats`/`entropy` are the full rows'."""
     B, T, V = logits.shape
     dlogits = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device) if out is None else out
     if B * T == 0:
@@ -226,6 +229,7 @@ def logprobs_bwd(
         B * T,
         T,
         V,
+        col_offset,
         1.0 / temperature,
         float(logit_scale),
         float(softcap or 1.0),
@@ -242,6 +246,26 @@ def chunk_stats(z, ids, temperature, logit_scale, softcap):
     """`(logp [c], entropy [c], stats)` of an owned chunk of raw logits `z` `[c, V]` (read, not modified)."""
     logp, entropy, stats = logprobs_fwd(z.unsqueeze(0), ids.unsqueeze(0), None, temperature, logit_scale, softcap)
     return logp[0], entropy[0], stats
+
+
+def row_stats(state) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(row max, log-sum)`, fp32 `[c]`, from the `state` of `chunk_stats`."""
+    return state[0, 0], state[1, 0]
+
+
+def block_grad(z, ids, col_offset, m, log_s, entropy, grad_logp, grad_entropy, mask, temperature, logit_scale,
+               softcap):  # fmt: skip
+    """The gradient with respect to a block of columns `z` `[n, v]` (vocabulary entries `col_offset` on) of the raw
+    logits, written over `z`, from the full rows' `m`, `log_s` and `entropy` `[n]`; rows where `mask` `[n]` is False
+    get zeros."""
+    stats = torch.stack((m, log_s)).float().unsqueeze(1)
+    dz = logprobs_bwd(
+        z.unsqueeze(0), ids.unsqueeze(0), None if mask is None else mask.unsqueeze(0), stats,
+        entropy.float().unsqueeze(0), grad_logp.unsqueeze(0),
+        None if grad_entropy is None else grad_entropy.unsqueeze(0), temperature, logit_scale, softcap,
+        out=z.unsqueeze(0), col_offset=col_offset,
+    )  # fmt: skip
+    return dz[0]
 
 
 def chunk_grad(z, ids, stats, entropy, grad_logp, grad_entropy, temperature, logit_scale, softcap):
