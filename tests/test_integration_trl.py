@@ -91,14 +91,17 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture
 def make_trainer(model_path, tokenizer, tmp_path):
-    def make(cls, kind: str = "llama", **options) -> GRPOTrainer:
+    def make(cls, kind: str = "llama", peft_config=None, **options) -> GRPOTrainer:
         args = GRPOConfig(
             output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, num_generations=4,
             max_completion_length=T, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
             **options,
         )  # fmt: skip
         model = AutoModelForCausalLM.from_pretrained(model_path(kind))
-        return cls(model=model, reward_funcs=reward_a, args=args, train_dataset=DATASET, processing_class=tokenizer)
+        if peft_config is not None:
+            torch.manual_seed(1)  # the same adapter weights for both trainers
+        return cls(model=model, reward_funcs=reward_a, args=args, train_dataset=DATASET, processing_class=tokenizer,
+                   peft_config=peft_config)  # fmt: skip
 
     return make
 
@@ -235,6 +238,35 @@ def test_loss_gradients_and_metrics_match_trl(make_trainer, kind, options, extra
     for name, value in metrics.items():
         assert math.isclose(value, trl_metrics[name], rel_tol=RTOL, abs_tol=ATOL), (name, value, trl_metrics[name])
     assert fused.entropy_coef == stock.entropy_coef
+
+
+def test_lora_matches_trl(make_trainer):
+    """With peft adapters (random, so that every adapter matrix gets a gradient): the reference log-probs with the
+    adapters disabled, the loss and the adapters' gradients are TRL's."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                           init_lora_weights=False)  # fmt: skip
+    options = {"loss_type": "dapo", "beta": 0.04, "entropy_coef": 0.05, "gradient_accumulation_steps": 2}
+    stock = make_trainer(GRPOTrainer, peft_config=lora, **options)
+    fused = make_trainer(FusedGRPOTrainer, peft_config=lora, **options)
+    assert stock.ref_model is None and fused.ref_model is None  # the base model, adapters disabled, is the reference
+    prompt_ids, prompt_mask, completion_ids, completion_mask = token_batch(torch.Generator().manual_seed(3))
+    ids, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+    with torch.no_grad(), backend("torch"):
+        for trainer in (stock, fused):
+            with trainer.model.disable_adapter():
+                trainer.ref = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, T)[0]
+            trainer.policy = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, T)[0]
+    assert_close(fused.ref, stock.ref, rtol=RTOL, atol=ATOL, name="reference log-probs")
+    assert_close(fused.policy, stock.policy, rtol=RTOL, atol=ATOL, name="policy log-probs")
+    assert (fused.ref - fused.policy).abs().max() > 1e-3  # the adapters change the policy
+    inputs = loss_inputs(stock, ())
+    loss, grads, _ = loss_and_gradients(fused, inputs, (), {})
+    trl_loss, trl_grads, _ = loss_and_gradients(stock, inputs, (), {})
+    assert_close(loss, trl_loss, rtol=RTOL, atol=ATOL, name="loss")
+    assert grads.keys() == trl_grads.keys() and all("lora_" in name for name in grads)
+    for name, g in grads.items():
+        assert_close(g, trl_grads[name], rtol=RTOL, atol=ATOL, name=name)
 
 
 class TwoProcesses:
