@@ -156,6 +156,8 @@ class _Head:
         if self._rows is not None:
             m, log_s = self.ops.row_stats(state)
             self._keep(sl, m=m, log_s=log_s, entropy=entropy, g=grad_logp, h=grad_entropy)
+            if self.d_h is None:  # the logits' gradient would only feed d_hidden here
+                return
         dz = self.ops.chunk_grad(z, self.ids[sl], state, entropy, grad_logp, grad_entropy, *self.args)
         dz = dz.to(self.weight.dtype)
         if self.d_h is not None:

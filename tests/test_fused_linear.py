@@ -348,6 +348,26 @@ def test_vocab_blocks_form_the_weight_gradients_block_by_block(name, top_entropy
         assert_close(a, b, atol=1e-6, rtol=1e-5, name=f"{what}: vocab blocks vs chunks")
 
 
+@pytest.mark.parametrize("frozen", ["hidden", "weight", "bias"])
+def test_gradients_of_only_the_inputs_that_need_them(impl, frozen, device):
+    """A frozen input (a frozen backbone, head or bias) gets no gradient; the others' equal the reference's."""
+    dev = "cpu" if impl.startswith("torch") else device
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(3, 6, 16, 70, torch.float32, dev)
+    config = GRPOLossConfig(loss_type="dapo", beta=0.1, entropy_coef=0.05)
+    names = ("hidden", "weight", "bias")
+    inputs = zip(names, (hidden, weight, bias), strict=True)
+    leaves = [t.detach().clone().requires_grad_(name != frozen) for name, t in inputs]
+    out = fused_linear_grpo_loss(leaves[0], leaves[1], ids, adv, mask, bias=leaves[2], config=config, **extra)
+    out.loss.backward()
+    _, expected = run(reference.linear_grpo_loss, hidden, weight, bias, ids, adv, mask, upcast_to=torch.float64,
+                      config=config, **extra)  # fmt: skip
+    for name, leaf, e in zip(names, leaves, expected, strict=True):
+        if name == frozen:
+            assert leaf.grad is None, name
+        else:
+            assert_close(leaf.grad, e, atol=1e-5, rtol=1e-4, name=f"d_{name}")
+
+
 def test_backward_runs_where_the_forward_ran(monkeypatch):
     """A forward inside `backend("torch")` keeps that backend for its backward, wherever `.backward()` is called."""
     from grpo_kernels.ops import logprobs
