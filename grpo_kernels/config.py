@@ -22,6 +22,19 @@ def _check_finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
+# The kernels multiply the logits by 1 / temperature in fp32, which must stay finite.
+MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+
+
+def _check_temperature(value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"temperature must be > 0; got {value}")
+    if value < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be >= {MIN_TEMPERATURE:.3g} so that 1 / temperature is finite in fp32; got {value}"
+        )
+
+
 @dataclass(frozen=True)
 class GRPOLossConfig:
     """Every option of the GRPO loss, with TRL 1.16's names and defaults.
@@ -84,8 +97,7 @@ class GRPOLossConfig:
             raise ValueError(f"epsilon_high must be >= 0 or None; got {self.epsilon_high}")
         if self.delta is not None and self.delta <= 0:
             raise ValueError(f"delta must be > 0 or None (recommended > 1 + epsilon_high); got {self.delta}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0; got {self.temperature}")
+        _check_temperature(self.temperature)
         if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
             raise ValueError(
                 "sapo_temperature_pos and sapo_temperature_neg must be > 0; got "
@@ -139,8 +151,7 @@ class HeadOptions:
     def __post_init__(self) -> None:
         _check_finite("temperature", self.temperature)
         _check_finite("logit_scale", self.logit_scale)
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0; got {self.temperature}")
+        _check_temperature(self.temperature)
         if self.final_logit_softcapping is not None:
             _check_finite("final_logit_softcapping", self.final_logit_softcapping)
             if self.final_logit_softcapping <= 0:

@@ -65,9 +65,9 @@ def logprobs_fwd(
         logp = _transformed(rows, temperature, logit_scale, softcap)
         m = logp.amax(dim=-1, keepdim=True)
         log_s = torch.logsumexp(logp.sub_(m), dim=-1, keepdim=True)
-        logp.sub_(log_s).clamp_(min=_LOGP_FLOOR)
-        out[0, sl] = logp.gather(-1, flat_ids[sl]).squeeze(-1)
-        out[1, sl] = -(logp.exp().mul_(logp).sum(-1))
+        logp.sub_(log_s)
+        out[0, sl] = logp.gather(-1, flat_ids[sl]).squeeze(-1)  # before the floor: the target's exact log-prob
+        out[1, sl] = -(logp.clamp_(min=_LOGP_FLOOR).exp().mul_(logp).sum(-1))
         out[2, sl] = m.squeeze(-1)
         out[3, sl] = log_s.squeeze(-1)
     if mask is not None:

@@ -18,6 +18,7 @@ from grpo_kernels.validation import (
     check_finite,
     check_ids,
     check_mask,
+    check_no_nan_in_loss,
     check_positive_items,
     check_tensor,
 )
@@ -102,6 +103,11 @@ def loss_inputs(
             device=device,
             shape_hint=f"{bt} or [B, 1]",
         )
+    # NaN would poison the loss (or, for vespo, silently drop the sequence: its weight treats NaN as 0); sampling_logps
+    # may hold NaN, which the off-policy mask reads as no divergence, as TRL does
+    check_no_nan_in_loss(checks, "old_logps", old_logps, mask)
+    check_no_nan_in_loss(checks, "ref_logps", ref_logps if config.beta != 0.0 else None, mask)
+    check_no_nan_in_loss(checks, "importance_sampling_ratio", importance_sampling_ratio, mask)
     if mask is None:
         mask = torch.ones((B, T), dtype=torch.bool, device=device)
 

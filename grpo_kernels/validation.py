@@ -36,7 +36,7 @@ def check_tensor(
     if shapes is not None and tuple(x.shape) not in shapes:
         raise ValueError(f"{name} has shape {tuple(x.shape)} but must be {shape_hint}")
     if device is not None and x.device != device:
-        raise ValueError(f"{name} is on {x.device} but the logits are on {device}: move all inputs to one device")
+        raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}: move all inputs to one device")
     return x
 
 
@@ -85,6 +85,19 @@ def check_finite(checks: ValueChecks, name: str, x: torch.Tensor | None, allow_n
         return
     bad = torch.isinf(x).any() if allow_nan else ~torch.isfinite(x).all()
     checks.fail_if(bad, f"{name} must be finite" + (" (NaN marks an unscorable reward)" if allow_nan else ""))
+
+
+def check_no_nan_in_loss(checks: ValueChecks, name: str, x: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+    """NaN in `x` (`[B, T]` or `[B, 1]`) at a token in the loss (`mask` `[B, T]` bool; None: every token) is an error;
+    values at masked-out tokens are never read."""
+    if x is None or not x.numel():
+        return
+    nan = torch.isnan(x) if mask is None else torch.isnan(x) & mask
+    checks.fail_if(
+        nan.any(),
+        f"{name} holds NaN at a token in the loss (completion_mask = 1): pass finite values there (values where the "
+        "mask is 0 are ignored)",
+    )
 
 
 def check_positive_items(num_items_in_batch: object, device: torch.device) -> torch.Tensor | float | None:

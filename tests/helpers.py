@@ -44,3 +44,13 @@ def assert_within_pytorch_error(
     err_torch = (t - u).abs().max().item() if u.numel() else 0.0
     bound = factor * err_torch + 4 * eps * scale
     assert err <= bound, f"{name}: error {err:.3e} > {factor} x PyTorch's {err_torch:.3e} + 4 ulp; {_where(a, u)}"
+
+
+def loss_and_grad(fn, x: torch.Tensor, *args, upcast_to: torch.dtype | None = None, **kwargs):
+    """`(output, d output.loss / d x)` of `fn(x, *args, **kwargs)` for a fresh leaf copy of `x` (upcast first when
+    asked)."""
+    x = x.detach().clone()
+    x = (x if upcast_to is None else x.to(upcast_to)).requires_grad_()
+    out = fn(x, *args, **kwargs)
+    (dx,) = torch.autograd.grad(out.loss, x)
+    return out, dx

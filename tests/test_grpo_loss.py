@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, assert_within_pytorch_error
+from helpers import assert_close, assert_within_pytorch_error, loss_and_grad
 from trl.trainer.utils import entropy_from_logits
 from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax
 
@@ -28,14 +28,6 @@ def make_inputs(B, T, V, dtype, dev, adv_per_token=False):
     }
     adv = torch.randn(B, T, device=dev) if adv_per_token else torch.randn(B, device=dev)
     return logits, ids, adv, mask, extra
-
-
-def loss_and_grad(fn, logits, *args, upcast_to=None, **kwargs):
-    x = logits.detach().clone()
-    x = (x if upcast_to is None else x.to(upcast_to)).requires_grad_()
-    out = fn(x, *args, **kwargs)
-    (dx,) = torch.autograd.grad(out.loss, x)
-    return out, dx
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
