@@ -310,14 +310,17 @@ def _cce_linear(case: Case, x: dict) -> Bound:
 
 
 def _matmul_floor(case: Case, x: dict) -> Bound:
+    """The three products into outputs allocated once, as an op that reuses its buffers would (on a CPU a fresh
+    `[N, V]` tensor per run would add the cost of touching new pages)."""
     h, w = x["hidden"].detach().reshape(-1, case.H), x["weight"].detach()
+    z, d_h, d_w = h.new_empty(h.shape[0], w.shape[0]), torch.empty_like(h), torch.empty_like(w)
 
-    def backward(z: torch.Tensor) -> None:
+    def backward(logits: torch.Tensor) -> None:
         # the gradient products, with the logits standing in for their gradient (same shape and dtype)
-        z @ w
-        z.t() @ h
+        torch.mm(logits, w, out=d_h)
+        torch.mm(logits.t(), h, out=d_w)
 
-    return Bound(lambda: h @ w.t(), backward)
+    return Bound(lambda: torch.mm(h, w.t(), out=z), backward)
 
 
 def _logits_memory(case: Case) -> int:
