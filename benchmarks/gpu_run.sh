@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU run on a machine with no network: the kernel tests on CUDA (compiled Triton, bf16), the full benchmark sweep,
 # then the opt-in strategies of the fused linear loss (fused kernels, vocab blocks) on the issue-3 target shape in a
-# process of their own (a fault there cannot take the sweep with it). About 9 minutes at most: tests not started
-# 100 s in are skipped with that reason, and no new shape is started 4 minutes into the sweep.
+# process of their own (a fault there cannot take the sweep with it). About 8 minutes, 10 at most: tests not started
+# 100 s in are skipped with that reason, and no new shape is started 200 s into the sweep.
 #
 #   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
 #
@@ -29,7 +29,7 @@ out="${OUT:-runs/gpu}"
 site="${GPU_RUN_SITE:-/tmp/grpo-bench-site}"
 scratch="${TMPDIR:-/tmp}/grpo-gpu-run"
 test_seconds="${TEST_SECONDS:-100}"    # tests not started by then are skipped
-sweep_seconds="${SWEEP_SECONDS:-240}"  # no new shape is started after this; the shape under way finishes
+sweep_seconds="${SWEEP_SECONDS:-200}"  # no new shape is started after this; the shape under way finishes
 mkdir -p "$out" "$scratch"
 
 versions() {
@@ -68,7 +68,7 @@ run() {
   python3 -c "import xdist" 2>/dev/null && extra+=(-n 8)
   python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 60)
   export GRPO_KERNELS_TEST_FAILURES="$out/failures.txt" GRPO_KERNELS_TEST_DEADLINE=$(($(date +%s) + test_seconds))
-  timeout --kill-after=10 $((test_seconds + 40)) \
+  timeout --kill-after=10 $((test_seconds + 30)) \
     python3 -m pytest tests/test_logprobs.py tests/test_advantages.py tests/test_grpo_loss.py \
     tests/test_fused_linear.py tests/test_memory.py tests/test_loss_vs_trl.py tests/test_properties.py \
     tests/test_validation.py tests/test_compile.py "${extra[@]}" -q -rfE --tb=short -p no:cacheprovider || tests=$?
@@ -79,7 +79,7 @@ run() {
   providers=$(python3 -c "from benchmarks.providers import PROVIDERS as P
 print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab'}))")
   # shellcheck disable=SC2086
-  timeout --kill-after=10 $((sweep_seconds + 60)) python3 -m benchmarks --device cuda --out "$out" --no-progress \
+  timeout --kill-after=10 $((sweep_seconds + 45)) python3 -m benchmarks --device cuda --out "$out" --no-progress \
     --time-limit "$sweep_seconds" --providers $providers || sweep=$?
   if [ "$sweep" -ne 0 ] && [ -f "$out/results.json" ]; then
     echo "sweep exited with $sweep: tables and plots from the rows it saved"
@@ -90,6 +90,11 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab'}))")
   local fused=0
   timeout --kill-after=10 90 python3 -m benchmarks --device cuda --out "$scratch/fused" --no-progress \
     --ops fused_linear --shapes 8x1024x4096x131072 --providers ours-triton ours-fused ours-vocab floor || fused=$?
+  for mib in 32 512; do  # vocab blocks at other chunk budgets than their default 128 MiB (64 MiB of bf16 logits)
+    GRPO_KERNELS_CHUNK_MIB=$mib timeout --kill-after=10 60 python3 -m benchmarks --device cuda --no-progress \
+      --out "$scratch/fused/vocab-$mib-mib" --ops fused_linear --shapes 8x1024x4096x131072 --providers ours-vocab \
+      || fused=$?
+  done
   [ -d "$scratch/fused" ] && tar czf "$out/fused.tgz" -C "$scratch" fused && cat "$scratch/fused/results.md"
 
   echo "== done: tests exit $tests, sweep exit $sweep, fused exit $fused"

@@ -83,6 +83,16 @@ def chunk_tokens(vocab: int, device: torch.device) -> int:
 
 
 def _chunk_bytes(kind: str) -> int:
+    """The budget of one chunk of fp32 logits: `GRPO_KERNELS_CHUNK_MIB` (MiB) where set, else the strategy's."""
+    override = os.environ.get("GRPO_KERNELS_CHUNK_MIB")
+    if override is not None:
+        try:
+            mib = float(override)
+        except ValueError:
+            mib = 0.0
+        if not mib > 0:
+            raise ValueError(f"GRPO_KERNELS_CHUNK_MIB must be a positive number of MiB; got {override!r}")
+        return max(1, int(mib * (1 << 20)))
     if linear_strategy() == "vocab-blocks":
         return min(CHUNK_BYTES[kind], VOCAB_BLOCKS_CHUNK_BYTES[kind])
     return CHUNK_BYTES[kind]

@@ -277,6 +277,19 @@ def test_extra_memory_beyond_the_gradients_is_a_few_chunks(strategy, top_entropy
     assert meter.peak_bytes - grads < 3 * budget, f"{(meter.peak_bytes - grads) / 2**20:.2f} MiB beyond the grads"
 
 
+def test_chunk_budget_from_the_environment(monkeypatch):
+    """GRPO_KERNELS_CHUNK_MIB sets the chunk budget of every strategy; a bad value is a clear error."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("GRPO_KERNELS_CHUNK_MIB", "2")
+    assert fl.chunk_tokens(1024, cpu) == 2 * (1 << 20) // (4 * 1024)
+    monkeypatch.setenv("GRPO_KERNELS_LINEAR", "vocab-blocks")
+    assert fl.chunk_tokens(1024, cpu) == 512
+    for bad in ("0", "-1", "lots", "nan"):
+        monkeypatch.setenv("GRPO_KERNELS_CHUNK_MIB", bad)
+        with pytest.raises(ValueError, match="GRPO_KERNELS_CHUNK_MIB must be a positive number"):
+            fl.chunk_tokens(1024, cpu)
+
+
 def test_head_options_from_transformers_configs():
     from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
 
