@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -351,18 +353,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_on_gloo_train(tmp_path):
-    """`accelerate launch` with two processes; without GPUs they run on the CPU and all-reduce over gloo."""
+def _launch_two(output_dir: Path, *options: str) -> str:
+    """`accelerate launch` of a short run on two processes (on the CPU: gloo); returns its standard output."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
            "-m", "trainer", "--max-steps", "2", "--num-prompts", "4", "--num-generations", "4", "--pretrain-steps", "0",
-           "--max-tokens-per-microbatch", "40", "--output-dir", str(tmp_path), "--no-tensorboard"]  # fmt: skip
+           "--max-tokens-per-microbatch", "40", "--output-dir", str(output_dir), "--no-tensorboard",
+           *options]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
+    return done.stdout
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_on_gloo_train(tmp_path):
+    """`accelerate launch` with two processes; without GPUs they run on the CPU and all-reduce over gloo."""
+    _launch_two(tmp_path)
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2]
     assert (tmp_path / "checkpoint-2" / "process_1.pt").is_file()
+
+
+def test_fsdp_shards_over_two_gloo_processes_and_trains_as_ddp(tmp_path):
+    """`--fsdp`: every parameter of the policy is a DTensor shard, half on each process; the steps (generation on the
+    sharded model, loss, clipping, KL to the sharded reference) give DDP's metrics and weights; the checkpoint holds
+    the full weights, and `--resume latest` continues exactly."""
+    from safetensors.torch import load_file
+
+    with pytest.raises(ValueError, match="--fsdp shards the model over processes"):
+        Trainer(small(tmp_path / "one", fsdp=True))
+    options = ("--pretrain-steps", "50", "--beta", "0.04")  # a policy whose rewards vary, and a reference model
+    ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
+    _launch_two(ddp, *options)
+    out = _launch_two(fsdp, *options, "--fsdp", "--save-steps", "1")
+    found = re.search(r"FSDP2: policy: (\d+) of (\d+) parameters are DTensors sharded over (\d+) processes; this "
+                      r"process holds ([\d,]+) of ([\d,]+) values", out)  # fmt: skip
+    assert found, out[-2000:]
+    sharded, params, processes, local, total = (int(g.replace(",", "")) for g in found.groups())
+    assert sharded == params > 0 and processes == 2 and total / 2 <= local < 0.51 * total, found.group(0)
+    a, b = _metrics(ddp), _metrics(fsdp)
+    assert [m["step"] for m in b] == [1, 2] and a[0]["reward_std"] > 0
+    for x, y in zip(a, b, strict=True):
+        for key in ("reward", "loss", "grad_norm", "kl", "entropy", "completions/mean_length"):
+            assert math.isclose(x[key], y[key], rel_tol=1e-5, abs_tol=1e-9), (x["step"], key, x[key], y[key])
+    w_ddp, w_fsdp = (load_file(d / "checkpoint-2" / "model.safetensors") for d in (ddp, fsdp))
+    assert w_ddp.keys() == w_fsdp.keys()  # full weights, the tied head saved once, as save_pretrained does
+    for name in w_ddp:
+        assert_close(w_fsdp[name], w_ddp[name], atol=1e-6, rtol=1e-5, name=name)
+
+    shutil.copytree(fsdp / "checkpoint-1", resumed / "checkpoint-1")
+    _launch_two(resumed, *options, "--fsdp", "--resume", "latest")
+    assert [m["step"] for m in _metrics(resumed)] == [2]
+    for key in ("reward", "loss", "grad_norm", "kl"):
+        assert _metrics(resumed)[0][key] == b[1][key], key
+    w_resumed = load_file(resumed / "checkpoint-2" / "model.safetensors")
+    for name in w_fsdp:  # the same weights after step 2: the optimizer state came back too
+        assert torch.equal(w_resumed[name], w_fsdp[name]), name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -465,6 +514,11 @@ def test_dataset_file_examples(tmp_path):
     assert [(e.prompt, e.answer) for e in examples] == [("2+2?", "4"), ("3", "5")]
     with pytest.raises(ValueError, match="has no column 'question'"):
         dataset_examples(str(path), None, "train", "question", "a")
+    rows = [{"q": "1+1?", "a": "2"}, {"q": None, "a": "3"}, {"q": "  ", "a": "4"}, {"q": "2+2?", "a": ""}]
+    for bad, row in ((1, rows[:2]), (1, [rows[0], rows[2]]), (1, [rows[0], rows[3]])):
+        path.write_text("".join(json.dumps(r) + "\n" for r in row))
+        with pytest.raises(ValueError, match=f"row {bad}: '[qa]' is empty"):
+            dataset_examples(str(path), None, "train", "q", "a")
 
 
 def test_dry_run_memory_report(tmp_path):
@@ -473,6 +527,8 @@ def test_dry_run_memory_report(tmp_path):
     assert items["reference model"] == items["weights"] > 0
     assert items["optimizer (AdamW)"] == 2 * items["gradients"]
     assert items["estimated peak"] >= items["weights"] + items["optimizer (AdamW)"]
+    sharded = {name: n for name, n, _ in estimate_memory(dataclasses.replace(cfg, fsdp=True), model_config(cfg), 2)}
+    assert sharded["weights"] == items["weights"] // 2 and 0 < sharded["gathered weights"] <= items["weights"]
     done = subprocess.run([sys.executable, "-m", "trainer", "--dry-run-memory", "--output-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr

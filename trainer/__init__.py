@@ -2,7 +2,7 @@
 
 python -m trainer                      # a tiny model learns single-digit addition on a CPU
 python -m trainer --help               # every option
-accelerate launch -m trainer ...       # several processes / GPUs (DDP)
+accelerate launch -m trainer ...       # several processes / GPUs (DDP; FSDP2 with --fsdp)
 
 from trainer import Trainer, TrainerConfig
 Trainer(TrainerConfig(max_steps=50, output_dir="runs/a")).train()

@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from trainer.loop import Trainer
 
-    Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:  # leave the process group before exit: gloo aborts a process that exits with it open
+        trainer.accelerator.end_training()
     return 0
 
 

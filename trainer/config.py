@@ -194,6 +194,15 @@ class TrainerConfig:
         default_factory=lambda: ["all-linear"],
         metadata=_help("modules LoRA adapts, by peft's names (e.g. q_proj v_proj)"),
     )
+    fsdp: bool = field(
+        default=False,
+        metadata=_help(
+            "shard the policy and the reference model over the processes with PyTorch's FSDP2 (fully_shard per "
+            "decoder layer, then the whole model) instead of copying them to each with DDP: weights, gradients and "
+            "optimizer state take about 1/N of the memory each. Needs several processes (accelerate launch "
+            "--num_processes N); checkpoints hold the full weights"
+        ),
+    )
 
     # output
     output_dir: str = field(

@@ -120,8 +120,15 @@ def dataset_examples(
                 f"dataset {name!r} has no column {column!r}; its columns are {', '.join(ds.column_names)} "
                 "(set --prompt-column / --answer-column)"
             )
-    pairs = zip(ds[prompt_column], ds[answer_column], strict=True)
-    return [Example(str(p), _reference_answer(str(a))) for p, a in pairs]
+    examples = []
+    for row, (p, a) in enumerate(zip(ds[prompt_column], ds[answer_column], strict=True)):
+        for column, value in ((prompt_column, p), (answer_column, a)):
+            if value is None or not str(value).strip():
+                raise ValueError(
+                    f"dataset {name!r}, row {row}: {column!r} is empty; every row needs a prompt and an answer"
+                )
+        examples.append(Example(str(p), _reference_answer(str(a))))
+    return examples
 
 
 class PromptSampler:

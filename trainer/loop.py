@@ -42,7 +42,16 @@ from trainer.data import (
     score,
 )
 from trainer.logs import MetricsLogger, plot_metrics
-from trainer.model import LossInputs, MicroBatch, Policy, load_model, packed_attention, reference_model
+from trainer.model import (
+    LossInputs,
+    MicroBatch,
+    Policy,
+    load_model,
+    packed_attention,
+    reference_model,
+    shard,
+    sharding_summary,
+)
 
 PER_SEQUENCE_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
 GENERATION_TOKEN_LOSSES = ("dapo", "cispo", "vespo")
@@ -239,24 +248,38 @@ class Trainer:
                                   cfg.answer_column)
         )  # fmt: skip
         self.sampler = PromptSampler(examples, cfg.seed)
+        self.output_dir = Path(cfg.output_dir)
+        checkpoint = find_checkpoint(cfg.resume, self.output_dir) if cfg.resume else None
         model, self.tokenizer = load_model(cfg, self.device, examples)
         ref = reference_model(cfg, model)
+        if checkpoint is not None:
+            load_weights(model, checkpoint)  # the full weights, before DDP or FSDP distributes them
         attn = packed_attention(self.device) if cfg.packing else None
+        policy = Policy(model, attn)
         self.ref_policy = None if ref is None else Policy(ref, attn)
-        params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.fsdp:
+            if self.world < 2:
+                raise ValueError("--fsdp shards the model over processes, but this is the only one: launch with "
+                                 "accelerate launch --num_processes N (N >= 2), or leave --fsdp out")  # fmt: skip
+            for p in filter(None, (policy, self.ref_policy)):
+                shard(p, self.device, self.world)
+            acc.print(f"FSDP2: policy: {sharding_summary(policy)}")
+        params = [p for p in policy.parameters() if p.requires_grad]  # after sharding: the DTensor parameters
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.policy, self.optimizer = acc.prepare(Policy(model, attn), optimizer)
+        if cfg.fsdp:
+            self.policy, self.optimizer = policy, acc.prepare(optimizer)
+        else:
+            self.policy, self.optimizer = acc.prepare(policy, optimizer)
         self.params = params
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, self._lr_factor)
         self.loss_config = cfg.loss_config()
-        self.output_dir = Path(cfg.output_dir)
         self.step = 0
         self.skipped = 0
         self.generations = 0
         self.num_tokens = 0
         self.rollout: Rollout | None = None
-        if cfg.resume:
-            self.load(find_checkpoint(cfg.resume, self.output_dir))
+        if checkpoint is not None:
+            self.load(checkpoint)
 
     # -- schedule --------------------------------------------------------------------------------------------------
 
@@ -275,7 +298,7 @@ class Trainer:
 
     @property
     def _generator(self) -> torch.nn.Module:
-        """The model that samples: the policy's transformers (or peft) model, outside DDP."""
+        """The policy's transformers (or peft) model, outside DDP (under FSDP2 its weights are shards)."""
         return self.accelerator.unwrap_model(self.policy).model
 
     @torch.no_grad()
@@ -297,11 +320,12 @@ class Trainer:
         )  # fmt: skip
         model = self._generator
         model.eval()
-        try:
-            out = model.generate(
+        try:  # sharded: every process runs forward passes until all have finished, as each one gathers weights
+            out = self.accelerator.unwrap_model(self.policy).generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 generation_config=generation,
+                synced_gpus=cfg.fsdp,
             )
         finally:
             model.train()
@@ -415,7 +439,9 @@ class Trainer:
                 num_items_in_batch=share * items_per_step if cfg.loss_type in GENERATION_TOKEN_LOSSES else None,
             )
             last = k == len(plan) - 1
-            with contextlib.nullcontext() if last else acc.no_sync(self.policy):
+            if cfg.fsdp:  # reduce-scatter the gradients after the last micro-batch only, as DDP's no_sync
+                self.policy.set_requires_gradient_sync(last)
+            with contextlib.nullcontext() if last or cfg.fsdp else acc.no_sync(self.policy):
                 out = self.policy(mb, inputs)
                 loss = out.loss * share
                 acc.backward(loss)  # also on a NaN loss, so that every process joins the gradient all-reduce
@@ -428,7 +454,10 @@ class Trainer:
         the step (the weights and optimizer state stay as they were)."""
         cfg, acc = self.cfg, self.accelerator
         sums = self.accumulate(rollout, rows)
-        grad_norm = float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf))
+        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
+        if cfg.fsdp:  # the norm of sharded gradients: a DTensor holding each process's part
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
         bad = torch.tensor(float(not (sums.finite and math.isfinite(grad_norm))), device=self.device)
         if acc.reduce(bad, reduction="sum").item() > 0:
             self.skipped += 1
@@ -506,8 +535,23 @@ class Trainer:
             shutil.rmtree(path, ignore_errors=True)  # what an earlier interrupted save left
             path.mkdir(parents=True)
         acc.wait_for_everyone()
+        weights = optimizer = None
+        if self.cfg.fsdp:  # gather the full weights and optimizer state on the main process, in CPU memory
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full = get_model_state_dict(self.policy, options=options)
+            model = self._generator
+            names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+            tied = names - dict(model.named_parameters()).keys()  # the head when it is the embedding: saved once
+            weights = {n: t for n, t in ((k.removeprefix("model."), t) for k, t in full.items()) if n not in tied}
+            optimizer = get_optimizer_state_dict(self.policy, self.optimizer.optimizer, options=options)
         if acc.is_main_process:
-            self._generator.save_pretrained(path)
+            self._generator.save_pretrained(path, state_dict=weights)
             if isinstance(self.tokenizer, HFTokenizer):
                 self.tokenizer.tokenizer.save_pretrained(path)
             state = {
@@ -515,7 +559,7 @@ class Trainer:
                 "skipped": self.skipped,
                 "generations": self.generations,
                 "num_tokens": self.num_tokens,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self.optimizer.state_dict() if optimizer is None else optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "config": self.cfg.to_dict(),
             }
@@ -536,13 +580,23 @@ class Trainer:
         return final
 
     def load(self, path: Path) -> None:
-        """Continue from a checkpoint written by `save`, exactly where it stopped."""
+        """Continue from a checkpoint written by `save`, exactly where it stopped: the optimizer, scheduler, counters,
+        RNG states and generation batch (`__init__` loads the weights, before the model is distributed)."""
         proc = path / f"process_{self.rank}.pt"
         if not proc.is_file():
             raise FileNotFoundError(f"{proc} is missing: resume with as many processes as the checkpoint was saved by")
-        load_weights(self._generator, path)
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["config"].get("fsdp", False) != self.cfg.fsdp:
+            saved = "without" if self.cfg.fsdp else "with"
+            raise ValueError(f"{path} was saved {saved} --fsdp: its optimizer state is laid out differently; resume "
+                             f"{saved} --fsdp")  # fmt: skip
+        if self.cfg.fsdp:  # every process reads the full state and keeps its own shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.policy, self.optimizer.optimizer, state["optimizer"], options=options)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped = state["step"], state["skipped"]
         self.generations, self.num_tokens = state["generations"], state["num_tokens"]

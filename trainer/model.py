@@ -81,9 +81,9 @@ def pretrain(
             ids[i, : len(p) + len(a)] = torch.tensor(p + a)
             labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
         loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # no gradient left behind for GRPO's first step
 
 
 def load_model(
@@ -288,6 +288,57 @@ class Policy(nn.Module):
             )  # fmt: skip
         return out
 
+    def generate(self, **kwargs) -> torch.Tensor:
+        """The wrapped model's `generate`; under FSDP2 a forward method of the sharded root, so that it gathers the
+        embeddings and the head the way `forward` does."""
+        return self.model.generate(**kwargs)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: modules of the classes transformers keeps whole when it splits a model
+    (`_no_split_modules`, e.g. `LlamaDecoderLayer`)."""
+    lm = causal_lm(model)
+    names = set(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"--fsdp: {type(lm).__name__} names no decoder layer class (_no_split_modules is "
+                         f"{sorted(names)}), so there is nothing to shard per layer")  # fmt: skip
+    return layers
+
+
+def shard(policy: Policy, device: torch.device, world: int) -> Policy:
+    """Shard `policy`'s weights over the `world` processes of the default process group with FSDP2: each decoder layer
+    is a group of its own (gathered for its forward and backward, then freed), the rest (embeddings, final norm, LM
+    head) the root's. Inside `forward` and `generate` the weights are plain tensors; outside they are `DTensor`s
+    sharded on dim 0, and so are their gradients. The weights are the first process's, as under DDP (each process may
+    have initialised e.g. LoRA adapters from its own random state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (world,))
+    first = policy.state_dict() if mesh.get_rank() == 0 else {}
+    for layer in decoder_layers(policy.model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(policy, mesh=mesh)
+    register_fsdp_forward_method(policy, "generate")
+    set_model_state_dict(policy, first, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return policy
+
+
+def sharding_summary(module: nn.Module) -> str:
+    """How `module`'s parameters are laid out: how many are `DTensor`s sharded on dim 0, over how many processes, and
+    the share of the values this process holds."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    params = list(module.parameters())
+    sharded = [p for p in params if isinstance(p, DTensor) and p.placements == (Shard(0),)]
+    meshes = sorted({p.device_mesh.size() for p in sharded})
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    total = sum(p.numel() for p in params)
+    return (f"{len(sharded)} of {len(params)} parameters are DTensors sharded over {'/'.join(map(str, meshes))} "
+            f"processes; this process holds {local:,} of {total:,} values")  # fmt: skip
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Memory estimate
@@ -298,7 +349,9 @@ def estimate_memory(cfg: TrainerConfig, config, num_processes: int = 1) -> list[
     """Estimated peak bytes of training a model of transformers config `config` under `cfg`, on one process:
     `[(item, bytes, how it was counted)]`, the last item the peak. Weights, gradients, optimizer state and the KV cache
     are counted exactly; activations are a rule of thumb for decoder-only transformers (attention that keeps no
-    `[T, T]` scores, as flash and SDPA kernels); the loss workspace is what the fused loss allocates at most."""
+    `[T, T]` scores, as flash and SDPA kernels); the loss workspace is what the fused loss allocates at most. With
+    `cfg.fsdp` the weights, gradients and optimizer state are split over `num_processes`, and the gathered weights
+    (embeddings, head and two decoder layers) are added."""
     from transformers import AutoModelForCausalLM
 
     from grpo_kernels.fused_linear import chunk_tokens
@@ -330,22 +383,33 @@ def estimate_memory(cfg: TrainerConfig, config, num_processes: int = 1) -> list[
     rows = cfg.num_prompts * cfg.num_generations // num_processes
     context = cfg.max_prompt_length + cfg.max_completion_length
     generation = 2 * L * kv_heads * head_dim * b * rows * context + rows * V * 4  # KV cache, one step's logits
-    weights = (n_params + (trainable if lora else 0)) * b
-    fixed = weights + (n_params * b if has_reference else 0) + 3 * trainable * b
+    shards = num_processes if cfg.fsdp else 1
+    weights = (n_params + (trainable if lora else 0)) * b // shards
+    reference = n_params * b // shards if has_reference else 0
+    layers = decoder_layers(meta) if cfg.fsdp else []
+    layer_params = sum(p.numel() for p in layers[0].parameters()) if layers else 0
+    gathered = (n_params - len(layers) * layer_params + 2 * layer_params) * b if cfg.fsdp else 0
+    fixed = weights + reference + 3 * trainable * b // shards + gathered
     peak = fixed + max(tokens * per_token + loss, generation)
-    return [
-        ("weights", weights, f"{n_params / 1e6:.4g} M parameters x {b} bytes" + (" + adapters" if lora else "")),
-        ("reference model", n_params * b if has_reference else 0,
-         "frozen copy" if has_reference else "none (beta = 0, or LoRA: the base weights with adapters off)"),
-        ("gradients", trainable * b, f"{trainable / 1e6:.4g} M trainable parameters"),
-        ("optimizer (AdamW)", 2 * trainable * b, "two moments per trainable parameter"),
+    split = f", split over {shards} processes (FSDP2)" if cfg.fsdp else ""
+    items = [
+        ("weights", weights, f"{n_params / 1e6:.4g} M parameters x {b} bytes" + (" + adapters" if lora else "")
+         + split),
+        ("reference model", reference,
+         f"frozen copy{split}" if has_reference else "none (beta = 0, or LoRA: the base weights with adapters off)"),
+        ("gradients", trainable * b // shards, f"{trainable / 1e6:.4g} M trainable parameters{split}"),
+        ("optimizer (AdamW)", 2 * trainable * b // shards, f"two moments per trainable parameter{split}"),
         ("activations", tokens * per_token, f"{tokens} tokens x {per_token / 1024:.1f} KiB/token"
          + (" (checkpointed)" if cfg.gradient_checkpointing else "")),
         ("loss workspace", loss, f"{chunk} x {V} fp32 logits chunk, hidden states of {tokens} tokens and their "
          "gradient" + ("" if lora else ", LM-head gradient")),
         ("generation", generation, f"KV cache of {rows} sequences x {context} tokens, one step's logits"),
-        ("estimated peak", peak, "weights, reference, gradients, optimizer + max(micro-batch, generation)"),
     ]  # fmt: skip
+    if cfg.fsdp:
+        items.append(("gathered weights", gathered, "FSDP2: embeddings, head and two decoder layers in full"))
+    gather = ", gathered weights" if cfg.fsdp else ""
+    return [*items, ("estimated peak", peak, f"weights, reference, gradients, optimizer{gather} + max(micro-batch, "
+                                             "generation)")]  # fmt: skip
 
 
 def format_memory(items: list[tuple[str, int, str]]) -> str:
