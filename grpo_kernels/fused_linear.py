@@ -129,22 +129,28 @@ class _Head:
     def rows(self, sl: slice) -> torch.Tensor:  # [c, H]
         return self.flat[sl] if self.positions is None else self.flat.index_select(0, self.positions[sl])
 
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        """The inputs' dtype, or fp32 / fp64 on the CPU path (whose chunk math works in place)."""
+        return cpu.math_dtype(self.flat) if self.ops is cpu else self.flat.dtype
+
+    def project(self, h: torch.Tensor, cols: slice, out: torch.Tensor) -> torch.Tensor:
+        """The raw logits `h @ weight[cols].T + bias[cols]` of rows `h`, written into `out`."""
+        if out.dtype == h.dtype:
+            torch.mm(h, self.weight[cols].t(), out=out)
+        else:
+            out.copy_(h @ self.weight[cols].t())
+        if self.bias is not None:
+            out += self.bias[cols]
+        return out
+
     def logits(self, sl: slice) -> torch.Tensor:  # [c, V]
-        """The chunk's raw logits, in one buffer reused by every chunk (the chunk ops overwrite it); fp32 or fp64
-        on the CPU path."""
+        """The chunk's raw logits, in one buffer reused by every chunk (the chunk ops overwrite it)."""
         h = self.rows(sl)
-        dtype = cpu.math_dtype(h) if self.ops is cpu else h.dtype
         if self._buffer is None or self._buffer.shape[0] < h.shape[0]:
             self._buffer = None  # release the old one first
-            self._buffer = torch.empty(h.shape[0], self.weight.shape[0], dtype=dtype, device=h.device)
-        z = self._buffer[: h.shape[0]]
-        if dtype == h.dtype:
-            torch.mm(h, self.weight.t(), out=z)
-        else:
-            z.copy_(h @ self.weight.t())
-        if self.bias is not None:
-            z += self.bias
-        return z
+            self._buffer = torch.empty(h.shape[0], self.weight.shape[0], dtype=self.logits_dtype, device=h.device)
+        return self.project(h, slice(None), self._buffer[: h.shape[0]])
 
     def stats(self, z: torch.Tensor, sl: slice):
         """`(logp, entropy, state)` of the chunk; `state` feeds `add_grads` for the same `z`."""
@@ -209,21 +215,14 @@ class _Head:
         V = self.weight.shape[0]
         kind = "cuda" if flat.device.type == "cuda" else "cpu"
         width = max(1, min(V, _chunk_bytes(kind) // (4 * max(n, 1))))
-        dtype = cpu.math_dtype(flat) if self.ops is cpu else flat.dtype
-        buffer = torch.empty(n * width, dtype=dtype, device=flat.device)
+        buffer = torch.empty(n * width, dtype=self.logits_dtype, device=flat.device)
         mask = None
         if self.positions is not None:
             mask = torch.zeros(n, dtype=torch.bool, device=flat.device).index_fill_(0, self.positions, True)
         h = rows.get("h")
         for start in range(0, V, width):
             cols = slice(start, min(start + width, V))
-            z = buffer[: n * (cols.stop - start)].view(n, cols.stop - start)
-            if dtype == flat.dtype:
-                torch.mm(flat, self.weight[cols].t(), out=z)
-            else:
-                z.copy_(flat @ self.weight[cols].t())
-            if self.bias is not None:
-                z += self.bias[cols]
+            z = self.project(flat, cols, buffer[: n * (cols.stop - start)].view(n, cols.stop - start))
             dz = self.ops.block_grad(z, self.all_ids, start, rows["m"], rows["log_s"], rows["entropy"], rows["g"], h,
                                      mask, *self.args)  # fmt: skip
             dz = dz.to(self.weight.dtype)
