@@ -277,6 +277,24 @@ def test_extra_memory_beyond_the_gradients_is_a_few_chunks(strategy, top_entropy
     assert meter.peak_bytes - grads < 3 * budget, f"{(meter.peak_bytes - grads) / 2**20:.2f} MiB beyond the grads"
 
 
+@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks"])
+def test_a_million_tokens_in_one_call(strategy, monkeypatch):
+    """N = 1,000,000 tokens (B = T = 1,000, a tenth masked) in one call on the CPU path: loss and gradients equal the
+    fp64 reference's, the gradients to 1e-5 of their largest entry (fp32 sums over a million tokens)."""
+    monkeypatch.setenv("GRPO_KERNELS_LINEAR", strategy)
+    B, T, H, V = 1000, 1000, 8, 50
+    hidden, weight = torch.randn(B, T, H), torch.randn(V, H) / 3
+    ids, adv, mask = torch.randint(V, (B, T)), torch.randn(B), torch.rand(B, T) > 0.1
+    config = GRPOLossConfig(loss_type="dapo")
+    with backend("torch"):
+        out, grads = run(fused_linear_grpo_loss, hidden, weight, None, ids, adv, mask, config=config)
+    exact, exact_grads = run(reference.linear_grpo_loss, hidden, weight, None, ids, adv, mask, upcast_to=torch.float64,
+                             config=config)  # fmt: skip
+    assert_close(out.loss, exact.loss, atol=1e-7, rtol=1e-6, name="loss")
+    for name, g, e in zip(("d_hidden", "d_weight"), grads, exact_grads, strict=True):
+        assert_close(g, e, atol=1e-5 * e.abs().max().item(), rtol=0, name=name)
+
+
 def test_chunk_budget_from_the_environment(monkeypatch):
     """GRPO_KERNELS_CHUNK_MIB sets the chunk budget of every strategy; a bad value is a clear error."""
     cpu = torch.device("cpu")
