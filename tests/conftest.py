@@ -57,7 +57,7 @@ def _hypothesis_profiles() -> None:
     from hypothesis import HealthCheck, settings
 
     common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow], "derandomize": True}
-    settings.register_profile("ci", max_examples=150, **common)
+    settings.register_profile("ci", max_examples=300, **common)
     settings.register_profile("thorough", max_examples=3000, **common)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
