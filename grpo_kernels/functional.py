@@ -125,6 +125,23 @@ def loss_inputs(
     )
 
 
+def _checked_loss_inputs(B, T, V, device, config, completion_ids, advantages, completion_mask, old_logps, ref_logps,
+                         importance_sampling_ratio, sampling_logps, num_items_in_batch):  # fmt: skip
+    """`(LossInputs, num_items_in_batch)` for a loss over `[B, T]` tokens of a `V`-entry vocabulary, after every
+    argument check (the value checks in one host sync)."""
+    checks = ValueChecks()
+    shape = f"[{B}, {T}]"
+    check_tensor("completion_ids", completion_ids, kind="int", shapes=((B, T),), device=device, shape_hint=shape)
+    check_ids(checks, "completion_ids", completion_ids, V)
+    inputs = loss_inputs(
+        checks, B, T, device, config, advantages, completion_mask, old_logps, ref_logps, importance_sampling_ratio,
+        sampling_logps,
+    )  # fmt: skip
+    num_items = check_positive_items(num_items_in_batch, device)
+    checks.run()
+    return inputs, num_items
+
+
 def grpo_loss(
     logits: torch.Tensor,  # [B, T, V]
     completion_ids: torch.Tensor,  # [B, T]
@@ -163,17 +180,10 @@ def grpo_loss(
     if logits.dim() != 3 or logits.shape[-1] == 0:
         raise ValueError(f"logits must be [B, T, V] with V >= 1; got shape {tuple(logits.shape)}")
     B, T, V = logits.shape
-    checks = ValueChecks()
-    check_tensor(
-        "completion_ids", completion_ids, kind="int", shapes=((B, T),), device=logits.device, shape_hint=f"[{B}, {T}]"
-    )
-    check_ids(checks, "completion_ids", completion_ids, V)
-    inputs = loss_inputs(
-        checks, B, T, logits.device, config, advantages, completion_mask, old_logps, ref_logps,
-        importance_sampling_ratio, sampling_logps,
+    inputs, num_items = _checked_loss_inputs(
+        B, T, V, logits.device, config, completion_ids, advantages, completion_mask, old_logps, ref_logps,
+        importance_sampling_ratio, sampling_logps, num_items_in_batch,
     )  # fmt: skip
-    num_items = check_positive_items(num_items_in_batch, logits.device)
-    checks.run()
     mask = None if completion_mask is None else inputs.mask
     if torch.compiler.is_compiling():
         from grpo_kernels import library
@@ -376,17 +386,10 @@ def fused_linear_grpo_loss(
     B, T, _ = hidden.shape
     V = _vocab(weight, vocab_process_group)
     head = HeadOptions(config.temperature, logit_scale, final_logit_softcapping)
-    checks = ValueChecks()
-    check_tensor(
-        "completion_ids", completion_ids, kind="int", shapes=((B, T),), device=hidden.device, shape_hint=f"[{B}, {T}]"
-    )
-    check_ids(checks, "completion_ids", completion_ids, V)
-    inputs = loss_inputs(
-        checks, B, T, hidden.device, config, advantages, completion_mask, old_logps, ref_logps,
-        importance_sampling_ratio, sampling_logps,
+    inputs, num_items = _checked_loss_inputs(
+        B, T, V, hidden.device, config, completion_ids, advantages, completion_mask, old_logps, ref_logps,
+        importance_sampling_ratio, sampling_logps, num_items_in_batch,
     )  # fmt: skip
-    num_items = check_positive_items(num_items_in_batch, hidden.device)
-    checks.run()
     if vocab_process_group is not None:
         logps, entropy = _vocab_parallel(hidden, weight, bias, completion_ids, inputs.mask, head, vocab_process_group)
         loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
