@@ -13,9 +13,13 @@ bonus, the off-policy mask, tool masks and the MoE auxiliary loss, and it logs T
 reduced across processes as TRL reduces them. Generation, rewards and advantages are TRL's own.
 
 What it cannot compute the same way raises a `ValueError` when the trainer is built: `use_liger_kernel=True`,
-vision-language models and multimodal inputs, model types `backbone_and_head` does not know, DeepSpeed ZeRO-3, and
+vision-language models and multimodal inputs, model types `backbone_and_head` does not know, and
 `top_entropy_quantile < 1` on several processes (TRL takes that quantile over all processes' tokens, our loss over
 the local ones).
+
+Under DeepSpeed ZeRO-3 the loss runs as the LM head's own forward, so DeepSpeed's hooks gather the partitioned head
+weight for it and again for its backward, and the gradient goes back to the partitions as DeepSpeed's own modules'
+do (tested on the hidden-state forward under a ZeRO-3 engine with two gloo processes).
 """
 
 from __future__ import annotations
@@ -77,17 +81,36 @@ def _add_hidden_state_forward(model: torch.nn.Module, cast_lm_head_to_fp32: bool
         aux_loss = None
         if kwargs.get("output_router_logits"):
             aux_loss = router_aux_loss(self, outputs.router_logits, kwargs.get("attention_mask"))
-        weight, bias = lm_head.weight, lm_head.bias
-        if isinstance(weight, DTensor):  # FSDP2 shards the head: gather it, as TRL's fused LM head does
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
-        hidden = outputs.last_hidden_state[:, -keep - 1 : -1].to(weight.device)
-        if not cast_lm_head_to_fp32:
-            return grpo_head(hidden, weight, bias), aux_loss
-        with torch.autocast(hidden.device.type, enabled=False):
-            return grpo_head(hidden.float(), weight, bias), aux_loss
+
+        def head(hidden: torch.Tensor) -> tuple:
+            weight, bias = lm_head.weight, lm_head.bias
+            if isinstance(weight, DTensor):  # FSDP2 shards the head: gather it, as TRL's fused LM head does
+                weight = weight.full_tensor()
+                bias = None if bias is None else bias.full_tensor()
+            hidden = hidden.to(weight.device)
+            if not cast_lm_head_to_fp32:
+                return grpo_head(hidden, weight, bias)
+            with torch.autocast(hidden.device.type, enabled=False):
+                return grpo_head(hidden.float(), weight, bias)
+
+        return _as_forward_of(lm_head, head, outputs.last_hidden_state[:, -keep - 1 : -1]), aux_loss
 
     model.forward = types.MethodType(forward, model)
+
+
+def _as_forward_of(module: torch.nn.Module, fn, *args) -> tuple:
+    """`fn(*args)` called as `module`'s forward, so that the hooks an engine keeps on the module run around it:
+    DeepSpeed ZeRO-3 gathers the partitioned head weight before the forward and again before the backward, which
+    reads it. `fn` returns a tuple of tensors (and dicts of them), the outputs such hooks can follow."""
+    own = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def _logprobs_head(hidden, weight, bias, *, ids, mask, temperature: float, head: dict) -> tuple[torch.Tensor, ...]:
@@ -98,10 +121,12 @@ def _logprobs_head(hidden, weight, bias, *, ids, mask, temperature: float, head:
     )
 
 
-def _loss_head(hidden, weight, bias, *, tensors: dict[str, torch.Tensor | None], **options) -> GRPOLossOutput:
-    """`fused_linear_grpo_loss` on the head's device (the backbone may end on another one under `device_map`)."""
+def _loss_head(hidden, weight, bias, *, tensors: dict[str, torch.Tensor | None], **options) -> tuple:
+    """`fused_linear_grpo_loss` on the head's device (the backbone may end on another one under `device_map`), as the
+    tuple `(loss, logps, entropy, metrics)` of its `GRPOLossOutput`."""
     moved = {k: None if v is None else v.to(weight.device) for k, v in tensors.items()}
-    return fused_linear_grpo_loss(hidden, weight, bias=bias, **moved, **options)
+    out = fused_linear_grpo_loss(hidden, weight, bias=bias, **moved, **options)
+    return out.loss, out.logps, out.entropy, out.metrics
 
 
 class FusedGRPOTrainer(GRPOTrainer):
@@ -126,11 +151,6 @@ class FusedGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         if self._is_vlm:
             raise ValueError("FusedGRPOTrainer supports text-only models: the model's processing class is multimodal")
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise ValueError(
-                "DeepSpeed ZeRO-3 partitions lm_head.weight, which the fused loss reads directly (and again in its "
-                "backward): use ZeRO-1/2 or trl.GRPOTrainer"
-            )
         if self.top_entropy_quantile < 1.0 and self.accelerator.num_processes > 1:
             raise ValueError(
                 f"top_entropy_quantile={self.top_entropy_quantile} on {self.accelerator.num_processes} processes: TRL "
@@ -143,8 +163,9 @@ class FusedGRPOTrainer(GRPOTrainer):
         self._head_transform = head_kwargs(policy)
         _add_hidden_state_forward(policy, self.args.cast_lm_head_to_fp32)
         if self.ref_model is not None:
-            backbone_and_head(self.ref_model)
-            _add_hidden_state_forward(self.ref_model, self.args.cast_lm_head_to_fp32)
+            ref = getattr(self.ref_model, "module", self.ref_model)  # under DeepSpeed, TRL hands over its engine
+            backbone_and_head(ref)
+            _add_hidden_state_forward(ref, self.args.cast_lm_head_to_fp32)
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -248,6 +269,7 @@ class FusedGRPOTrainer(GRPOTrainer):
                 grpo_head=head,
                 **extra,
             )
+        out = GRPOLossOutput(*out)
         loss = out.loss * scale
 
         metrics = self._metrics[mode]
