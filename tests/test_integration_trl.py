@@ -11,7 +11,12 @@ the PyTorch backend, not Triton's interpreter.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,6 +272,38 @@ def test_lora_matches_trl(make_trainer):
     assert grads.keys() == trl_grads.keys() and all("lora_" in name for name in grads)
     for name, g in grads.items():
         assert_close(g, trl_grads[name], rtol=RTOL, atol=ATOL, name=name)
+
+
+def test_deepspeed_zero3_training_matches_trl(tmp_path):
+    """Two steps of `accelerate launch` with two processes under DeepSpeed ZeRO-3 (every parameter partitioned, gloo on
+    the CPU): the fused trainer logs TRL's losses and ends with TRL's weights."""
+    pytest.importorskip("deepspeed")
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }))  # fmt: skip
+    results = {}
+    for kind in ("fused", "stock"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+               "--use_deepspeed", "--deepspeed_config_file", str(config),
+               str(Path(__file__).with_name("zero3_grpo_run.py")), kind, str(tmp_path / f"{kind}.pt")]  # fmt: skip
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(Path(__file__).parents[1])}
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-4000:]
+        results[kind] = torch.load(tmp_path / f"{kind}.pt", weights_only=True)
+    fused, stock = results["fused"], results["stock"]
+    assert len(fused["losses"]) == 2
+    for a, b in zip(fused["losses"], stock["losses"], strict=True):
+        assert math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL), (a, b)
+    assert fused["params"].keys() == stock["params"].keys()
+    for name, p in fused["params"].items():
+        assert_close(p, stock["params"][name], rtol=RTOL, atol=ATOL, name=name)
+    assert (fused["params"]["lm_head.weight"] - fused["initial_head"]).abs().max() > 1e-3  # the head was trained
 
 
 class TwoProcesses:

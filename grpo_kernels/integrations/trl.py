@@ -19,7 +19,7 @@ the local ones).
 
 Under DeepSpeed ZeRO-3 the loss runs as the LM head's own forward, so DeepSpeed's hooks gather the partitioned head
 weight for it and again for its backward, and the gradient goes back to the partitions as DeepSpeed's own modules'
-do (tested on the hidden-state forward under a ZeRO-3 engine with two gloo processes).
+do (tested with two gloo processes against `GRPOTrainer` under ZeRO-3).
 """
 
 from __future__ import annotations
