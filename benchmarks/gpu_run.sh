@@ -71,7 +71,7 @@ run() {
   timeout --kill-after=10 $((test_seconds + 30)) \
     python3 -m pytest tests/test_logprobs.py tests/test_advantages.py tests/test_grpo_loss.py \
     tests/test_fused_linear.py tests/test_memory.py tests/test_loss_vs_trl.py tests/test_properties.py \
-    tests/test_validation.py tests/test_compile.py "${extra[@]}" -q -rfE --tb=short -p no:cacheprovider || tests=$?
+    tests/test_validation.py tests/test_edge_cases.py tests/test_compile.py "${extra[@]}" -q -rfE --tb=short -p no:cacheprovider || tests=$?
   unset GRPO_KERNELS_TEST_FAILURES GRPO_KERNELS_TEST_DEADLINE
 
   echo "== benchmark sweep (the opt-in strategies apart, below)"
