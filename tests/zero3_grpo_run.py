@@ -51,8 +51,13 @@ def main(kind: str, out: str) -> None:
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
             weights = {n: p.detach().clone() for n, p in params.items()}
             torch.save({"losses": losses, "params": weights, "initial_head": initial_head}, out)
-    trainer.accelerator.end_training()  # gloo aborts a process that exits with its group open
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    # gloo's and DeepSpeed's threads can abort the interpreter's own exit ("terminate called without an active
+    # exception") once everything above is done and written: leave without it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
