@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -25,6 +26,15 @@ def _inputs():
 CONFIG = GRPOLossConfig(loss_type="grpo", entropy_coef=0.05)
 
 
+def _leave() -> None:
+    """End a worker once its results are in the shared dict: gloo's threads can abort an interpreter's normal exit
+    ("terminate called without an active exception"), which would fail the spawn for no fault of the test."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -40,7 +50,7 @@ def _worker(rank: int, port: int, out: dict) -> None:
     grad = sharded.grad.full_tensor()
     if rank == 0:
         out["loss"], out["grad"] = loss.detach(), grad
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_fsdp2_sharded_head_matches_one_process():
@@ -72,7 +82,7 @@ def _tp_worker(rank: int, port: int, out: dict) -> None:
                                   vocab_process_group=dist.group.WORLD)  # fmt: skip
     out_.loss.backward()
     out[rank] = (out_.loss.detach(), h.grad, w.grad, b.grad)
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_vocabulary_parallel_head_matches_the_whole_head():
@@ -147,7 +157,7 @@ def _zero3_worker(rank: int, port: int, out: dict) -> None:
     with deepspeed.zero.GatheredParameters(list(params.values())):
         if rank == 0:
             out["params"] = {n: p.detach().clone() for n, p in params.items()}
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_deepspeed_zero3_head_gets_the_data_parallel_gradient():
