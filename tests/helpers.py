@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 
@@ -54,3 +56,10 @@ def loss_and_grad(fn, x: torch.Tensor, *args, upcast_to: torch.dtype | None = No
     out = fn(x, *args, **kwargs)
     (dx,) = torch.autograd.grad(out.loss, x)
     return out, dx
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,13 +4,13 @@ LM-head weight as a `DTensor`, give the single-process loss and, once gathered, 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from grpo_kernels import GRPOLossConfig, backend, fused_linear_grpo_loss
 
@@ -24,6 +24,13 @@ def _inputs():
 
 
 CONFIG = GRPOLossConfig(loss_type="grpo", entropy_coef=0.05)
+
+
+def _spawn_two(worker) -> dict:
+    """Run `worker(rank, port, out)` in two processes; `out` is the dict they fill."""
+    out = mp.Manager().dict()
+    mp.spawn(worker, args=(free_port(), out), nprocs=2, join=True)
+    return out
 
 
 def _leave() -> None:
@@ -54,11 +61,7 @@ def _worker(rank: int, port: int, out: dict) -> None:
 
 
 def test_fsdp2_sharded_head_matches_one_process():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
+    out = _spawn_two(_worker)
     hidden, weight, ids, adv, mask = _inputs()
     w = weight.clone().requires_grad_()
     with backend("torch"):
@@ -86,11 +89,7 @@ def _tp_worker(rank: int, port: int, out: dict) -> None:
 
 
 def test_vocabulary_parallel_head_matches_the_whole_head():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_tp_worker, args=(port, out), nprocs=2, join=True)
+    out = _spawn_two(_tp_worker)
     hidden, weight, ids, adv, mask = _inputs()
     bias = torch.linspace(-1, 1, weight.shape[0])
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
@@ -166,11 +165,7 @@ def test_deepspeed_zero3_head_gets_the_data_parallel_gradient():
     moves every parameter, the head's included, by minus the mean of the two processes' gradients."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("trl")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_zero3_worker, args=(port, out), nprocs=2, join=True)
+    out = _spawn_two(_zero3_worker)
     from grpo_kernels.integrations.trl import _add_hidden_state_forward
 
     model = _zero3_model()

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from helpers import assert_close
+from helpers import assert_close, free_port
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -285,11 +284,8 @@ def test_deepspeed_zero3_training_matches_trl(tmp_path):
     }))  # fmt: skip
     results = {}
     for kind in ("fused", "stock"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                "--use_deepspeed", "--deepspeed_config_file", str(config),
                str(Path(__file__).with_name("zero3_grpo_run.py")), kind, str(tmp_path / f"{kind}.pt")]  # fmt: skip
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(Path(__file__).parents[1])}

@@ -9,14 +9,13 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, free_port
 
 from grpo_kernels import GRPOLossConfig, reference
 from grpo_kernels.config import LOSS_TYPES
@@ -347,17 +346,11 @@ def _first_step(trainer: Trainer) -> tuple[Rollout, list[int]]:
     return r, r.steps[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_two(output_dir: Path, *options: str) -> str:
     """`accelerate launch` of a short run on two processes (on the CPU: gloo); returns its standard output."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
+           "--main_process_port", str(free_port()),
            "-m", "trainer", "--max-steps", "2", "--num-prompts", "4", "--num-generations", "4", "--pretrain-steps", "0",
            "--max-tokens-per-microbatch", "40", "--output-dir", str(output_dir), "--no-tensorboard",
            *options]  # fmt: skip
