@@ -142,20 +142,44 @@ class HeadOptions:
     """How the LM head turns `hidden @ weight.T + bias` into the logits the softmax sees:
     `final_logit_softcapping * tanh(logit_scale * x / final_logit_softcapping) / temperature` (the soft-cap only when
     set, as Gemma does; `logit_scale` as Cohere, Granite and others do). `head_options_from_config` reads the first two
-    from a transformers config."""
+    from a transformers config.
+
+    `grad_filter_eps` turns on gradient filtering in the backward (approximate; None, the default, is exact): a
+    vocabulary column of a chunk (or a tile, in the fused kernels) is left out of the weight products when each of its
+    entries of the logits' gradient is at most `grad_filter_eps * logit_scale / temperature * (|dL/dlogp| +
+    |dL/dentropy|)` of its token. Without the entropy bonus that is the columns where every token's softmax
+    probability is at most `grad_filter_eps`, as Cut Cross-Entropy filters."""
 
     temperature: float = 1.0
     logit_scale: float = 1.0
     final_logit_softcapping: float | None = None
+    grad_filter_eps: float | None = None
 
     def __post_init__(self) -> None:
         _check_finite("temperature", self.temperature)
         _check_finite("logit_scale", self.logit_scale)
         _check_temperature(self.temperature)
+        if self.grad_filter_eps is not None:
+            _check_finite("grad_filter_eps", self.grad_filter_eps)
+            if not 0 <= self.grad_filter_eps < 1:
+                raise ValueError(f"grad_filter_eps must be in [0, 1) or None; got {self.grad_filter_eps}")
         if self.final_logit_softcapping is not None:
             _check_finite("final_logit_softcapping", self.final_logit_softcapping)
             if self.final_logit_softcapping <= 0:
                 raise ValueError(f"final_logit_softcapping must be > 0 or None; got {self.final_logit_softcapping}")
+
+
+def resolve_grad_filter_eps(value: float | str | None, dtype: torch.dtype) -> float | None:
+    """`grad_filter_eps` as a number: None (no filtering), a float in [0, 1), or "auto": the resolution of `dtype`
+    below one, `finfo(dtype).eps / 32` (2**-12 for bf16, 2**-15 for fp16, about 4e-9 for fp32)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f'grad_filter_eps must be None, a float in [0, 1) or "auto"; got {value!r}')
+        return torch.finfo(dtype).eps / 32
+    _check_finite("grad_filter_eps", value)
+    return float(value)
 
 
 @dataclass

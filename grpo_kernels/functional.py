@@ -11,7 +11,7 @@ import torch
 
 from grpo_kernels import cpu
 from grpo_kernels.backend import use_triton
-from grpo_kernels.config import GRPOLossConfig, GRPOLossOutput, HeadOptions
+from grpo_kernels.config import GRPOLossConfig, GRPOLossOutput, HeadOptions, resolve_grad_filter_eps
 from grpo_kernels.objective import LossInputs, grpo_objective
 from grpo_kernels.validation import (
     ValueChecks,
@@ -361,6 +361,7 @@ def fused_linear_grpo_loss(
     num_items_in_batch: torch.Tensor | float | None = None,
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
+    grad_filter_eps: float | str | None = None,
     vocab_process_group=None,
 ) -> GRPOLossOutput:
     """The GRPO loss of TRL 1.16 from hidden states and the LM-head weight, never materialising the logits.
@@ -373,6 +374,11 @@ def fused_linear_grpo_loss(
         bias: optional `[V]` LM-head bias.
         logit_scale, final_logit_softcapping: the head's logit transform (see `head_options_from_config`);
             `config.temperature` divides the result.
+        grad_filter_eps: None (the default: exact gradients), a float in [0, 1), or "auto" (2**-12 for bf16
+            inputs, 2**-15 for fp16, about 4e-9 for fp32): leave out of the backward's weight products the vocabulary
+            columns whose logit gradients are all at most this fraction of their token's gradient scale, i.e. (without
+            the entropy bonus) whose softmax probabilities are all at most `grad_filter_eps`. Faster where the
+            distributions are peaked; the gradients it drops are bounded by it (see `HeadOptions`).
         vocab_process_group: for a vocabulary-parallel head: each rank of this `torch.distributed` group passes its
             contiguous shard of `weight` (and `bias`), rows `[rank * V_local, (rank + 1) * V_local)`, and the same
             hidden states; `completion_ids` are global ids.
@@ -385,7 +391,8 @@ def fused_linear_grpo_loss(
     hidden, weight, bias = _check_head(hidden, weight, bias)
     B, T, _ = hidden.shape
     V = _vocab(weight, vocab_process_group)
-    head = HeadOptions(config.temperature, logit_scale, final_logit_softcapping)
+    head = _head_options(config.temperature, logit_scale, final_logit_softcapping, grad_filter_eps, hidden,
+                         vocab_process_group)  # fmt: skip
     inputs, num_items = _checked_loss_inputs(
         B, T, V, hidden.device, config, completion_ids, advantages, completion_mask, old_logps, ref_logps,
         importance_sampling_ratio, sampling_logps, num_items_in_batch,
@@ -417,15 +424,17 @@ def linear_logprobs(
     mask: torch.Tensor | None = None,  # [B, T]: tokens outside it are skipped and get 0
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
+    grad_filter_eps: float | str | None = None,
     vocab_process_group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs (and entropies) of `ids` from hidden states, without the logits; differentiable.
 
     For old and reference policies, or anyone who wants only the log-probs. Returns fp32 `[B, T]` (a pair with
-    `return_entropy`). `vocab_process_group`: as in `fused_linear_grpo_loss`."""
+    `return_entropy`). `grad_filter_eps`, `vocab_process_group`: as in `fused_linear_grpo_loss`."""
     hidden, weight, bias = _check_head(hidden, weight, bias)
     B, T, _ = hidden.shape
-    head = HeadOptions(temperature, logit_scale, final_logit_softcapping)
+    head = _head_options(temperature, logit_scale, final_logit_softcapping, grad_filter_eps, hidden,
+                         vocab_process_group)  # fmt: skip
     checks = ValueChecks()
     check_tensor("ids", ids, kind="int", shapes=((B, T),), device=hidden.device, shape_hint=f"[{B}, {T}]")
     check_ids(checks, "ids", ids, _vocab(weight, vocab_process_group))
@@ -444,13 +453,21 @@ def linear_logprobs(
     return (logps, entropy) if return_entropy else logps
 
 
+def _head_options(temperature, logit_scale, softcap, grad_filter_eps, hidden: torch.Tensor, group) -> HeadOptions:
+    eps = resolve_grad_filter_eps(grad_filter_eps, hidden.dtype)
+    if eps is not None and group is not None:
+        raise ValueError("grad_filter_eps is not supported with vocab_process_group: pass grad_filter_eps=None")
+    return HeadOptions(temperature, logit_scale, softcap, eps)
+
+
 def _compiled_linear(hidden, weight, bias, ids, mask, head: HeadOptions):
     """The two-pass linear log-probs as one custom op, for `torch.compile`."""
     from grpo_kernels import library
 
     logps, entropy, _, _ = library.linear_logprobs_entropy(
-        hidden, weight, bias, ids, mask, *_head_args(head), _backend_name(hidden), _fused_kernels(hidden)
-    )
+        hidden, weight, bias, ids, mask, *_head_args(head), head.grad_filter_eps, _backend_name(hidden),
+        _fused_kernels(hidden),
+    )  # fmt: skip
     return logps, entropy
 
 

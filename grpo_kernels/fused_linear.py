@@ -125,6 +125,7 @@ class _Head:
         self.ops = _row_ops(hidden) if ops is None else ops  # the backward reuses the forward's choice
         self._buffer: torch.Tensor | None = None
         self.args = (head.temperature, head.logit_scale, head.final_logit_softcapping)
+        self.filter_eps = head.grad_filter_eps
 
     def rows(self, sl: slice) -> torch.Tensor:  # [c, H]
         return self.flat[sl] if self.positions is None else self.flat.index_select(0, self.positions[sl])
@@ -176,6 +177,10 @@ class _Head:
                 return
         dz = self.ops.chunk_grad(z, self.ids[sl], state, entropy, grad_logp, grad_entropy, *self.args)
         dz = dz.to(self.weight.dtype)
+        cols = self._kept_columns(dz, grad_logp, grad_entropy)
+        if cols is not None:
+            self._filtered_grads(dz, sl, cols)
+            return
         if self.d_h is not None:
             if self.positions is None:
                 torch.mm(dz, self.weight, out=self.d_h[sl])
@@ -187,6 +192,47 @@ class _Head:
             self.d_w.addmm_(dz.t(), self.rows(sl))
         if self.d_b is not None:
             self.d_b += dz.sum(0, dtype=self.d_b.dtype)
+
+    def _kept_columns(self, dz: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None):
+        """Gradient filtering: the vocabulary columns of the chunk's logits gradient `dz` `[c, V]` with an entry above
+        its token's threshold (see `HeadOptions.grad_filter_eps`), or None to keep them all (filtering off, or too few
+        columns left out to be worth gathering the rest)."""
+        if self.filter_eps is None:
+            return None
+        temperature, logit_scale, _ = self.args
+        r = grad_logp.abs() if grad_entropy is None else grad_logp.abs() + grad_entropy.abs()
+        r = (r.float() * (self.filter_eps * abs(logit_scale) / temperature))[:, None]
+        n, V = dz.shape
+        keep = torch.empty(V, dtype=torch.bool, device=dz.device)
+        step = max(1, (4 << 20) // max(n, 1))  # a few MiB of comparisons at a time
+        for start in range(0, V, step):
+            block = dz[:, start : start + step]
+            torch.any(block.abs().float() > r, dim=0, out=keep[start : start + step])
+        cols = keep.nonzero().squeeze(1)
+        return cols if 2 * cols.numel() <= V else None
+
+    def _filtered_grads(self, dz: torch.Tensor, sl: slice, cols: torch.Tensor) -> None:
+        """`add_grads` for the kept columns `cols` of `dz` only, gathered a bounded number at a time."""
+        n, H = dz.shape[0], self.flat.shape[1]
+        weights = self._rows is None  # with vocabulary blocks the weights' gradients come later, unfiltered
+        rows = self.rows(sl) if weights and self.d_w is not None else None
+        d_h = None
+        if self.d_h is not None:
+            d_h = self.d_h[sl] if self.positions is None else dz.new_empty(n, H, dtype=self.d_h.dtype)
+            d_h.zero_()
+        kind = "cuda" if dz.device.type == "cuda" else "cpu"
+        step = max(1, _chunk_bytes(kind) // (8 * H))
+        for start in range(0, cols.numel(), step):
+            c = cols[start : start + step]
+            d = dz.index_select(1, c)
+            if d_h is not None:
+                d_h.addmm_(d, self.weight.index_select(0, c))
+            if weights and self.d_w is not None:
+                self.d_w.index_add_(0, c, d.t() @ rows)
+            if weights and self.d_b is not None:
+                self.d_b.index_add_(0, c, d.sum(0, dtype=self.d_b.dtype))
+        if d_h is not None and self.positions is not None:
+            self.d_h.index_copy_(0, self.positions[sl], d_h)
 
     def _keep(self, sl: slice, **values: torch.Tensor | None) -> None:
         """Store the chunk's `[c]` values at their tokens' rows of `[B * T]` vectors (zero for tokens not in the
@@ -329,7 +375,7 @@ def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fus
         from grpo_kernels.ops.linear import linear_bwd
 
         d_h, d_w, d_b = linear_bwd(lm.flat, weight, bias, lm.ids, lm.positions, stats, entropy, g_lp, g_ent, lm.args,
-                                   needs)  # fmt: skip
+                                   needs, lm.filter_eps)  # fmt: skip
         d_h = None if d_h is None else lm.scatter_rows(d_h).to(hidden.dtype)
         return d_h, d_w, None if d_b is None else d_b.to(bias.dtype)
     lm.start_grads(needs)

@@ -9,7 +9,8 @@ from grpo_kernels.functional import fused_linear_grpo_loss
 
 
 class LinearGRPOLoss(torch.nn.Module):
-    """The fused linear GRPO loss as a module holding its `GRPOLossConfig` (and the head's logit transform).
+    """The fused linear GRPO loss as a module holding its `GRPOLossConfig` (and the head's logit transform and
+    gradient filtering).
 
     loss_fn = LinearGRPOLoss(GRPOLossConfig(loss_type="dapo", beta=0.04))
     out = loss_fn(hidden, model.lm_head.weight, completion_ids, advantages, completion_mask, ref_logps=ref)
@@ -21,11 +22,13 @@ class LinearGRPOLoss(torch.nn.Module):
         *,
         logit_scale: float = 1.0,
         final_logit_softcapping: float | None = None,
+        grad_filter_eps: float | str | None = None,
     ) -> None:
         super().__init__()
         self.config = config or GRPOLossConfig()
         self.logit_scale = logit_scale
         self.final_logit_softcapping = final_logit_softcapping
+        self.grad_filter_eps = grad_filter_eps
 
     def forward(
         self,
@@ -38,7 +41,8 @@ class LinearGRPOLoss(torch.nn.Module):
     ) -> GRPOLossOutput:
         return fused_linear_grpo_loss(
             hidden, weight, completion_ids, advantages, completion_mask, config=self.config,
-            logit_scale=self.logit_scale, final_logit_softcapping=self.final_logit_softcapping, **kwargs,
+            logit_scale=self.logit_scale, final_logit_softcapping=self.final_logit_softcapping,
+            grad_filter_eps=self.grad_filter_eps, **kwargs,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -74,15 +74,23 @@ def test_fused_linear_loss_compiles_with_the_model(config):
         assert_close(g, e, atol=1e-6, rtol=1e-4, name=name)
 
 
-def test_linear_logprobs_compiles():
-    hidden, weight = torch.randn(2, 4, 16), torch.randn(50, 16)
+@pytest.mark.parametrize("grad_filter_eps", [None, 0.05])
+def test_linear_logprobs_compiles(grad_filter_eps):
+    hidden, weight = torch.randn(2, 4, 16), torch.randn(50, 16) * 1.5  # peaked: filtering at 0.05 leaves columns out
     ids = torch.randint(0, 50, (2, 4))
-    fn = torch.compile(lambda h, w: linear_logprobs(h, w, ids, return_entropy=True), fullgraph=True,
-                       backend="aot_eager")  # fmt: skip
-    logps, entropy = fn(hidden, weight)
-    eager_logps, eager_entropy = linear_logprobs(hidden, weight, ids, return_entropy=True)
-    assert_close(logps, eager_logps, atol=1e-6, rtol=1e-5, name="logps")
-    assert_close(entropy, eager_entropy, atol=1e-6, rtol=1e-5, name="entropy")
+
+    def fn(h, w):
+        return linear_logprobs(h, w, ids, return_entropy=True, grad_filter_eps=grad_filter_eps)
+
+    results = []
+    for f in (torch.compile(fn, fullgraph=True, backend="aot_eager"), fn):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logps, entropy = f(h, w)
+        (logps.sum() + entropy.sum()).backward()
+        results.append((logps, entropy, h.grad, w.grad))
+    for name, a, b in zip(("logps", "entropy", "d_hidden", "d_weight"), *results, strict=True):
+        assert_close(a, b, atol=1e-6, rtol=1e-5, name=name)
+    assert (results[0][3] == 0).all(1).any() == (grad_filter_eps is not None)  # whole rows of d_weight left out
 
 
 def test_custom_ops_pass_opcheck():
@@ -90,8 +98,8 @@ def test_custom_ops_pass_opcheck():
     logits, ids = torch.randn(2, 3, 20, dtype=torch.float64), torch.randint(0, 20, (2, 3))
     torch.library.opcheck(library.logprobs_entropy, (logits, ids, None, 0.8, 1.0, None, "torch"))
     hidden, weight = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
-    torch.library.opcheck(library.linear_logprobs_entropy, (hidden, weight, None, ids, None, 1.0, 1.0, None, "torch",
-                                                            False))  # fmt: skip
+    torch.library.opcheck(library.linear_logprobs_entropy, (hidden, weight, None, ids, None, 1.0, 1.0, None, None,
+                                                            "torch", False))  # fmt: skip
     logps, entropy = torch.randn(2, 3, dtype=torch.float64) - 2, torch.rand(2, 3, dtype=torch.float64)
     args = (logps, entropy, torch.randn(2, 1, dtype=torch.float64), torch.ones(2, 3, dtype=torch.bool), None, None,
             None, None, None, library.encode(GRPOLossConfig(loss_type="grpo")))  # fmt: skip

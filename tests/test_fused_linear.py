@@ -416,3 +416,89 @@ def test_backward_runs_where_the_forward_ran(monkeypatch):
     with backend("triton"):
         out.loss.backward()
     assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+def peaked_inputs(B, T, H, V, dev, hot=64, temperature=0.8):
+    """Hidden states and a head whose softmax is peaked on `hot` columns (the first ones, as a frequency-sorted
+    vocabulary has them), with completion tokens sampled from that softmax, as a policy's own samples are."""
+    hidden = torch.randn(B, T, H, device=dev)
+    weight = torch.randn(V, H, device=dev) / H**0.5 * 1.5
+    weight[:hot] *= 4
+    bias = torch.randn(V, device=dev) * 0.1
+    probs = torch.softmax((hidden.double() @ weight.double().T + bias.double()) / temperature, -1)
+    ids = torch.multinomial(probs.reshape(B * T, V).cpu(), 1).reshape(B, T).to(dev)
+    mask = torch.rand(B, T, device=dev) > 0.2
+    logps = probs.reshape(B, T, V).gather(-1, ids[..., None]).squeeze(-1).log().float()
+    extra = {"old_logps": (logps + torch.randn(B, T, device=dev) * 0.05) * mask,
+             "ref_logps": (logps + torch.randn(B, T, device=dev) * 0.3) * mask}  # fmt: skip
+    return hidden, weight, bias, ids, torch.randn(B, device=dev), mask, extra
+
+
+def filtering_bound(hidden, weight, bias, ids, adv, mask, config, eps, **extra):
+    """The exact fp64 gradients `(d_hidden, d_weight, d_bias)` and, for each, a bound on what gradient filtering at
+    `eps` may leave out: the sum of |logit gradient| * |other factor| over the entries at most their token's
+    threshold `eps / temperature * (|dL/dlogp| + |dL/dentropy|)`."""
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
+    raw = h64 @ w64.T + b64
+    logps, entropy = reference.logprobs_and_entropy(raw, ids, config.temperature)
+    logps, entropy = logps * mask, entropy * mask
+    loss, _ = reference.grpo_loss_from_logps(logps, entropy, adv.double(), mask, config=config, **extra)
+    g, h, dz = torch.autograd.grad(loss, (logps, entropy, raw), retain_graph=True, allow_unused=True)
+    exact = torch.autograd.grad(loss, (h64, w64, b64))
+    r = eps / config.temperature * (g.abs() + (0 if h is None else h.abs()))
+    small = torch.where(dz.abs() <= r[..., None], dz.abs(), torch.zeros_like(dz))  # [B, T, V]
+    bounds = (small @ w64.abs().detach(), torch.einsum("btv,bth->vh", small, h64.abs().detach()), small.sum((0, 1)))
+    return exact, bounds
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"loss_type": "dapo"}, {"loss_type": "grpo", "beta": 0.1, "entropy_coef": 0.05},
+     {"loss_type": "dapo", "top_entropy_quantile": 0.5}],  # token-local, entropy bonus, two-pass
+)  # fmt: skip
+def test_gradient_filtering_leaves_out_only_small_gradients(impl, options, device, monkeypatch):
+    """With `grad_filter_eps`, each gradient's error against the exact one is within the bound of the entries that
+    filtering may leave out (plus the unfiltered result's own rounding error); something is left out; the forward's
+    results are unchanged; and None stays exact (bit-identical to no filtering)."""
+    dev = "cpu" if impl.startswith("torch") else device
+    kind = "cuda" if dev == "cuda" else "cpu"
+    V, eps = 1000, 1e-3
+    for table in (fl.CHUNK_BYTES, fl.VOCAB_BLOCKS_CHUNK_BYTES):  # 8-token chunks: few columns kept in each
+        monkeypatch.setitem(table, kind, 8 * 4 * V)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    hidden, weight, bias, ids, adv, mask, extra = peaked_inputs(4, 9, 40, V, dev)
+    config = GRPOLossConfig(temperature=0.8, **options)
+    args = (hidden, weight, bias, ids, adv, mask)
+    plain, g_plain = run(fused_linear_grpo_loss, *args, config=config, **extra)
+    off, g_off = run(fused_linear_grpo_loss, *args, config=config, grad_filter_eps=None, **extra)
+    out, g_out = run(fused_linear_grpo_loss, *args, config=config, grad_filter_eps=eps, **extra)
+    assert torch.equal(off.loss, plain.loss) and all(torch.equal(a, b) for a, b in zip(g_off, g_plain, strict=True))
+    assert torch.equal(out.loss, plain.loss) and torch.equal(out.logps, plain.logps)
+    exact, bounds = filtering_bound(*args, config, eps, **extra)
+    for name, g, gp, e, bound in zip(("d_hidden", "d_weight", "d_bias"), g_out, g_plain, exact, bounds, strict=True):
+        e = e.cpu()
+        rounding = (gp.double().cpu() - e).abs().max().item()
+        excess = ((g.double().cpu() - e).abs() - bound.cpu() - 4 * rounding - 1e-7).max().item()
+        assert excess <= 0, f"{name}: error beyond the filtering bound by {excess:.3g}"
+        assert bound.max() < 0.05 * e.abs().max(), f"{name}: the bound is too loose to test anything"
+    assert not torch.equal(g_out[0], g_plain[0]), "filtering left nothing out of d_hidden"
+
+
+def test_grad_filter_eps_values():
+    """The "auto" value is the input dtype's resolution below one; bad values are clear errors."""
+    from grpo_kernels.config import HeadOptions, resolve_grad_filter_eps
+
+    assert resolve_grad_filter_eps("auto", torch.bfloat16) == 2.0**-12
+    assert resolve_grad_filter_eps("auto", torch.float16) == 2.0**-15
+    assert resolve_grad_filter_eps(None, torch.float32) is None
+    for bad in ("high", float("nan")):
+        with pytest.raises(ValueError, match="grad_filter_eps"):
+            resolve_grad_filter_eps(bad, torch.float32)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="grad_filter_eps must be in \\[0, 1\\)"):
+            HeadOptions(grad_filter_eps=bad)
+    hidden, weight, ids = torch.randn(2, 3, 8), torch.randn(20, 8), torch.randint(0, 20, (2, 3))
+    with pytest.raises(ValueError, match="grad_filter_eps must be in"):
+        linear_logprobs(hidden, weight, ids, grad_filter_eps=2.0)
+    with pytest.raises(ValueError, match="grad_filter_eps is not supported with vocab_process_group"):
+        linear_logprobs(hidden, weight, ids, grad_filter_eps="auto", vocab_process_group=object())

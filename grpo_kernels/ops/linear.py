@@ -131,8 +131,9 @@ def _linear_bwd_kernel(
     lock_w_ptr,  # [num_v, num_k] int32
     N, H, V, num_n, num_v,
     inv_temperature, logit_scale, softcap,
+    filter_scale,  # grad_filter_eps * |logit_scale| / temperature (FILTER)
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DENTROPY: tl.constexpr,
-    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, IEEE: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, IEEE: tl.constexpr, FILTER: tl.constexpr,
     GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # tile order: groups of GROUP_N token blocks; inside a group the token block varies fastest
@@ -170,20 +171,29 @@ def _linear_bwd_kernel(
         d = d * (1.0 - t * t)
     d = tl.where(row_ok[:, None] & col_ok[None, :], d, 0.0)
     dd = d.to(weight_ptr.dtype.element_ty)
+    keep = 1
+    if FILTER:  # gradient filtering (approximate): skip the products of a tile whose entries are all small
+        r = tl.abs(g)
+        if HAS_DENTROPY:
+            r += tl.abs(h)
+        keep = tl.max((tl.abs(d) > (r * filter_scale)[:, None]).to(tl.int32))
 
     num_k = tl.cdiv(H, BLOCK_K)
     if NEED_DH:  # d_hidden[rows] += dz @ weight[cols]: vocabulary tiles in increasing order
         for kc in range(0, num_k):
             kk = kc * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = kk < H
-            w = tl.load(weight_ptr + cols[:, None] * stride_w + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # fmt: skip
-            part = _dot(dd, w, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), IEEE)
+            part = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            if keep > 0:
+                w = tl.load(weight_ptr + cols[:, None] * stride_w + kk[None, :],
+                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                part = _dot(dd, w, part, IEEE)
             lock = lock_h_ptr + pid_n * num_k + kc
             _turnstile_wait(lock, pid_v)
-            ptrs = dh_ptr + rows[:, None].to(tl.int64) * H + kk[None, :]
-            ok = row_ok[:, None] & k_ok[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + part, mask=ok)
+            if keep > 0:
+                ptrs = dh_ptr + rows[:, None].to(tl.int64) * H + kk[None, :]
+                ok = row_ok[:, None] & k_ok[None, :]
+                tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + part, mask=ok)
             tl.atomic_xchg(lock, pid_v + 1)
     if NEED_DW or NEED_DB:  # d_weight[cols] += dz.T @ hidden[rows]: token tiles in increasing order
         for kc in range(0, num_k):
@@ -191,18 +201,23 @@ def _linear_bwd_kernel(
             if NEED_DW:
                 kk = kc * BLOCK_K + tl.arange(0, BLOCK_K)
                 k_ok = kk < H
-                a = tl.load(hidden_ptr + hrows[:, None] * stride_h + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                            other=0.0)  # fmt: skip
-                part = _dot(tl.trans(dd), a, tl.zeros([BLOCK_V, BLOCK_K], dtype=tl.float32), IEEE)
+                part = tl.zeros([BLOCK_V, BLOCK_K], dtype=tl.float32)
+                if keep > 0:
+                    a = tl.load(hidden_ptr + hrows[:, None] * stride_h + kk[None, :],
+                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                    part = _dot(tl.trans(dd), a, part, IEEE)
                 _turnstile_wait(lock, pid_n)
-                ptrs = dw_ptr + cols[:, None].to(tl.int64) * H + kk[None, :]
-                ok = col_ok[:, None] & k_ok[None, :]
-                old = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-                tl.store(ptrs, (old + part).to(dw_ptr.dtype.element_ty), mask=ok)
+                if keep > 0:
+                    ptrs = dw_ptr + cols[:, None].to(tl.int64) * H + kk[None, :]
+                    ok = col_ok[:, None] & k_ok[None, :]
+                    old = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+                    tl.store(ptrs, (old + part).to(dw_ptr.dtype.element_ty), mask=ok)
             else:
                 _turnstile_wait(lock, pid_n)
-            if NEED_DB and kc == 0:
-                tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_ok, other=0.0) + tl.sum(d, axis=0), mask=col_ok)
+            if NEED_DB and kc == 0:  # noqa: SIM102 (kept apart: a compile-time and a run-time condition)
+                if keep > 0:
+                    db = tl.load(db_ptr + cols, mask=col_ok, other=0.0) + tl.sum(d, axis=0)
+                    tl.store(db_ptr + cols, db, mask=col_ok)
             tl.atomic_xchg(lock, pid_n + 1)
 
 
@@ -270,8 +285,13 @@ def linear_bwd(
     grad_entropy: torch.Tensor | None,  # [N]
     head: tuple[float, float, float | None],
     needs: tuple[bool, bool, bool],  # d_hidden, d_weight, d_bias
+    grad_filter_eps: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """`(d_hidden [N, H] fp32 (one row per token), d_weight [V, H] in the weight's dtype, d_bias [V] fp32)`."""
+    """`(d_hidden [N, H] fp32 (one row per token), d_weight [V, H] in the weight's dtype, d_bias [V] fp32)`.
+
+    With `grad_filter_eps` (approximate), a `[BLOCK_N, BLOCK_V]` tile adds nothing when each of its logit gradients
+    is at most `grad_filter_eps * |logit_scale| / temperature * (|grad_logp| + |grad_entropy|)` of its token; None
+    (the default) is exact."""
     N, V, H = ids.numel(), weight.shape[0], hidden.shape[1]
     dev = hidden.device
     d_h = torch.zeros(N, H, dtype=torch.float32, device=dev) if needs[0] else None
@@ -291,8 +311,10 @@ def linear_bwd(
         g if grad_entropy is None else grad_entropy.float().contiguous(),
         d_h if d_h is not None else g, d_w if d_w is not None else weight, d_b if d_b is not None else g,
         lock_h, lock_w, N, H, V, num_n, num_v, inv_t, scale, cap,
+        0.0 if grad_filter_eps is None else grad_filter_eps * abs(scale) * inv_t,
         HAS_BIAS=bias is not None, HAS_POS=positions is not None, HAS_SOFTCAP=has_cap,
         HAS_DENTROPY=grad_entropy is not None, NEED_DH=needs[0], NEED_DW=needs[1], NEED_DB=needs[2], IEEE=ieee,
+        FILTER=grad_filter_eps is not None,
         GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, num_warps=4 if interpreting() else 8, num_stages=2,
     )  # fmt: skip
     return d_h, d_w, d_b
