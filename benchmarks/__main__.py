@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import report
-from benchmarks.providers import MODES, OPS, PROVIDERS, Case, sweep
+from benchmarks.providers import INPUTS, MODES, OPS, PROVIDERS, Case, sweep
 from benchmarks.runner import device_name, run_sweep, versions
 
 TIMING = {
@@ -24,7 +24,7 @@ TIMING = {
 }
 
 
-def parse_shape(op: str, text: str, dtype: str, device: str) -> Case:
+def parse_shape(op: str, text: str, dtype: str, device: str, inputs: str = "random") -> Case:
     """`BxTxHxV` (fused_linear), `BxTxV` (loss_from_logits) or `B` (advantages) -> Case."""
     want = {"fused_linear": 4, "loss_from_logits": 3, "advantages": 1}[op]
     try:
@@ -35,7 +35,9 @@ def parse_shape(op: str, text: str, dtype: str, device: str) -> Case:
         form = {"fused_linear": "BxTxHxV", "loss_from_logits": "BxTxV", "advantages": "B"}[op]
         raise SystemExit(f"--shapes {text!r}: {op} shapes are {form}, positive integers (e.g. 8x1024x512x65536)")
     if op == "fused_linear":
-        return Case(op, dims[0], dims[1], dims[2], dims[3], dtype, device)
+        return Case(op, dims[0], dims[1], dims[2], dims[3], dtype, device, inputs)
+    if inputs != "random":
+        raise SystemExit(f"--inputs {inputs} is for the fused_linear op only")
     if op == "loss_from_logits":
         return Case(op, dims[0], dims[1], None, dims[2], dtype, device)
     return Case(op, dims[0], 1, None, None, "float32", device)
@@ -62,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", choices=("float32", "bfloat16"), help="dtype of --shapes (default: float32 on CPU, else bfloat16)"
     )
+    p.add_argument(
+        "--inputs", choices=INPUTS, default="random",
+        help="inputs of --shapes: random (unit-scale logits) or peaked (a trained model's peaked softmax, for gradient "
+        "filtering; fused_linear only); default: %(default)s",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row on CPU (default: %(default)s)")
     p.add_argument("--time-limit", type=float, help="seconds after which no new shape is started")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
@@ -86,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.ops) != 1:
             raise SystemExit("--shapes needs exactly one --ops (shapes are read per op)")
         dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
-        cases = [parse_shape(args.ops[0], s, dtype, device) for s in args.shapes]
+        cases = [parse_shape(args.ops[0], s, dtype, device, args.inputs) for s in args.shapes]
         name = "custom"
     else:
+        if args.inputs != "random":
+            raise SystemExit("--inputs applies to --shapes; the sweeps name their own inputs")
         name = "quick" if args.quick else "full"
         cases = [c for c in sweep(name, device) if c.op in args.ops]
     providers = [p for p in PROVIDERS if p.name in args.providers]
@@ -111,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_sweep(
         cases, providers, args.modes, args.repeats, not args.no_memory, not args.no_progress, save, args.time_limit
     )
-    measured = {(r["op"], r["B"], r["T"], r["H"], r["V"], r["dtype"]) for r in rows}
-    meta["not_measured"] = [c.label() for c in cases if (c.op, c.B, c.T, c.H, c.V, c.dtype) not in measured]
+    measured = {(r["op"], r["B"], r["T"], r["H"], r["V"], r["dtype"], r["inputs"]) for r in rows}
+    meta["not_measured"] = [c.label() for c in cases if (c.op, c.B, c.T, c.H, c.V, c.dtype, c.inputs) not in measured]
     meta["load_average"].append(round(os.getloadavg()[0], 2))
     written = report.write_all(args.out, rows, meta)
     print(report.markdown([r for r in rows if r["mode"] == "forward+backward" or r["op"] == "advantages"], meta))

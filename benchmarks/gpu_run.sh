@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run on a machine with no network: the kernel tests on CUDA (compiled Triton, bf16), the full benchmark sweep,
-# then the opt-in strategies of the fused linear loss (fused kernels, vocab blocks) on the issue-3 target shape in a
-# process of their own (a fault there cannot take the sweep with it). About 8 minutes, 10 at most: tests not started
+# then the opt-in strategies of the fused linear loss (fused kernels, vocab blocks, gradient filtering on peaked
+# inputs) on the issue-3 target shape in processes of their own (a fault there cannot take the sweep with it). About 8 minutes, 10 at most: tests not started
 # 100 s in are skipped with that reason, and no new shape is started 200 s into the sweep.
 #
 #   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
@@ -77,7 +77,7 @@ run() {
   echo "== benchmark sweep (the opt-in strategies apart, below)"
   local sweep=0 providers
   providers=$(python3 -c "from benchmarks.providers import PROVIDERS as P
-print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab'}))")
+print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-filter'}))")
   # shellcheck disable=SC2086
   timeout --kill-after=10 $((sweep_seconds + 45)) python3 -m benchmarks --device cuda --out "$out" --no-progress \
     --time-limit "$sweep_seconds" --providers $providers || sweep=$?
@@ -90,13 +90,17 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab'}))")
   local fused=0
   timeout --kill-after=10 90 python3 -m benchmarks --device cuda --out "$scratch/fused" --no-progress \
     --ops fused_linear --shapes 8x1024x4096x131072 --providers ours-triton ours-fused ours-vocab floor || fused=$?
+  # gradient filtering on peaked inputs (a trained model's softmax), next to the exact default and the references
+  timeout --kill-after=10 90 python3 -m benchmarks --device cuda --out "$scratch/fused/peaked" --no-progress \
+    --ops fused_linear --shapes 8x1024x4096x131072 --inputs peaked --providers ours-triton ours-filter cce floor \
+    || fused=$?
   # other chunk budgets (MiB of fp32 logits) than the defaults: vocab blocks 128, chunked 1,024; while time is left
   local run
-  for run in ours-vocab:32 ours-vocab:512 ours-triton:256; do
+  for run in ours-filter:64 ours-vocab:32 ours-vocab:512 ours-triton:256; do
     if [ "$SECONDS" -gt "${RUN_SECONDS:-540}" ]; then echo "skipped $run: the run is at $SECONDS s"; continue; fi
     GRPO_KERNELS_CHUNK_MIB=${run#*:} timeout --kill-after=10 60 python3 -m benchmarks --device cuda --no-progress \
       --out "$scratch/fused/${run%:*}-${run#*:}-mib" --ops fused_linear --shapes 8x1024x4096x131072 \
-      --providers "${run%:*}" || fused=$?
+      --providers "${run%:*}" $([ "${run%:*}" = ours-filter ] && echo --inputs peaked) || fused=$?
   done
   [ -d "$scratch/fused" ] && tar czf "$out/fused.tgz" -C "$scratch" fused && cat "$scratch/fused/results.md"
 

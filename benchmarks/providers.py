@@ -11,6 +11,12 @@ Three ops:
 
 Every loss is TRL 1.16's default: `loss_type="dapo"`, `beta=0`, on-policy (old log-probs = the current ones),
 temperature 1, every token in the loss (a mask of ones is passed all the same).
+
+Two kinds of inputs (`Case.inputs`): "random", logits of unit scale (a near-uniform softmax, entropy about log V - 0.5)
+and random token ids; and "peaked", for gradient filtering, which only pays where the softmax is peaked as a trained
+model's is: the first V/16 rows of the weight (a frequency-sorted vocabulary's common tokens) are 5 times larger, so
+that the softmax's mass sits on them (mean entropy about 2.2 nats, about 80 tokens above 2**-12 per position), and
+the completion tokens are sampled from that softmax, as a policy's own samples are.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ from grpo_kernels import (
 )
 
 OPS = ("fused_linear", "loss_from_logits", "advantages")
+INPUTS = ("random", "peaked")
+PEAKED_HOT_FRACTION = 16  # the first V / 16 vocabulary rows carry the mass...
+PEAKED_HOT_SCALE = 5.0  # ...by being this much larger
+FILTER_EPS = 2.0**-12  # the gradient filtering threshold of the "ours-filter" provider ("auto" for bf16 inputs)
 MODES = ("forward", "backward", "forward+backward")
 OP_MODES = {"fused_linear": MODES, "loss_from_logits": MODES, "advantages": ("forward",)}
 GROUP_SIZE = 8  # completions per prompt in the advantages op
@@ -53,6 +63,7 @@ class Case:
         V: vocabulary size (not for `advantages`).
         dtype: "float32" or "bfloat16" (the inputs'; `advantages` is always fp32).
         device: "cpu" or "cuda".
+        inputs: "random" or "peaked" (`fused_linear` only; see the module's docstring).
     """
 
     op: str
@@ -62,6 +73,7 @@ class Case:
     V: int | None
     dtype: str
     device: str
+    inputs: str = "random"
 
     @property
     def N(self) -> int:
@@ -75,7 +87,7 @@ class Case:
     def label(self) -> str:
         """E.g. "fused_linear B=8 T=1024 H=4096 V=131072 bfloat16"."""
         dims = " ".join(f"{k}={v}" for k, v in (("B", self.B), ("T", self.T), ("H", self.H), ("V", self.V)) if v)
-        return f"{self.op} {dims} {self.dtype}"
+        return f"{self.op} {dims} {self.dtype}" + ("" if self.inputs == "random" else f" {self.inputs}")
 
     def flops(self, mode: str) -> float:
         """Floating-point operations of the matrix products the op must do in `mode` (0 for memory-bound ops)."""
@@ -155,8 +167,12 @@ def sweep(name: str, device: str) -> list[Case]:
 
 
 def make_inputs(case: Case) -> dict[str, torch.Tensor]:
-    """Fresh random inputs: hidden states and a weight that give logits of unit scale, random token ids and
-    advantages of both signs, a mask of ones."""
+    """Fresh random inputs: hidden states and a weight that give logits of unit scale (or peaked ones), random token
+    ids (or ids sampled from the peaked softmax), advantages of both signs, a mask of ones."""
+    if case.inputs not in INPUTS:
+        raise ValueError(f"unknown inputs {case.inputs!r}: use one of {', '.join(INPUTS)}")
+    if case.inputs != "random" and case.op != "fused_linear":
+        raise ValueError(f"{case.inputs} inputs are for the fused_linear op only; got {case.op}")
     torch.manual_seed(0)
     dev, dt, B, T = case.device, case.torch_dtype, case.B, case.T
     if case.op == "advantages":
@@ -167,11 +183,28 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
         "mask": torch.ones(B, T, device=dev),
     }
     if case.op == "fused_linear":
-        inputs["hidden"] = torch.randn(B, T, case.H, device=dev, dtype=dt).requires_grad_()
-        inputs["weight"] = (torch.randn(case.V, case.H, device=dev) * case.H**-0.5).to(dt).requires_grad_()
+        hidden = torch.randn(B, T, case.H, device=dev, dtype=dt)
+        weight = torch.randn(case.V, case.H, device=dev) * case.H**-0.5
+        if case.inputs == "peaked":
+            weight[: case.V // PEAKED_HOT_FRACTION] *= PEAKED_HOT_SCALE
+            inputs["ids"] = _sampled_ids(hidden, weight.to(dt))
+        inputs["hidden"] = hidden.requires_grad_()
+        inputs["weight"] = weight.to(dt).requires_grad_()
     else:
         inputs["logits"] = torch.randn(B, T, case.V, device=dev, dtype=dt).requires_grad_()
     return inputs
+
+
+def _sampled_ids(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` tokens drawn from `softmax(hidden @ weight.T)`, a few hundred MiB of logits at a time."""
+    B, T, H = hidden.shape
+    flat = hidden.reshape(-1, H)
+    ids = torch.empty(flat.shape[0], dtype=torch.long, device=hidden.device)
+    step = max(1, (256 << 20) // (4 * weight.shape[0]))
+    for start in range(0, flat.shape[0], step):
+        probs = torch.softmax((flat[start : start + step] @ weight.T).float(), dim=-1)
+        ids[start : start + step] = torch.multinomial(probs, 1).squeeze(1)
+    return ids.view(B, T)
 
 
 @dataclass
@@ -240,14 +273,17 @@ def _linear_strategy(strategy: str) -> Iterator[None]:
             os.environ["GRPO_KERNELS_LINEAR"] = before
 
 
-def _ours_linear(name: str, strategy: str = "chunked") -> Callable[[Case, dict], Bound]:
+def _ours_linear(
+    name: str, strategy: str = "chunked", grad_filter_eps: float | None = None
+) -> Callable[[Case, dict], Bound]:
     def bind(case: Case, x: dict) -> Bound:
         if strategy == "fused" and not hasattr(fused_linear, "use_fused_kernels"):
             raise RuntimeError("this grpo_kernels has no fused linear kernels (GRPO_KERNELS_LINEAR=fused)")
+        extra = {} if grad_filter_eps is None else {"grad_filter_eps": grad_filter_eps}
 
         def forward() -> torch.Tensor:
             with backend(name), _linear_strategy(strategy):
-                return fused_linear_grpo_loss(*(x[k] for k in LINEAR_ARGS), config=CONFIG).loss
+                return fused_linear_grpo_loss(*(x[k] for k in LINEAR_ARGS), config=CONFIG, **extra).loss
 
         return Bound(forward, grads=(x["hidden"], x["weight"]))
 
@@ -435,10 +471,17 @@ _OURS_VOCAB = Provider(
     "ours-vocab", "fused_linear", "grpo_kernels (vocab blocks)", _ours_linear("auto", "vocab-blocks"), role="ours"
 )
 
+# gradient filtering (approximate) on the default chunked schedule: only pays on peaked inputs
+_OURS_FILTER = Provider(
+    "ours-filter", "fused_linear", "grpo_kernels (filter 2^-12)", _ours_linear("auto", "chunked", FILTER_EPS),
+    role="ours",
+)  # fmt: skip
+
 PROVIDERS: tuple[Provider, ...] = (
     *_ours("fused_linear", _ours_linear),
     _OURS_FUSED,
     _OURS_VOCAB,
+    _OURS_FILTER,
     Provider("eager", "fused_linear", "eager PyTorch", _eager_linear, memory=_eager_linear_memory),
     Provider("trl", "fused_linear", "TRL 1.16 chunked", _trl_linear, module="trl"),
     Provider("liger", "fused_linear", "Liger fused linear", _liger_linear, module="liger_kernel"),

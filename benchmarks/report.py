@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-SCHEMA = 1
+SCHEMA = 2  # 2: rows carry "inputs" (random or peaked); rows of schema 1 are random
 MODE_ORDER = ("forward+backward", "forward", "backward")
 OP_TITLES = {
     "fused_linear": "Fused linear GRPO loss (hidden states and LM-head weight in, gradients out)",
@@ -54,25 +54,29 @@ def load(path: Path) -> tuple[dict[str, Any], list[dict]]:
 
 
 def _groups(rows: Iterable[dict], op: str, modes: Iterable[str]) -> list[tuple[tuple, list[dict]]]:
-    """Rows of `op` grouped by (mode, dtype, V, H), in mode order, then by dtype, V and H; by N within a group."""
+    """Rows of `op` grouped by (mode, dtype, V, H, inputs), in mode order, then by dtype, V, H and inputs (random
+    first); by N within a group."""
     out: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: r["N"]):
         if r["op"] == op and r["mode"] in modes:
-            out.setdefault((r["mode"], r["dtype"], r["V"], r["H"]), []).append(r)
+            out.setdefault((r["mode"], r["dtype"], r["V"], r["H"], r.get("inputs", "random")), []).append(r)
     order = {m: i for i, m in enumerate(MODE_ORDER)}
-    return sorted(out.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2] or 0, kv[0][3] or 0))
+    return sorted(out.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2] or 0, kv[0][3] or 0,
+                                               kv[0][4] != "random", kv[0][4]))  # fmt: skip
 
 
 def _num(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
-def _group_title(op: str, mode: str, dtype: str, V: int | None, H: int | None) -> str:
+def _group_title(op: str, mode: str, dtype: str, V: int | None, H: int | None, inputs: str = "random") -> str:
     parts = [mode, dtype]
     if V is not None:
         parts.append(f"V = {V:,}")
     if H is not None:
         parts.append(f"H = {H:,}")
+    if inputs != "random":
+        parts.append(f"{inputs} inputs")
     return ", ".join(parts)
 
 
@@ -169,8 +173,8 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
         mine = [r for r in rows if r["op"] == op]
         never = _always_skipped(mine)  # named once, under the op's title; other skips under their table
         lines += [f"## {title}", "", *_skips([r for r in mine if r["provider"] in never], "Not measured here: ")]
-        for (mode, dtype, V, H), group in groups:
-            lines += [f"### {_group_title(op, mode, dtype, V, H)}", ""]
+        for (mode, dtype, V, H, inputs), group in groups:
+            lines += [f"### {_group_title(op, mode, dtype, V, H, inputs)}", ""]
             if any(r["skipped"] is None for r in group):
                 lines += ["Time, ms (fraction of the floor):", "", *_table(group, "time_ms"), ""]
                 if meta.get("device_type") == "cpu":
@@ -200,7 +204,7 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
         if not groups:
             continue
         fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
-        for (ax_time, ax_mem), ((_, dtype, V, H), group) in zip(axes, groups, strict=True):
+        for (ax_time, ax_mem), ((_, dtype, V, H, inputs), group) in zip(axes, groups, strict=True):
             for provider in dict.fromkeys(r["provider"] for r in group):
                 done = [r for r in group if r["provider"] == provider and r["skipped"] is None]
                 if not done:
@@ -211,7 +215,7 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
                 mem = [r for r in done if r["peak_mib"]]  # a copy allocates nothing: no point on a log axis
                 if mem:
                     ax_mem.plot([r["N"] for r in mem], [r["peak_mib"] for r in mem], **style)
-            title = _group_title(op, mode, dtype, V, H)
+            title = _group_title(op, mode, dtype, V, H, inputs)
             xlabel = "rewards B" if op == "advantages" else "tokens N"
             for ax, ylabel in ((ax_time, "time, ms"), (ax_mem, "peak MiB beyond inputs")):
                 ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)

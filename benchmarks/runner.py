@@ -188,6 +188,7 @@ def _row(case: Case, provider: Provider, mode: str, env: dict) -> dict[str, Any]
         "V": case.V,
         "dtype": case.dtype,
         "device_type": case.device,
+        "inputs": case.inputs,
         "device": env["device"],
         "time_ms": None,
         "time_p20_ms": None,
@@ -225,7 +226,7 @@ def measure(case: Case, provider: Provider, bound: Bound, mode: str, repeats: in
 
 
 def _shape_key(row: dict) -> tuple:
-    return row["op"], row["B"], row["T"], row["H"], row["V"], row["dtype"], row["device_type"]
+    return row["op"], row["B"], row["T"], row["H"], row["V"], row["dtype"], row["device_type"], row.get("inputs")
 
 
 def derive(rows: list[dict]) -> None:

@@ -15,9 +15,9 @@ from benchmarks.providers import OP_MODES, PROVIDERS, Bound, Case, Provider
 from benchmarks.runner import run_sweep
 
 ROW_KEYS = {
-    "op", "provider", "label", "role", "mode", "B", "T", "N", "H", "V", "dtype", "device_type", "device", "time_ms",
-    "time_p20_ms", "time_p80_ms", "time_min_ms", "time_max_ms", "repeats", "peak_mib", "grads_mib", "tflops",
-    "gb_per_s", "floor_fraction", "speedup_vs", "skipped", "versions",
+    "op", "provider", "label", "role", "mode", "B", "T", "N", "H", "V", "dtype", "device_type", "inputs", "device",
+    "time_ms", "time_p20_ms", "time_p80_ms", "time_min_ms", "time_max_ms", "repeats", "peak_mib", "grads_mib",
+    "tflops", "gb_per_s", "floor_fraction", "speedup_vs", "skipped", "versions",
 }  # fmt: skip
 
 
@@ -195,3 +195,33 @@ def test_the_sweep_runs_on_cuda(capsys):
             assert all(r["skipped"] is None and r["time_ms"] > 0 and r["peak_mib"] >= 0 for r in mine), mine
     with capsys.disabled():
         print(capsys.readouterr().out)
+
+
+def test_peaked_inputs_for_gradient_filtering(tmp_path):
+    """Peaked inputs: a low-entropy softmax whose sampled tokens are likely under it; a table of their own; refused
+    for ops other than fused_linear and for the sweeps."""
+    from benchmarks.providers import make_inputs
+
+    cases = {k: Case("fused_linear", 4, 64, 32, 2048, "float32", "cpu", k) for k in ("random", "peaked")}
+    stats = {}
+    for kind, case in cases.items():
+        x = make_inputs(case)
+        logp = torch.log_softmax(x["hidden"].detach() @ x["weight"].detach().T, -1)
+        entropy = -(logp.exp() * logp).sum(-1).mean().item()
+        stats[kind] = entropy, logp.gather(-1, x["ids"][..., None]).mean().item()
+    assert stats["random"][0] > 6.5 and stats["peaked"][0] < 3.5, stats
+    assert stats["peaked"][1] > stats["random"][1] + 3, stats  # sampled tokens are the likely ones
+    assert cases["peaked"].label().endswith(" peaked")
+    out = tmp_path / "peaked"
+    args = ["--device", "cpu", "--ops", "fused_linear", "--shapes", "1x16x8x256", "--inputs", "peaked",
+            "--providers", "ours-torch", "ours-filter", "--repeats", "1", "--no-progress", "--no-memory",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["inputs"] for r in rows} == {"peaked"} and {r["provider"] for r in rows} == {"ours-torch", "ours-filter"}
+    assert all(r["skipped"] is None for r in rows)
+    assert "### forward+backward, float32, V = 256, H = 8, peaked inputs" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit, match="--inputs peaked is for the fused_linear op only"):
+        main(["--device", "cpu", "--ops", "loss_from_logits", "--shapes", "1x4x32", "--inputs", "peaked"])
+    with pytest.raises(SystemExit, match="--inputs applies to --shapes"):
+        main(["--device", "cpu", "--quick", "--inputs", "peaked"])
