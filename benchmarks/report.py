@@ -33,7 +33,9 @@ How to read these tables:
 - grpo_kernels (fused Triton), GPU only, is the opt-in `GRPO_KERNELS_LINEAR=fused` strategy (logits tiles kept in
   registers, the logits recomputed in the backward); grpo_kernels (Triton) is the default chunked schedule;
   grpo_kernels (vocab blocks) is the opt-in `GRPO_KERNELS_LINEAR=vocab-blocks` strategy (d_weight formed once per
-  block of vocabulary columns: one more matrix product, small chunks).
+  block of vocabulary columns: one more matrix product, small chunks); grpo_kernels (filter 2^-12) is the default
+  strategy with gradient filtering (`grad_filter_eps=2**-12`, approximate), which pays on "peaked inputs" (a trained
+  model's peaked softmax; see benchmarks/providers.py) and keeps every column of a flat softmax.
 - Every loss is TRL's default (dapo, beta 0, on-policy) over every token. Liger's fused linear loss runs with
   `compiled=False`. Cut Cross-Entropy computes log-probs only (its cross-entropy, with its default gradient
   filtering), with a few `[N]`-sized ops around it; it is the speed reference for the fused linear op.

@@ -148,7 +148,9 @@ class HeadOptions:
     vocabulary column of a chunk (or a tile, in the fused kernels) is left out of the weight products when each of its
     entries of the logits' gradient is at most `grad_filter_eps * logit_scale / temperature * (|dL/dlogp| +
     |dL/dentropy|)` of its token. Without the entropy bonus that is the columns where every token's softmax
-    probability is at most `grad_filter_eps`, as Cut Cross-Entropy filters."""
+    probability is at most `grad_filter_eps`, as Cut Cross-Entropy filters. The chunked schedules keep every column of
+    a chunk where some token would lose more than 64 thresholds in all (a flat softmax, whose many small entries add
+    up); the fused kernels apply the per-entry rule alone."""
 
     temperature: float = 1.0
     logit_scale: float = 1.0

@@ -377,8 +377,9 @@ def fused_linear_grpo_loss(
         grad_filter_eps: None (the default: exact gradients), a float in [0, 1), or "auto" (2**-12 for bf16
             inputs, 2**-15 for fp16, about 4e-9 for fp32): leave out of the backward's weight products the vocabulary
             columns whose logit gradients are all at most this fraction of their token's gradient scale, i.e. (without
-            the entropy bonus) whose softmax probabilities are all at most `grad_filter_eps`. Faster where the
-            distributions are peaked; the gradients it drops are bounded by it (see `HeadOptions`).
+            the entropy bonus) whose softmax probabilities are all at most `grad_filter_eps`, unless a token would
+            lose more than 64 times that in all (a flat softmax keeps every column). Faster where the distributions
+            are peaked; approximate (see `HeadOptions`).
         vocab_process_group: for a vocabulary-parallel head: each rank of this `torch.distributed` group passes its
             contiguous shard of `weight` (and `bias`), rows `[rank * V_local, (rank + 1) * V_local)`, and the same
             hidden states; `completion_ids` are global ids.

@@ -27,6 +27,11 @@ weights each chunk's product is added in bf16, as chunked losses usually do). Ea
   that block's logits recomputed for every token: one more matrix product, but `d_weight` is written once, never
   accumulated, and chunks and blocks are small (128 MiB of fp32 logits on CUDA at most: 64 MiB in bf16).
 - `fused`: the Triton kernels of `ops/linear.py` (CUDA), which keep each logits tile in registers.
+
+Gradient filtering (`HeadOptions.grad_filter_eps`, approximate, off by default): once a chunk's logits gradient is
+formed, only its columns with an entry above its token's threshold enter the products for `d_hidden`, `d_weight` and
+`d_bias`, gathered a bounded number of columns at a time (`d_weight` rows are added with `index_add_`). Where the
+softmax is peaked a chunk keeps a few percent of the vocabulary, and two of the three products shrink with it.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 1 << 30}
 # 128 MiB (64 MiB of bf16 logits), for token chunks and vocabulary blocks alike.
 VOCAB_BLOCKS_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 128 << 20}
 STRATEGIES = ("chunked", "fused", "vocab-blocks")
+# Gradient filtering leaves a chunk's small columns out only while no token loses more than this many times its
+# threshold in all (its left-out probability mass, without the entropy bonus, at most 64 * grad_filter_eps: 1.6% at
+# 2**-12): a flat softmax, where the many small entries add up, keeps every column.
+FILTER_MAX_LEFT_OUT = 64
 MIN_CHUNK_TOKENS = {"cpu": 64, "cuda": 1}
 
 
@@ -195,8 +204,9 @@ class _Head:
 
     def _kept_columns(self, dz: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None):
         """Gradient filtering: the vocabulary columns of the chunk's logits gradient `dz` `[c, V]` with an entry above
-        its token's threshold (see `HeadOptions.grad_filter_eps`), or None to keep them all (filtering off, or too few
-        columns left out to be worth gathering the rest)."""
+        its token's threshold (see `HeadOptions.grad_filter_eps`), or None to keep them all (filtering off, a token
+        would lose more than `FILTER_MAX_LEFT_OUT` thresholds, or too few columns are left out to be worth gathering
+        the rest)."""
         if self.filter_eps is None:
             return None
         temperature, logit_scale, _ = self.args
@@ -204,10 +214,15 @@ class _Head:
         r = (r.float() * (self.filter_eps * abs(logit_scale) / temperature))[:, None]
         n, V = dz.shape
         keep = torch.empty(V, dtype=torch.bool, device=dz.device)
-        step = max(1, (4 << 20) // max(n, 1))  # a few MiB of comparisons at a time
+        left_out = torch.zeros(n, 1, dtype=torch.float32, device=dz.device)  # each token's sum of |dz| left out
+        # an eighth of the vocabulary (or a few million comparisons) at a time: a flat softmax is seen in the first
+        step = max(1, min(-(-V // 8), (4 << 20 if dz.device.type == "cpu" else 64 << 20) // max(n, 1)))
         for start in range(0, V, step):
-            block = dz[:, start : start + step]
-            torch.any(block.abs().float() > r, dim=0, out=keep[start : start + step])
+            block = dz[:, start : start + step].abs().float()
+            kept = torch.any(block > r, dim=0, out=keep[start : start + step])
+            left_out += block.masked_fill_(kept, 0.0).sum(1, keepdim=True)
+            if (left_out > FILTER_MAX_LEFT_OUT * r).any():  # too much would be left out: keep every column
+                return None
         cols = keep.nonzero().squeeze(1)
         return cols if 2 * cols.numel() <= V else None
 

@@ -484,6 +484,24 @@ def test_gradient_filtering_leaves_out_only_small_gradients(impl, options, devic
     assert not torch.equal(g_out[0], g_plain[0]), "filtering left nothing out of d_hidden"
 
 
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "triton-fused"], indirect=True)
+def test_gradient_filtering_keeps_every_column_of_a_flat_softmax(impl, device, monkeypatch):
+    """Near-uniform probabilities, each below the threshold, add up: the chunked schedules then keep every column
+    (bit-identical to no filtering) rather than leave out most of each token's probability mass."""
+    dev = "cpu" if impl.startswith("torch") else device
+    kind = "cuda" if dev == "cuda" else "cpu"
+    V = 1000
+    for table in (fl.CHUNK_BYTES, fl.VOCAB_BLOCKS_CHUNK_BYTES):
+        monkeypatch.setitem(table, kind, 8 * 4 * V)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(4, 9, 40, V, torch.float32, dev)
+    config = GRPOLossConfig(loss_type="grpo", beta=0.1, entropy_coef=0.05)
+    args = (hidden, weight, bias, ids, adv, mask)
+    _, g_plain = run(fused_linear_grpo_loss, *args, config=config, **extra)
+    _, g_out = run(fused_linear_grpo_loss, *args, config=config, grad_filter_eps=0.005, **extra)
+    assert all(torch.equal(a, b) for a, b in zip(g_out, g_plain, strict=True))
+
+
 def test_grad_filter_eps_values():
     """The "auto" value is the input dtype's resolution below one; bad values are clear errors."""
     from grpo_kernels.config import HeadOptions, resolve_grad_filter_eps
