@@ -95,7 +95,7 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture
 def make_trainer(model_path, tokenizer, tmp_path):
-    def make(cls, kind: str = "llama", peft_config=None, **options) -> GRPOTrainer:
+    def make(cls, kind: str = "llama", peft_config=None, trainer_kwargs=None, **options) -> GRPOTrainer:
         args = GRPOConfig(
             output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, num_generations=4,
             max_completion_length=T, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
@@ -105,7 +105,7 @@ def make_trainer(model_path, tokenizer, tmp_path):
         if peft_config is not None:
             torch.manual_seed(1)  # the same adapter weights for both trainers
         return cls(model=model, reward_funcs=reward_a, args=args, train_dataset=DATASET, processing_class=tokenizer,
-                   peft_config=peft_config)  # fmt: skip
+                   peft_config=peft_config, **(trainer_kwargs or {}))  # fmt: skip
 
     return make
 
@@ -372,6 +372,22 @@ def test_train_logs_trl_metrics(make_trainer):
     assert [list(entry) for entry in fused_logs] == [list(entry) for entry in trl_logs]
     for name in ("loss", "grad_norm", "kl", "entropy", "policy_loss", "clip_ratio/region_mean", "reward"):
         assert math.isclose(fused_logs[0][name], trl_logs[0][name], rel_tol=RTOL, abs_tol=ATOL), name
+
+
+def test_gradient_filtering_changes_only_the_gradients(make_trainer):
+    """FusedGRPOTrainer(grad_filter_eps=...) filters the head's backward: TRL's loss, other gradients (the tiny
+    model's probabilities are all below 0.2); a bad value fails when the trainer is built."""
+    options = {"beta": 0.04, "gradient_accumulation_steps": 2}
+    stock = make_trainer(GRPOTrainer, **options)
+    fused = make_trainer(FusedGRPOTrainer, trainer_kwargs={"grad_filter_eps": 0.2}, **options)
+    inputs = loss_inputs(stock, ())
+    loss, grads, _ = loss_and_gradients(fused, inputs, (), {})
+    trl_loss, trl_grads, _ = loss_and_gradients(stock, inputs, (), {})
+    assert_close(loss, trl_loss, rtol=RTOL, atol=ATOL, name="loss")
+    assert grads.keys() == trl_grads.keys()
+    assert any(not torch.allclose(g, trl_grads[n], rtol=RTOL, atol=ATOL) for n, g in grads.items())
+    with pytest.raises(ValueError, match="grad_filter_eps must be in"):
+        make_trainer(FusedGRPOTrainer, trainer_kwargs={"grad_filter_eps": 2.0})
 
 
 def test_rejects_what_it_cannot_honour(make_trainer, tokenizer, tmp_path):

@@ -112,6 +112,22 @@ def test_step_matches_reference_loss_on_materialised_logits(loss_type, tmp_path)
         assert_close(grads[name], expected[name], atol=1e-6, rtol=1e-4, name=name)
 
 
+def test_grad_filter_eps_reaches_the_loss(tmp_path):
+    """--grad-filter-eps filters the head's backward only: the same loss, other gradients (the untrained model's
+    probabilities are all below 0.2); none is exact."""
+    results = []
+    for eps in (None, 0.2):
+        trainer = Trainer(small(tmp_path / str(eps), grad_filter_eps=eps))
+        sums = trainer.accumulate(rollout(trainer), list(range(12)))
+        results.append((sums.loss, gradients(trainer)))
+    (loss, exact), (filtered_loss, filtered) = results
+    assert filtered_loss == loss
+    assert filtered.keys() == exact.keys()
+    assert not torch.equal(filtered["model.model.embed_tokens.weight"], exact["model.model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="grad_filter_eps must lie in"):
+        TrainerConfig(grad_filter_eps=1.5)
+
+
 def test_old_and_reference_logprobs_come_from_hidden_states(tmp_path):
     trainer = Trainer(small(tmp_path, beta=0.04, num_iterations=2))
     r = rollout(trainer)

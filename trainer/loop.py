@@ -255,7 +255,7 @@ class Trainer:
         if checkpoint is not None:
             load_weights(model, checkpoint)  # the full weights, before DDP or FSDP distributes them
         attn = packed_attention(self.device) if cfg.packing else None
-        policy = Policy(model, attn)
+        policy = Policy(model, attn, cfg.grad_filter_eps)
         self.ref_policy = None if ref is None else Policy(ref, attn)
         if cfg.fsdp:
             if self.world < 2:

@@ -250,10 +250,11 @@ class Policy(nn.Module):
     The loss is formed inside `forward` so that DDP and FSDP see every parameter use, the LM head's included.
     """
 
-    def __init__(self, model: nn.Module, packed_attention: str | None = None) -> None:
+    def __init__(self, model: nn.Module, packed_attention: str | None = None, grad_filter_eps: float | None = None):
         super().__init__()
         self.model = model
         self.packed_attention = packed_attention
+        self.grad_filter_eps = grad_filter_eps  # the loss's backward only
         backbone_and_head(model)  # fails early, naming the model, for an architecture it does not know
         self.head = head_kwargs(model)
 
@@ -284,7 +285,7 @@ class Policy(nn.Module):
             out: GRPOLossOutput = fused_linear_grpo_loss(
                 hidden, head.weight, mb.completion_ids, loss.advantages, mb.completion_mask, bias=head.bias,
                 config=loss.config, old_logps=loss.old_logps, ref_logps=loss.ref_logps,
-                num_items_in_batch=loss.num_items_in_batch, **self.head,
+                num_items_in_batch=loss.num_items_in_batch, grad_filter_eps=self.grad_filter_eps, **self.head,
             )  # fmt: skip
         return out
 

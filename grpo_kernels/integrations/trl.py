@@ -37,6 +37,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 from grpo_kernels import GRPOLossConfig, GRPOLossOutput, fused_linear_grpo_loss, linear_logprobs
+from grpo_kernels.config import HeadOptions
 from grpo_kernels.integrations.models import backbone_and_head, head_kwargs, router_aux_loss, unwrap_peft
 
 # loss types TRL normalises by the token count of the whole generation batch (`num_items_in_batch`)
@@ -134,12 +135,17 @@ class FusedGRPOTrainer(GRPOTrainer):
 
     Args:
         *args, **kwargs: exactly those of `trl.GRPOTrainer` (TRL 1.16).
+        grad_filter_eps: gradient filtering of the head's backward, as in `fused_linear_grpo_loss` (approximate;
+            None, the default, is exact).
 
     Raises:
         ValueError: for an option or model it cannot honour exactly (see the module's documentation).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, grad_filter_eps: float | str | None = None, **kwargs: Any) -> None:
+        if grad_filter_eps is not None and grad_filter_eps != "auto":
+            HeadOptions(grad_filter_eps=grad_filter_eps)  # a bad value fails here, not at the first step
+        self._grad_filter_eps = grad_filter_eps
         given = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
         if given.get("args") is not None and given["args"].use_liger_kernel:
             raise ValueError(
@@ -258,8 +264,9 @@ class FusedGRPOTrainer(GRPOTrainer):
             "sampling_logps": inputs.get("sampling_per_token_logps"),
         }
         head = functools.partial(
-            _loss_head, tensors=tensors, config=config, num_items_in_batch=num_items, **self._head_transform
-        )
+            _loss_head, tensors=tensors, config=config, num_items_in_batch=num_items,
+            grad_filter_eps=self._grad_filter_eps, **self._head_transform,
+        )  # fmt: skip
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
         with self.accelerator.autocast():
             out, aux_loss = model(
