@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row on CPU (default: %(default)s)")
     p.add_argument("--time-limit", type=float, help="seconds after which no new shape is started")
+    p.add_argument(
+        "--max-run-ms", type=float,
+        help="skip a provider's larger shapes once its runs there would take longer than this (projected linearly "
+        "in N from its last smaller shape), with the reason",
+    )  # fmt: skip
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report-only", action="store_true", help="remake results.md and plots from OUT/results.json")
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda: PyTorch sees no CUDA device")
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1; got {args.repeats}")
+    if args.max_run_ms is not None and not args.max_run_ms > 0:
+        raise SystemExit(f"--max-run-ms must be a positive number of milliseconds; got {args.max_run_ms}")
     if args.shapes:
         if len(args.ops) != 1:
             raise SystemExit("--shapes needs exactly one --ops (shapes are read per op)")
@@ -118,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         report.write_json(args.out / "results.json", rows, meta)
 
     rows = run_sweep(
-        cases, providers, args.modes, args.repeats, not args.no_memory, not args.no_progress, save, args.time_limit
-    )
+        cases, providers, args.modes, args.repeats, not args.no_memory, not args.no_progress, save, args.time_limit,
+        args.max_run_ms,
+    )  # fmt: skip
     measured = {(r["op"], r["B"], r["T"], r["H"], r["V"], r["dtype"], r["inputs"]) for r in rows}
     meta["not_measured"] = [c.label() for c in cases if (c.op, c.B, c.T, c.H, c.V, c.dtype, c.inputs) not in measured]
     meta["load_average"].append(round(os.getloadavg()[0], 2))

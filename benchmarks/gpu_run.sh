@@ -80,7 +80,7 @@ run() {
 print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-filter'}))")
   # shellcheck disable=SC2086
   timeout --kill-after=10 $((sweep_seconds + 45)) python3 -m benchmarks --device cuda --out "$out" --no-progress \
-    --time-limit "$sweep_seconds" --providers $providers || sweep=$?
+    --time-limit "$sweep_seconds" --max-run-ms 1000 --providers $providers || sweep=$?
   if [ "$sweep" -ne 0 ] && [ -f "$out/results.json" ]; then
     echo "sweep exited with $sweep: tables and plots from the rows it saved"
     python3 -m benchmarks --report-only --out "$out" || true

@@ -251,6 +251,23 @@ def derive(rows: list[dict]) -> None:
             }
 
 
+def _too_slow(rows: list[dict], row: dict, max_run_ms: float) -> str | None:
+    """Why `row` is not worth measuring under `max_run_ms`, or None: its provider's time at the largest smaller N of
+    the same op, mode, dtype, H, V and inputs, scaled to this N, exceeds the budget."""
+    same = [
+        r for r in rows
+        if r["skipped"] is None and r["N"] < row["N"]
+        and all(r[k] == row[k] for k in ("provider", "op", "mode", "dtype", "H", "V", "device_type", "inputs"))
+    ]  # fmt: skip
+    if not same:
+        return None
+    last = max(same, key=lambda r: r["N"])
+    projected = last["time_ms"] * row["N"] / last["N"]
+    if projected <= max_run_ms:
+        return None
+    return f"projected {projected:,.0f} ms a run ({last['time_ms']:,.0f} ms at N = {last['N']:,}): over --max-run-ms"
+
+
 def run_sweep(
     cases: Sequence[Case],
     providers: Sequence[Provider],
@@ -260,6 +277,7 @@ def run_sweep(
     progress: bool = True,
     on_rows: Callable[[list[dict]], None] | None = None,
     time_limit: float | None = None,
+    max_run_ms: float | None = None,
 ) -> list[dict]:
     """Measure every provider of each case's op in each of `modes` the op has; one row each.
 
@@ -275,6 +293,8 @@ def run_sweep(
         progress: show a progress bar.
         on_rows: called with all rows so far after each provider of each case (e.g. to save them as they come).
         time_limit: seconds after which no new case is started (the cases left get no rows).
+        max_run_ms: skip a row (with the reason) whose run would take longer than this, projected linearly in N from
+            the same provider's row at the largest smaller N of the same op, mode, dtype, H, V and inputs.
     """
     start = time.monotonic()
     env = {"device": device_name(cases[0].device) if cases else "", "versions": versions()}
@@ -303,6 +323,12 @@ def run_sweep(
                 if bound is not None and bound.backward is None and mode != "forward":
                     continue
                 row = _row(case, provider, mode, env)
+                slow = None if reason is not None or max_run_ms is None else _too_slow(rows, row, max_run_ms)
+                if slow is not None:
+                    row["skipped"] = slow
+                    bar.write(f"skipped {provider.name} ({case.label()}, {mode}): {slow}")
+                    rows.append(row)
+                    continue
                 if reason is None:
                     try:
                         measure(case, provider, bound, mode, repeats, memory, row)
