@@ -216,7 +216,7 @@ class _Head:
         keep = torch.empty(V, dtype=torch.bool, device=dz.device)
         left_out = torch.zeros(n, 1, dtype=torch.float32, device=dz.device)  # each token's sum of |dz| left out
         # an eighth of the vocabulary (or a few million comparisons) at a time: a flat softmax is seen in the first
-        step = max(1, min(-(-V // 8), (4 << 20 if dz.device.type == "cpu" else 64 << 20) // max(n, 1)))
+        step = max(1, min(-(-V // 8), (4 << 20 if dz.device.type == "cpu" else 16 << 20) // max(n, 1)))
         for start in range(0, V, step):
             block = dz[:, start : start + step].abs().float()
             kept = torch.any(block > r, dim=0, out=keep[start : start + step])
