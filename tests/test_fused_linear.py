@@ -104,7 +104,10 @@ def test_every_loss_type_matches_reference(impl, loss_type, dtype, device):
         ((3, 4, 16, 257), {"loss_type": "dapo"}, {"final_logit_softcapping": 3.0}),
         ((4, 6, 8, 64), {"loss_type": "vespo", "beta": 0.1}, {"final_logit_softcapping": 5.0, "logit_scale": 2.0}),
         ((4, 6, 8, 64), {"loss_type": "cispo", "off_policy_mask_threshold": 0.01, "epsilon_high": 1.2}, {}),
+        ((2, 3, 12, 151_936), {"loss_type": "dapo", "beta": 0.1}, {}),  # Qwen's vocabulary
+        ((2, 2, 8, 262_144), {"loss_type": "grpo", "entropy_coef": 0.1}, {}),  # the largest vocabulary supported
     ],
+    ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else None,
 )
 def test_odd_shapes_and_heads(impl, shape, options, head, device):
     dev = "cpu" if impl.startswith("torch") else device
