@@ -215,14 +215,18 @@ class _Head:
         n, V = dz.shape
         keep = torch.empty(V, dtype=torch.bool, device=dz.device)
         left_out = torch.zeros(n, 1, dtype=torch.float32, device=dz.device)  # each token's sum of |dz| left out
-        # an eighth of the vocabulary (or a few million comparisons) at a time: a flat softmax is seen in the first
-        step = max(1, min(-(-V // 8), (4 << 20 if dz.device.type == "cpu" else 16 << 20) // max(n, 1)))
+        # an eighth of the vocabulary (or a few million comparisons) at a time; on the CPU a flat softmax is seen in
+        # the first and ends the scan, on a GPU it is checked once at the end (each check waits for the device)
+        cpu_device = dz.device.type == "cpu"
+        step = max(1, min(-(-V // 8), (4 << 20 if cpu_device else 16 << 20) // max(n, 1)))
         for start in range(0, V, step):
             block = dz[:, start : start + step].abs().float()
             kept = torch.any(block > r, dim=0, out=keep[start : start + step])
             left_out += block.masked_fill_(kept, 0.0).sum(1, keepdim=True)
-            if (left_out > FILTER_MAX_LEFT_OUT * r).any():  # too much would be left out: keep every column
+            if cpu_device and (left_out > FILTER_MAX_LEFT_OUT * r).any():
                 return None
+        if (left_out > FILTER_MAX_LEFT_OUT * r).any():  # too much would be left out: keep every column
+            return None
         cols = keep.nonzero().squeeze(1)
         return cols if 2 * cols.numel() <= V else None
 
