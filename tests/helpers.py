@@ -6,6 +6,8 @@ import socket
 
 import torch
 
+from grpo_kernels import reference
+
 
 def _where(actual: torch.Tensor, expected: torch.Tensor) -> str:
     diff = (actual.double() - expected.double()).abs()
@@ -63,3 +65,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def filtering_bound(hidden, weight, bias, ids, adv, mask, config, eps, **extra):
+    """The exact fp64 gradients `(d_hidden, d_weight, d_bias)` and, for each, a bound on what gradient filtering at
+    `eps` may leave out: the sum of |logit gradient| * |other factor| over the entries at most their token's
+    threshold `eps / temperature * (|dL/dlogp| + |dL/dentropy|)`."""
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
+    raw = h64 @ w64.T + b64
+    logps, entropy = reference.logprobs_and_entropy(raw, ids, config.temperature)
+    logps, entropy = logps * mask, entropy * mask
+    loss, _ = reference.grpo_loss_from_logps(logps, entropy, adv.double(), mask, config=config, **extra)
+    g, h, dz = torch.autograd.grad(loss, (logps, entropy, raw), retain_graph=True, allow_unused=True)
+    exact = torch.autograd.grad(loss, (h64, w64, b64))
+    r = eps / config.temperature * (g.abs() + (0 if h is None else h.abs()))
+    small = torch.where(dz.abs() <= r[..., None], dz.abs(), torch.zeros_like(dz))  # [B, T, V]
+    bounds = (small @ w64.abs().detach(), torch.einsum("btv,bth->vh", small, h64.abs().detach()), small.sum((0, 1)))
+    return exact, bounds

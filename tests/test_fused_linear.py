@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, assert_within_pytorch_error
+from helpers import assert_close, assert_within_pytorch_error, filtering_bound
 
 from grpo_kernels import (
     GRPOLossConfig,
@@ -435,23 +435,6 @@ def peaked_inputs(B, T, H, V, dev, hot=64, temperature=0.8):
     extra = {"old_logps": (logps + torch.randn(B, T, device=dev) * 0.05) * mask,
              "ref_logps": (logps + torch.randn(B, T, device=dev) * 0.3) * mask}  # fmt: skip
     return hidden, weight, bias, ids, torch.randn(B, device=dev), mask, extra
-
-
-def filtering_bound(hidden, weight, bias, ids, adv, mask, config, eps, **extra):
-    """The exact fp64 gradients `(d_hidden, d_weight, d_bias)` and, for each, a bound on what gradient filtering at
-    `eps` may leave out: the sum of |logit gradient| * |other factor| over the entries at most their token's
-    threshold `eps / temperature * (|dL/dlogp| + |dL/dentropy|)`."""
-    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
-    raw = h64 @ w64.T + b64
-    logps, entropy = reference.logprobs_and_entropy(raw, ids, config.temperature)
-    logps, entropy = logps * mask, entropy * mask
-    loss, _ = reference.grpo_loss_from_logps(logps, entropy, adv.double(), mask, config=config, **extra)
-    g, h, dz = torch.autograd.grad(loss, (logps, entropy, raw), retain_graph=True, allow_unused=True)
-    exact = torch.autograd.grad(loss, (h64, w64, b64))
-    r = eps / config.temperature * (g.abs() + (0 if h is None else h.abs()))
-    small = torch.where(dz.abs() <= r[..., None], dz.abs(), torch.zeros_like(dz))  # [B, T, V]
-    bounds = (small @ w64.abs().detach(), torch.einsum("btv,bth->vh", small, h64.abs().detach()), small.sum((0, 1)))
-    return exact, bounds
 
 
 @pytest.mark.parametrize(

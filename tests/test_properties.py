@@ -16,7 +16,8 @@ import math
 import os
 
 import torch
-from hypothesis import assume, given
+from helpers import filtering_bound
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from grpo_kernels import (
@@ -194,6 +195,36 @@ def test_fused_linear_grpo_loss(config, batch, H, use_bias, head):
         _close(out.loss, expected.loss, f"{impl} loss")
         for name, a, e in zip(("d_hidden", "d_weight", "d_bias"), grads, d_expected, strict=False):
             _close(a, e, f"{impl} {name}")
+
+
+@settings(max_examples=100)
+@given(config=configs, batch=batches(max_v=60), H=st.integers(1, 16), eps=st.sampled_from([0.0, 1e-3, 0.02, 0.2]),
+       hot=st.sampled_from([1.0, 4.0, 12.0]))  # fmt: skip
+def test_gradient_filtering_error_is_bounded(config, batch, H, eps, hot):
+    """With `grad_filter_eps`, each gradient is within the sum of the entries filtering may leave out of the exact
+    one (plus fp32 rounding), for any options, shapes and peakedness; the loss is the exact one."""
+    B, T, V, g = batch["B"], batch["T"], batch["V"], batch["g"]
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / max(1, H) ** 0.5
+    weight[: max(1, V // 8)] *= hot  # a few columns hold the mass
+    bias = torch.randn(V, generator=g, dtype=torch.float64) * 0.1
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask, adv = batch["mask"], batch["advantages"]
+    extra = _reference_inputs(batch, config, reference.linear_logits(hidden, weight, bias), ids)
+    exact, bounds = filtering_bound(hidden, weight, bias, ids, adv, mask, config, eps, **extra)
+    expected = reference.linear_grpo_loss(hidden, weight, ids, adv, mask, bias=bias, config=config, **extra)
+    for impl in ("triton-fused", "triton-chunked", "torch", "torch-vocab-blocks"):
+        with _implementation(impl) as dev:
+            got = [t.float().to(dev).requires_grad_() for t in (hidden, weight, bias)]
+            out = fused_linear_grpo_loss(got[0], got[1], ids.to(dev), adv.float().to(dev), mask.to(dev), bias=got[2],
+                                         config=config, grad_filter_eps=eps,
+                                         **{k: v.float().to(dev) for k, v in extra.items()})  # fmt: skip
+            grads = torch.autograd.grad(out.loss, got)
+        _close(out.loss, expected.loss, f"{impl} loss")
+        for name, a, e, bound in zip(("d_hidden", "d_weight", "d_bias"), grads, exact, bounds, strict=True):
+            excess = (a.double().cpu() - e).abs() - bound
+            scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+            assert excess.numel() == 0 or excess.max().item() <= RTOL * scale, f"{impl} {name}: beyond the bound"
 
 
 @given(batch=batches(max_v=40), H=st.integers(1, 20), temperature=st.floats(0.3, 2.0))
