@@ -207,7 +207,7 @@ class _Head:
         its token's threshold (see `HeadOptions.grad_filter_eps`), or None to keep them all (filtering off, a token
         would lose more than `FILTER_MAX_LEFT_OUT` thresholds, or too few columns are left out to be worth gathering
         the rest)."""
-        if self.filter_eps is None:
+        if self.filter_eps is None or dz.shape[0] == 0:
             return None
         temperature, logit_scale, _ = self.args
         r = grad_logp.abs() if grad_entropy is None else grad_logp.abs() + grad_entropy.abs()
@@ -221,8 +221,8 @@ class _Head:
         step = max(1, min(-(-V // 8), (4 << 20 if cpu_device else 16 << 20) // max(n, 1)))
         for start in range(0, V, step):
             block = dz[:, start : start + step].abs().float()
-            kept = torch.any(block > r, dim=0, out=keep[start : start + step])
-            left_out += block.masked_fill_(kept, 0.0).sum(1, keepdim=True)
+            kept = torch.gt((block - r).amax(0), 0.0, out=keep[start : start + step])  # a - b > 0 exactly when a > b
+            left_out += block.sum(1, keepdim=True) - block[:, kept].sum(1, keepdim=True)
             if cpu_device and (left_out > FILTER_MAX_LEFT_OUT * r).any():
                 return None
         if (left_out > FILTER_MAX_LEFT_OUT * r).any():  # too much would be left out: keep every column
