@@ -421,6 +421,14 @@ def test_backward_runs_where_the_forward_ran(monkeypatch):
     assert h.grad is not None and torch.isfinite(h.grad).all()
 
 
+def token_chunks(monkeypatch, dev: str, tokens: int, V: int) -> None:
+    """Chunks of `tokens` tokens at vocabulary V, in both chunked strategies."""
+    kind = "cuda" if dev == "cuda" else "cpu"
+    for table in (fl.CHUNK_BYTES, fl.VOCAB_BLOCKS_CHUNK_BYTES):
+        monkeypatch.setitem(table, kind, tokens * 4 * V)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+
+
 def peaked_inputs(B, T, H, V, dev, hot=64, temperature=0.8):
     """Hidden states and a head whose softmax is peaked on `hot` columns (the first ones, as a frequency-sorted
     vocabulary has them), with completion tokens sampled from that softmax, as a policy's own samples are."""
@@ -447,11 +455,8 @@ def test_gradient_filtering_leaves_out_only_small_gradients(impl, options, devic
     filtering may leave out (plus the unfiltered result's own rounding error); something is left out; the forward's
     results are unchanged; and None stays exact (bit-identical to no filtering)."""
     dev = "cpu" if impl.startswith("torch") else device
-    kind = "cuda" if dev == "cuda" else "cpu"
     V, eps = 1000, 1e-3
-    for table in (fl.CHUNK_BYTES, fl.VOCAB_BLOCKS_CHUNK_BYTES):  # 8-token chunks: few columns kept in each
-        monkeypatch.setitem(table, kind, 8 * 4 * V)
-    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    token_chunks(monkeypatch, dev, 8, V)  # few columns kept in each
     hidden, weight, bias, ids, adv, mask, extra = peaked_inputs(4, 9, 40, V, dev)
     config = GRPOLossConfig(temperature=0.8, **options)
     args = (hidden, weight, bias, ids, adv, mask)
@@ -475,11 +480,8 @@ def test_gradient_filtering_keeps_every_column_of_a_flat_softmax(impl, device, m
     """Near-uniform probabilities, each below the threshold, add up: the chunked schedules then keep every column
     (bit-identical to no filtering) rather than leave out most of each token's probability mass."""
     dev = "cpu" if impl.startswith("torch") else device
-    kind = "cuda" if dev == "cuda" else "cpu"
     V = 1000
-    for table in (fl.CHUNK_BYTES, fl.VOCAB_BLOCKS_CHUNK_BYTES):
-        monkeypatch.setitem(table, kind, 8 * 4 * V)
-    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    token_chunks(monkeypatch, dev, 8, V)
     hidden, weight, bias, ids, adv, mask, extra = make_inputs(4, 9, 40, V, torch.float32, dev)
     config = GRPOLossConfig(loss_type="grpo", beta=0.1, entropy_coef=0.05)
     args = (hidden, weight, bias, ids, adv, mask)
