@@ -231,7 +231,8 @@ class _Head:
         return cols if 2 * cols.numel() <= V else None
 
     def _filtered_grads(self, dz: torch.Tensor, sl: slice, cols: torch.Tensor) -> None:
-        """`add_grads` for the kept columns `cols` of `dz` only, gathered a bounded number at a time."""
+        """`add_grads` for the kept columns `cols` of `dz` only, gathered a bounded number at a time. The columns are
+        distinct, so `index_add_` adds to each row of `d_weight` once: the result does not depend on its order."""
         n, H = dz.shape[0], self.flat.shape[1]
         weights = self._rows is None  # with vocabulary blocks the weights' gradients come later, unfiltered
         rows = self.rows(sl) if weights and self.d_w is not None else None
