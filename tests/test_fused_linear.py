@@ -453,7 +453,8 @@ def peaked_inputs(B, T, H, V, dev, hot=64, temperature=0.8):
 def test_gradient_filtering_leaves_out_only_small_gradients(impl, options, device, monkeypatch):
     """With `grad_filter_eps`, each gradient's error against the exact one is within the bound of the entries that
     filtering may leave out (plus the unfiltered result's own rounding error); something is left out; the forward's
-    results are unchanged; and None stays exact (bit-identical to no filtering)."""
+    results are unchanged; results are bit-identical run to run; and None stays exact (bit-identical to no
+    filtering)."""
     dev = "cpu" if impl.startswith("torch") else device
     V, eps = 1000, 1e-3
     token_chunks(monkeypatch, dev, 8, V)  # few columns kept in each
@@ -463,6 +464,8 @@ def test_gradient_filtering_leaves_out_only_small_gradients(impl, options, devic
     plain, g_plain = run(fused_linear_grpo_loss, *args, config=config, **extra)
     off, g_off = run(fused_linear_grpo_loss, *args, config=config, grad_filter_eps=None, **extra)
     out, g_out = run(fused_linear_grpo_loss, *args, config=config, grad_filter_eps=eps, **extra)
+    _, g_again = run(fused_linear_grpo_loss, *args, config=config, grad_filter_eps=eps, **extra)
+    assert all(torch.equal(a, b) for a, b in zip(g_out, g_again, strict=True)), "filtering is not deterministic"
     assert torch.equal(off.loss, plain.loss) and all(torch.equal(a, b) for a, b in zip(g_off, g_plain, strict=True))
     assert torch.equal(out.loss, plain.loss) and torch.equal(out.logps, plain.logps)
     exact, bounds = filtering_bound(*args, config, eps, **extra)
