@@ -37,7 +37,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 from grpo_kernels import GRPOLossConfig, GRPOLossOutput, fused_linear_grpo_loss, linear_logprobs
-from grpo_kernels.config import HeadOptions
+from grpo_kernels.config import HeadOptions, resolve_grad_filter_eps
 from grpo_kernels.integrations.models import backbone_and_head, head_kwargs, router_aux_loss, unwrap_peft
 
 # loss types TRL normalises by the token count of the whole generation batch (`num_items_in_batch`)
@@ -143,8 +143,8 @@ class FusedGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args: Any, grad_filter_eps: float | str | None = None, **kwargs: Any) -> None:
-        if grad_filter_eps is not None and grad_filter_eps != "auto":
-            HeadOptions(grad_filter_eps=grad_filter_eps)  # a bad value fails here, not at the first step
+        # a bad value fails here, not at the first step ("auto" resolves per step, from the hidden states' dtype)
+        HeadOptions(grad_filter_eps=resolve_grad_filter_eps(grad_filter_eps, torch.float32))
         self._grad_filter_eps = grad_filter_eps
         given = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
         if given.get("args") is not None and given["args"].use_liger_kernel:
