@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
         "in N from its last smaller shape), with the reason",
     )  # fmt: skip
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument(
+        "--profile", action="store_true",
+        help="profile one more run of each row with torch.profiler: the top kernels (GPU) or ops (CPU) in "
+        "results.md and results.json, the full tables in OUT/profiles/",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report-only", action="store_true", help="remake results.md and plots from OUT/results.json")
     return p
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = run_sweep(
         cases, providers, args.modes, args.repeats, not args.no_memory, not args.no_progress, save, args.time_limit,
-        args.max_run_ms,
+        args.max_run_ms, args.out / "profiles" if args.profile else None,
     )  # fmt: skip
     measured = {(r["op"], r["B"], r["T"], r["H"], r["V"], r["dtype"], r["inputs"]) for r in rows}
     meta["not_measured"] = [c.label() for c in cases if (c.op, c.B, c.T, c.H, c.V, c.dtype, c.inputs) not in measured]

@@ -11,7 +11,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-SCHEMA = 2  # 2: rows carry "inputs" (random or peaked); rows of schema 1 are random
+# 2: rows carry "inputs" (random or peaked); rows of schema 1 are random. 3: rows carry "profile" and "profile_file"
+# (None unless profiled)
+SCHEMA = 3
 MODE_ORDER = ("forward+backward", "forward", "backward")
 OP_TITLES = {
     "fused_linear": "Fused linear GRPO loss (hidden states and LM-head weight in, gradients out)",
@@ -184,7 +186,36 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
                 if any(r["peak_mib"] is not None for r in group):
                     lines += ["Peak memory beyond the inputs, MiB:", "", *_table(group, "peak_mib"), ""]
             lines += _skips([r for r in group if r["provider"] not in never], "Not measured: ")
+    lines += _profiles(rows)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _profiles(rows: list[dict]) -> list[str]:
+    """"Where the time goes": for each profiled row, its top kernels (GPU) or ops (CPU) and their share of the
+    profiled run's self time; the full tables are in profiles/."""
+    done = [r for r in rows if r.get("profile")]
+    if not done:
+        return []
+    what = "kernels by self device time" if done[0]["device_type"] == "cuda" else "ops by self CPU time"
+    lines = [
+        "## Where the time goes",
+        "",
+        f"One more run of each row under `torch.profiler`: the {what}, top {len(done[0]['profile'])}; the full "
+        "tables are in `profiles/`. The profiler adds its own overhead: read shares, not totals.",
+        "",
+    ]
+    for r in done:
+        shape = ", ".join(f"{k} = {r[k]:,}" for k in ("N", "H", "V") if r[k] is not None)
+        title = f"{OP_TITLES[r['op']].split(' (')[0]}, {r['mode']}, {r['dtype']}, {shape}"
+        if r.get("inputs", "random") != "random":
+            title += f", {r['inputs']} inputs"
+        lines += [f"### {r['label']}: {title}", "", "| kernel or op | ms | calls | share |", "|---|---|---|---|"]
+        for e in r["profile"]:
+            name = e["name"] if len(e["name"]) <= 90 else e["name"][:87] + "..."
+            name = name.replace("|", "\\|")
+            lines.append(f"| `{name}` | {_num(e['ms'])} | {e['calls']:,} | {e['fraction']:.0%} |")
+        lines.append("")
+    return lines
 
 
 def write_plots(out: Path, rows: list[dict]) -> list[Path]:

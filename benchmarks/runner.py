@@ -9,6 +9,10 @@ Time and memory come from separate runs: the CPU byte meter watches every alloca
   PyTorch's allocations.
 
 Medians and the 20% / 80% quantiles of the runs are reported; memory is the peak allocated beyond the inputs.
+
+With a profile folder, one more run per row goes under `torch.profiler`: where the time goes, kernel by kernel on a
+GPU (self device time) or op by op on a CPU (self CPU time), as a table in a file of its own and the top entries in
+the row.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +35,7 @@ from grpo_kernels.memory import MemoryMeter
 
 MIB = 1 << 20
 CUDA_MIN_RUNS = 5
+PROFILE_TOP = 8  # entries of a profile kept in its row
 VERSIONED = ("triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers")
 
 
@@ -110,6 +117,41 @@ def peak_bytes(bound: Bound, mode: str, device: str) -> int:
     del out, state
     _reset(bound.grads)
     return meter.peak_bytes
+
+
+def profile_run(bound: Bound, mode: str, device: str, path: Path) -> list[dict[str, Any]]:
+    """One run of `mode` under `torch.profiler`: writes the table of its kernels (CUDA, by self device time) or ops
+    (CPU, by self CPU time) to `path`, and returns the top `PROFILE_TOP` as `{"name", "ms", "calls", "fraction"}`
+    (fraction of the run's total self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    setup, run = steps(bound, mode)
+    _reset(bound.grads)
+    state = setup() if setup else None
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        out = run(state)
+        _sync(device)
+    del out, state
+    _reset(bound.grads)
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=100) + "\n")
+    return [
+        {"name": e.key, "ms": getattr(e, key) / 1e3, "calls": e.count, "fraction": getattr(e, key) / total}
+        for e in events[:PROFILE_TOP]
+    ]
+
+
+def profile_name(row: dict) -> str:
+    """The file name of a row's profile: op, shape, dtype, inputs, provider and mode."""
+    shape = "x".join(str(row[k]) for k in ("B", "T", "H", "V") if row[k] is not None)
+    name = f"{row['op']}-{shape}-{row['dtype']}-{row['inputs']}-{row['provider']}-{row['mode']}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".txt"
 
 
 def device_name(device: str) -> str:
@@ -203,12 +245,17 @@ def _row(case: Case, provider: Provider, mode: str, env: dict) -> dict[str, Any]
         "floor_fraction": None,
         "speedup_vs": {},
         "skipped": None,
+        "profile": None,
+        "profile_file": None,
         "versions": env["versions"],
     }
 
 
-def measure(case: Case, provider: Provider, bound: Bound, mode: str, repeats: int, memory: bool, row: dict) -> None:
-    """Fill `row` with the times (and peak memory) of `mode`."""
+def measure(
+    case: Case, provider: Provider, bound: Bound, mode: str, repeats: int, memory: bool, row: dict,
+    profiles: Path | None = None,
+) -> None:  # fmt: skip
+    """Fill `row` with the times (and peak memory, and with `profiles` a profile written there) of `mode`."""
     times = time_runs(bound, mode, case.device, repeats)
     q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
     median = float(q[0])
@@ -223,6 +270,10 @@ def measure(case: Case, provider: Provider, bound: Bound, mode: str, repeats: in
         row["gb_per_s"] = moved / (median * 1e-3) / 1e9
     if memory:
         row["peak_mib"] = peak_bytes(bound, mode, case.device) / MIB
+    if profiles is not None:
+        name = profile_name(row)
+        row["profile"] = profile_run(bound, mode, case.device, profiles / name)
+        row["profile_file"] = name
 
 
 def _shape_key(row: dict) -> tuple:
@@ -278,6 +329,7 @@ def run_sweep(
     on_rows: Callable[[list[dict]], None] | None = None,
     time_limit: float | None = None,
     max_run_ms: float | None = None,
+    profiles: Path | None = None,
 ) -> list[dict]:
     """Measure every provider of each case's op in each of `modes` the op has; one row each.
 
@@ -295,6 +347,7 @@ def run_sweep(
         time_limit: seconds after which no new case is started (the cases left get no rows).
         max_run_ms: skip a row (with the reason) whose run would take longer than this, projected linearly in N from
             the same provider's row at the largest smaller N of the same op, mode, dtype, H, V and inputs.
+        profiles: a folder: profile one more run of each measured row there (see `profile_run`).
     """
     start = time.monotonic()
     env = {"device": device_name(cases[0].device) if cases else "", "versions": versions()}
@@ -331,7 +384,7 @@ def run_sweep(
                     continue
                 if reason is None:
                     try:
-                        measure(case, provider, bound, mode, repeats, memory, row)
+                        measure(case, provider, bound, mode, repeats, memory, row, profiles)
                     except Exception as err:
                         reason = _reason(err)
                     if reason is not None:  # out of the except block, whose traceback holds the failed run's tensors

@@ -17,7 +17,7 @@ from benchmarks.runner import run_sweep
 ROW_KEYS = {
     "op", "provider", "label", "role", "mode", "B", "T", "N", "H", "V", "dtype", "device_type", "inputs", "device",
     "time_ms", "time_p20_ms", "time_p80_ms", "time_min_ms", "time_max_ms", "repeats", "peak_mib", "grads_mib",
-    "tflops", "gb_per_s", "floor_fraction", "speedup_vs", "skipped", "versions",
+    "tflops", "gb_per_s", "floor_fraction", "speedup_vs", "skipped", "profile", "profile_file", "versions",
 }  # fmt: skip
 
 
@@ -173,6 +173,33 @@ def test_command_line_writes_the_results_and_remakes_the_report(tmp_path, capsys
     assert exit_info.value.code == 0 and "--quick" in capsys.readouterr().out
 
 
+def test_profile_says_where_the_time_goes(tmp_path):
+    """--profile: one more run per row under torch.profiler; its top ops in the row and in results.md, the full table
+    in profiles/. Rows measured without it carry no profile."""
+    out = tmp_path / "prof"
+    args = ["--device", "cpu", "--ops", "fused_linear", "--shapes", "2x8x16x256", "--providers", "ours-torch",
+            "floor", "--repeats", "1", "--no-progress", "--no-memory", "--profile", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == 2 * 3
+    text = (out / "results.md").read_text()
+    assert "## Where the time goes" in text
+    for row in rows:
+        top = row["profile"]
+        assert 0 < len(top) <= 8 and all(e["ms"] > 0 and e["calls"] >= 1 and 0 < e["fraction"] <= 1 for e in top)
+        assert [e["ms"] for e in top] == sorted((e["ms"] for e in top), reverse=True)
+        assert sum(e["fraction"] for e in top) <= 1 + 1e-9
+        table = (out / "profiles" / row["profile_file"]).read_text()
+        assert top[0]["name"] in table and "Self CPU" in table
+        assert f"### {row['label']}: Fused linear GRPO loss, {row['mode']}, float32, N = 16, H = 16, V = 256" in text
+    floor_ops = {e["name"] for r in rows if r["provider"] == "floor" for e in r["profile"]}
+    assert "aten::mm" in floor_ops  # the floor is matrix products
+    plain = tmp_path / "plain"
+    assert main([*args[:-3], "--out", str(plain)]) == 0
+    assert all(r["profile"] is None for r in json.loads((plain / "results.json").read_text())["rows"])
+    assert "Where the time goes" not in (plain / "results.md").read_text() and not (plain / "profiles").exists()
+
+
 def test_bad_shapes_are_refused_with_the_expected_form():
     assert parse_shape("loss_from_logits", "2x8x64", "float32", "cpu") == Case(
         "loss_from_logits", 2, 8, None, 64, "float32", "cpu"
@@ -184,15 +211,16 @@ def test_bad_shapes_are_refused_with_the_expected_form():
 
 
 @pytest.mark.gpu
-def test_the_sweep_runs_on_cuda(capsys):
-    """do_bench, the CUDA backward timing and the allocator's peak on every provider; a third-party provider that
-    fails here is reported (printed), not failed: its library is not under test."""
-    rows = run_sweep(tiny_cases("cuda"), PROVIDERS, repeats=1, progress=False)
+def test_the_sweep_runs_on_cuda(capsys, tmp_path):
+    """do_bench, the CUDA backward timing, the allocator's peak and the profiler's kernels on every provider; a
+    third-party provider that fails here is reported (printed), not failed: its library is not under test."""
+    rows = run_sweep(tiny_cases("cuda"), PROVIDERS, repeats=1, progress=False, profiles=tmp_path)
     for provider in PROVIDERS:
         mine = [r for r in rows if r["provider"] == provider.name and r["op"] == provider.op]
         assert mine, provider.name
         if provider.name in ("ours-triton", "eager", "floor"):
             assert all(r["skipped"] is None and r["time_ms"] > 0 and r["peak_mib"] >= 0 for r in mine), mine
+            assert all(r["profile"] and (tmp_path / r["profile_file"]).exists() for r in mine), mine
     with capsys.disabled():
         print(capsys.readouterr().out)
 
