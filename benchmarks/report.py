@@ -191,7 +191,7 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
 
 
 def _profiles(rows: list[dict]) -> list[str]:
-    """"Where the time goes": for each profiled row, its top kernels (GPU) or ops (CPU) and their share of the
+    """The "where the time goes" section: for each profiled row, its top kernels (GPU) or ops (CPU) and their share of the
     profiled run's self time; the full tables are in profiles/."""
     done = [r for r in rows if r.get("profile")]
     if not done:
