@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import report
-from benchmarks.providers import INPUTS, MODES, OPS, PROVIDERS, Case, sweep
+from benchmarks.providers import INPUTS, MODES, OP_MODES, OPS, PROVIDERS, Case, sweep
 from benchmarks.runner import device_name, run_sweep, versions
 
 TIMING = {
@@ -25,19 +25,21 @@ TIMING = {
 
 
 def parse_shape(op: str, text: str, dtype: str, device: str, inputs: str = "random") -> Case:
-    """`BxTxHxV` (fused_linear), `BxTxV` (loss_from_logits) or `B` (advantages) -> Case."""
-    want = {"fused_linear": 4, "loss_from_logits": 3, "advantages": 1}[op]
+    """`BxTxHxV` (fused_linear, linear_logprobs), `BxTxV` (loss_from_logits) or `B` (advantages) -> Case."""
+    want = {"fused_linear": 4, "linear_logprobs": 4, "loss_from_logits": 3, "advantages": 1}[op]
     try:
         dims = [int(x) for x in text.lower().split("x")]
     except ValueError:
         dims = []
     if len(dims) != want or min(dims) < 1:
-        form = {"fused_linear": "BxTxHxV", "loss_from_logits": "BxTxV", "advantages": "B"}[op]
+        form = {"loss_from_logits": "BxTxV", "advantages": "B"}.get(op, "BxTxHxV")
         raise SystemExit(f"--shapes {text!r}: {op} shapes are {form}, positive integers (e.g. 8x1024x512x65536)")
     if op == "fused_linear":
         return Case(op, dims[0], dims[1], dims[2], dims[3], dtype, device, inputs)
     if inputs != "random":
         raise SystemExit(f"--inputs {inputs} is for the fused_linear op only")
+    if op == "linear_logprobs":
+        return Case(op, dims[0], dims[1], dims[2], dims[3], dtype, device)
     if op == "loss_from_logits":
         return Case(op, dims[0], dims[1], None, dims[2], dtype, device)
     return Case(op, dims[0], 1, None, None, "float32", device)
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["not_measured"] = [c.label() for c in cases if (c.op, c.B, c.T, c.H, c.V, c.dtype, c.inputs) not in measured]
     meta["load_average"].append(round(os.getloadavg()[0], 2))
     written = report.write_all(args.out, rows, meta)
-    print(report.markdown([r for r in rows if r["mode"] == "forward+backward" or r["op"] == "advantages"], meta))
+    shown = [r for r in rows if r["mode"] == "forward+backward" or OP_MODES[r["op"]] == ("forward",)]
+    print(report.markdown(shown, meta))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

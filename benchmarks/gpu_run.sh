@@ -2,8 +2,8 @@
 # The GPU run on a machine with no network: the kernel tests on CUDA (compiled Triton, bf16), the full benchmark sweep,
 # then the opt-in strategies of the fused linear loss (fused kernels, vocab blocks, gradient filtering on peaked
 # inputs; profiled kernel by kernel) on the issue-3 target shape in processes of their own (a fault there cannot take
-# the sweep with it). About 8 minutes, 10 at most: tests not started 100 s in are skipped with that reason, no new
-# shape is started 200 s into the sweep, and no other chunk budget 520 s into the run.
+# the sweep with it), with the fused kernels' tile tuner. Under 10 minutes: tests not started 90 s in are skipped with
+# that reason, no new shape is started 170 s into the sweep, and no later stage starts that could end past 585 s.
 #
 #   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
 #
@@ -29,8 +29,9 @@ cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu}"
 site="${GPU_RUN_SITE:-/tmp/grpo-bench-site}"
 scratch="${TMPDIR:-/tmp}/grpo-gpu-run"
-test_seconds="${TEST_SECONDS:-100}"    # tests not started by then are skipped
-sweep_seconds="${SWEEP_SECONDS:-200}"  # no new shape is started after this; the shape under way finishes
+test_seconds="${TEST_SECONDS:-90}"     # tests not started by then are skipped
+sweep_seconds="${SWEEP_SECONDS:-170}"  # no new shape is started after this; the shape under way finishes
+end_seconds="${END_SECONDS:-585}"      # no later stage starts that could run past this
 mkdir -p "$out" "$scratch"
 
 versions() {
@@ -89,19 +90,25 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-filter'})
 
   echo "== the opt-in strategies (GRPO_KERNELS_LINEAR=fused, vocab-blocks) on the target shape"
   local fused=0
+  # each stage starts only when its time limit still fits before the run's end ($end_seconds)
+  fits() { if [ $((SECONDS + $1)) -gt "$end_seconds" ]; then echo "skipped $2: the run is at $SECONDS s"; return 1; fi; }
   # --profile: where each strategy's time goes, kernel by kernel (results.md's last section, profiles/)
-  timeout --kill-after=10 120 python3 -m benchmarks --device cuda --out "$scratch/fused" --no-progress --profile \
-    --ops fused_linear --shapes 8x1024x4096x131072 --providers ours-triton ours-fused ours-vocab floor || fused=$?
+  fits 120 "the strategies" && { timeout --kill-after=10 110 python3 -m benchmarks --device cuda --no-progress \
+    --profile --out "$scratch/fused" --ops fused_linear --shapes 8x1024x4096x131072 \
+    --providers ours-triton ours-fused ours-vocab floor || fused=$?; }
+  # the fused kernels' tile configurations (TILES in grpo_kernels/ops/linear.py), forward and backward
+  fits 85 "the tile tuner" && { timeout --kill-after=10 75 python3 -m benchmarks.tune_fused --time-limit 45 \
+    --out "$scratch/fused/tune" || fused=$?; }
   # gradient filtering on peaked inputs (a trained model's softmax), next to the exact default and the references
-  timeout --kill-after=10 90 python3 -m benchmarks --device cuda --out "$scratch/fused/peaked" --no-progress \
-    --ops fused_linear --shapes 8x1024x4096x131072 --inputs peaked --providers ours-triton ours-filter cce floor \
-    || fused=$?
+  fits 80 "peaked inputs" && { timeout --kill-after=10 70 python3 -m benchmarks --device cuda --no-progress \
+    --out "$scratch/fused/peaked" --ops fused_linear --shapes 8x1024x4096x131072 --inputs peaked \
+    --providers ours-triton ours-filter cce floor || fused=$?; }
   # other chunk budgets (MiB of fp32 logits) than the defaults: vocab blocks 128, chunked 1,024; while time is left.
   # vocab blocks at 96 MiB keep 48 MiB of bf16 logits: under issue 3's 64 MiB beyond the gradients
   local run
   for run in ours-filter:64 ours-vocab:96 ours-triton:256 ours-vocab:512 ours-vocab:32; do
-    if [ "$SECONDS" -gt "${RUN_SECONDS:-520}" ]; then echo "skipped $run: the run is at $SECONDS s"; continue; fi
-    GRPO_KERNELS_CHUNK_MIB=${run#*:} timeout --kill-after=10 60 python3 -m benchmarks --device cuda --no-progress \
+    fits 50 "$run" || continue
+    GRPO_KERNELS_CHUNK_MIB=${run#*:} timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress \
       --out "$scratch/fused/${run%:*}-${run#*:}-mib" --ops fused_linear --shapes 8x1024x4096x131072 \
       --providers "${run%:*}" $([ "${run%:*}" = ours-filter ] && echo --inputs peaked) || fused=$?
   done

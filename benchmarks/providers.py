@@ -1,9 +1,11 @@
 """What the suite measures: the ops, the shapes (cases and sweeps) and each implementation of an op (a provider).
 
-Three ops:
+Four ops:
 
 - `fused_linear`: the GRPO loss from hidden states `[B, T, H]` and the LM-head weight `[V, H]`; gradients flow to
   both. Compute-bound: its floor is the plain matrix products it must do (one forward, two backward).
+- `linear_logprobs`: per-token log-probs from hidden states and the LM-head weight without gradients, as a GRPO step
+  computes them for the old and reference policies; forward only, one matrix product.
 - `loss_from_logits`: the GRPO loss from logits `[B, T, V]`; the gradient flows to the logits. Memory-bound: its
   floor is a device copy's bandwidth, and it must read the logits once forward, and read them and write their
   gradient backward.
@@ -22,6 +24,7 @@ the completion tokens are sampled from that softmax, as a policy's own samples a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -37,16 +40,19 @@ from grpo_kernels import (
     fused_linear_grpo_loss,
     group_advantages,
     grpo_loss,
+    linear_logprobs,
     reference,
 )
 
-OPS = ("fused_linear", "loss_from_logits", "advantages")
+OPS = ("fused_linear", "linear_logprobs", "loss_from_logits", "advantages")
+LINEAR_OPS = ("fused_linear", "linear_logprobs")  # from hidden states: shapes with H, compute-bound
 INPUTS = ("random", "peaked")
 PEAKED_HOT_FRACTION = 16  # the first V / 16 vocabulary rows carry the mass...
 PEAKED_HOT_SCALE = 5.0  # ...by being this much larger
 FILTER_EPS = 2.0**-12  # the gradient filtering threshold of the "ours-filter" provider ("auto" for bf16 inputs)
 MODES = ("forward", "backward", "forward+backward")
-OP_MODES = {"fused_linear": MODES, "loss_from_logits": MODES, "advantages": ("forward",)}
+FORWARD = ("forward",)
+OP_MODES = {"fused_linear": MODES, "linear_logprobs": FORWARD, "loss_from_logits": MODES, "advantages": FORWARD}
 GROUP_SIZE = 8  # completions per prompt in the advantages op
 CONFIG = GRPOLossConfig(loss_type="dapo")
 LINEAR_ARGS = ("hidden", "weight", "ids", "advantages", "mask")
@@ -59,7 +65,7 @@ class Case:
     Args:
         op: one of `OPS`.
         B, T: batch and completion length (`advantages`: B rewards, T = 1).
-        H: hidden size (`fused_linear` only).
+        H: hidden size (`fused_linear` and `linear_logprobs` only).
         V: vocabulary size (not for `advantages`).
         dtype: "float32" or "bfloat16" (the inputs'; `advantages` is always fp32).
         device: "cpu" or "cuda".
@@ -91,7 +97,7 @@ class Case:
 
     def flops(self, mode: str) -> float:
         """Floating-point operations of the matrix products the op must do in `mode` (0 for memory-bound ops)."""
-        if self.op != "fused_linear":
+        if self.op not in LINEAR_OPS:
             return 0.0
         products = {"forward": 1, "backward": 2, "forward+backward": 3}[mode]
         return 2.0 * products * self.N * self.H * self.V
@@ -116,6 +122,8 @@ class Case:
         size = self.torch_dtype.itemsize
         if self.op == "fused_linear":
             return (self.N + self.V) * self.H * size
+        if self.op == "linear_logprobs":
+            return 0
         if self.op == "loss_from_logits":
             return self.N * self.V * size
         return 0
@@ -139,6 +147,7 @@ def sweep(name: str, device: str) -> list[Case]:
     if name == "quick":
         return [
             *_grid("fused_linear", (256, 1024), 512, 32_768, "float32", device),
+            *_grid("linear_logprobs", (1024, 4096), 512, 32_768, "float32", device),
             *_grid("loss_from_logits", (1024, 4096), None, 32_768, "float32", device),
             *_rewards((1024, 65_536), device),
         ]
@@ -148,6 +157,7 @@ def sweep(name: str, device: str) -> list[Case]:
         return [
             *_grid("fused_linear", (1024, 4096, 8192), 512, 32_768, "float32", "cpu"),
             *_grid("fused_linear", (1024, 4096, 8192), 512, 65_536, "float32", "cpu"),
+            *_grid("linear_logprobs", (1024, 4096, 8192), 512, 65_536, "float32", "cpu"),
             *_grid("loss_from_logits", (1024, 4096), None, 32_768, "float32", "cpu"),
             *_grid("loss_from_logits", (1024, 4096), None, 131_072, "float32", "cpu"),
             *_rewards((1024, 65_536, 1_048_576), "cpu"),
@@ -157,12 +167,14 @@ def sweep(name: str, device: str) -> list[Case]:
     # Llama-2/Mistral (32k, 4,096); fp32 last
     return [
         *_grid("fused_linear", (1024, 8192), 4096, 131_072, "bfloat16", device),
+        *_grid("linear_logprobs", (1024, 8192, 32_768), 4096, 131_072, "bfloat16", device),
         *_grid("loss_from_logits", (1024, 4096, 16_384), None, 131_072, "bfloat16", device),
         *_rewards((1024, 65_536, 1_048_576), device),
         *_grid("loss_from_logits", (1024, 4096, 16_384), None, 151_936, "bfloat16", device),
         *_grid("loss_from_logits", (1024, 4096, 16_384), None, 32_768, "bfloat16", device),
         *_grid("fused_linear", (32_768,), 4096, 131_072, "bfloat16", device),
         *_grid("fused_linear", (4096, 16_384, 65_536), 896, 151_936, "bfloat16", device),
+        *_grid("linear_logprobs", (4096, 16_384, 65_536), 896, 151_936, "bfloat16", device),
         *_grid("fused_linear", (4096, 16_384, 65_536), 4096, 32_768, "bfloat16", device),
         *_grid("fused_linear", (1024, 4096), 896, 151_936, "float32", device),
     ]
@@ -184,14 +196,15 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
         "advantages": torch.randn(B, device=dev),
         "mask": torch.ones(B, T, device=dev),
     }
-    if case.op == "fused_linear":
+    if case.op in LINEAR_OPS:
         hidden = torch.randn(B, T, case.H, device=dev, dtype=dt)
         weight = torch.randn(case.V, case.H, device=dev) * case.H**-0.5
         if case.inputs == "peaked":
             weight[: case.V // PEAKED_HOT_FRACTION] *= PEAKED_HOT_SCALE
             inputs["ids"] = _sampled_ids(hidden, weight.to(dt))
-        inputs["hidden"] = hidden.requires_grad_()
-        inputs["weight"] = weight.to(dt).requires_grad_()
+        grad = case.op == "fused_linear"  # log-probs of the old and reference policies need none
+        inputs["hidden"] = hidden.requires_grad_(grad)
+        inputs["weight"] = weight.to(dt).requires_grad_(grad)
     else:
         inputs["logits"] = torch.randn(B, T, case.V, device=dev, dtype=dt).requires_grad_()
     return inputs
@@ -370,6 +383,69 @@ def _eager_linear_memory(case: Case) -> int:
     return case.N * case.V * (case.torch_dtype.itemsize + 4 * 4)
 
 
+# --- linear_logprobs -----------------------------------------------------------------------------------------------
+
+
+def _ours_logprobs(name: str, strategy: str = "chunked") -> Callable[[Case, dict], Bound]:
+    def bind(case: Case, x: dict) -> Bound:
+        def forward() -> torch.Tensor:
+            with torch.no_grad(), backend(name), _linear_strategy(strategy):
+                return linear_logprobs(x["hidden"], x["weight"], x["ids"])
+
+        return Bound(forward, backward=None)
+
+    return bind
+
+
+def _eager_logprobs(case: Case, x: dict) -> Bound:
+    def forward() -> torch.Tensor:  # the logits, an fp32 log-softmax, a gather: as a plain training loop does
+        with torch.no_grad():
+            logits = x["hidden"] @ x["weight"].T
+            return torch.log_softmax(logits.float(), dim=-1).gather(-1, x["ids"].unsqueeze(-1)).squeeze(-1)
+
+    return Bound(forward, backward=None)
+
+
+def _trl_logprobs(case: Case, x: dict) -> Bound:
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    B, T, H = x["hidden"].shape
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return ChunkedLogProbFunction.apply(
+                x["hidden"].reshape(-1, H), x["weight"], None, x["ids"].reshape(-1), 1.0,
+                _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",),
+            )[0].view(B, T)  # fmt: skip
+
+    return Bound(forward, backward=None)
+
+
+def _cce_logprobs(case: Case, x: dict) -> Bound:
+    from cut_cross_entropy import linear_cross_entropy
+
+    B, T, H = x["hidden"].shape
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            ce = linear_cross_entropy(x["hidden"].reshape(-1, H), x["weight"], x["ids"].reshape(-1), reduction="none")
+            return -ce.view(B, T)
+
+    return Bound(forward, backward=None)
+
+
+def _matmul_floor_forward(case: Case, x: dict) -> Bound:
+    h, w = x["hidden"].reshape(-1, case.H), x["weight"]
+    z = h.new_empty(h.shape[0], w.shape[0])
+    return Bound(lambda: torch.mm(h, w.t(), out=z), backward=None)
+
+
+def _eager_logprobs_memory(case: Case) -> int:
+    # logits in the input dtype, their fp32 copy and its log-softmax
+    return case.N * case.V * (case.torch_dtype.itemsize + 2 * 4)
+
+
 # --- loss_from_logits ----------------------------------------------------------------------------------------------
 
 
@@ -473,6 +549,10 @@ _OURS_VOCAB = Provider(
     "ours-vocab", "fused_linear", "grpo_kernels (vocab blocks)", _ours_linear("auto", "vocab-blocks"), role="ours"
 )
 
+_OURS_FUSED_LOGPROBS = dataclasses.replace(
+    _OURS_FUSED, op="linear_logprobs", bind=_ours_logprobs("triton", "fused")
+)  # fmt: skip
+
 # gradient filtering (approximate) on the default chunked schedule: only pays on peaked inputs
 _OURS_FILTER = Provider(
     "ours-filter", "fused_linear", "grpo_kernels (filter 2^-12)", _ours_linear("auto", "chunked", FILTER_EPS),
@@ -489,6 +569,12 @@ PROVIDERS: tuple[Provider, ...] = (
     Provider("liger", "fused_linear", "Liger fused linear", _liger_linear, module="liger_kernel"),
     Provider("cce", "fused_linear", "Cut Cross-Entropy", _cce_linear, "cut_cross_entropy", ("cuda",)),
     Provider("floor", "fused_linear", "matmul floor", _matmul_floor, role="floor", memory=_logits_memory),
+    *_ours("linear_logprobs", _ours_logprobs),
+    _OURS_FUSED_LOGPROBS,
+    Provider("eager", "linear_logprobs", "eager PyTorch", _eager_logprobs, memory=_eager_logprobs_memory),
+    Provider("trl", "linear_logprobs", "TRL 1.16 chunked", _trl_logprobs, module="trl"),
+    Provider("cce", "linear_logprobs", "Cut Cross-Entropy", _cce_logprobs, "cut_cross_entropy", ("cuda",)),
+    Provider("floor", "linear_logprobs", "matmul floor", _matmul_floor_forward, role="floor", memory=_logits_memory),
     *_ours("loss_from_logits", _ours_logits),
     Provider("eager", "loss_from_logits", "eager PyTorch", _eager_logits, memory=_eager_logits_memory),
     Provider("trl", "loss_from_logits", "TRL 1.16", _trl_logits, module="trl"),

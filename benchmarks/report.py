@@ -15,8 +15,10 @@ from typing import Any
 # (None unless profiled)
 SCHEMA = 3
 MODE_ORDER = ("forward+backward", "forward", "backward")
+FORWARD_ONLY = ("linear_logprobs", "advantages")  # ops with no backward: plotted from their forward rows
 OP_TITLES = {
     "fused_linear": "Fused linear GRPO loss (hidden states and LM-head weight in, gradients out)",
+    "linear_logprobs": "Log-probs from hidden states, no gradient (the old and reference policies)",
     "loss_from_logits": "GRPO loss from logits",
     "advantages": "Group advantages",
 }
@@ -24,9 +26,10 @@ NOTES = """\
 How to read these tables:
 
 - Time: median of the timed runs in ms; in parentheses the fraction of the floor, where the floor is the plain matrix
-  products the op must do at the same shape and dtype (fused linear: 1 product forward, 2 backward, 3 both), or, for
-  the memory-bound ops, a device copy's bandwidth applied to the bytes the op must move (the logits once forward; the
-  logits and their gradient backward). **Bold**: the fastest, or the least memory, of the providers (floor excluded).
+  products the op must do at the same shape and dtype (fused linear: 1 product forward, 2 backward, 3 both; log-probs:
+  1), or, for the memory-bound ops, a device copy's bandwidth applied to the bytes the op must move (the logits once
+  forward; the logits and their gradient backward). **Bold**: the fastest, or the least memory, of the providers
+  (floor excluded).
 - Memory: the peak allocated beyond the inputs during the mode, in MiB, measured in a run apart from the timed ones;
   "grads" is the size of the gradients the op hands back, which every provider must allocate.
 - grpo_kernels' fused linear loss forms its gradients during the forward when its inputs require grad (a training
@@ -41,6 +44,9 @@ How to read these tables:
 - Every loss is TRL's default (dapo, beta 0, on-policy) over every token. Liger's fused linear loss runs with
   `compiled=False`. Cut Cross-Entropy computes log-probs only (its cross-entropy, with its default gradient
   filtering), with a few `[N]`-sized ops around it; it is the speed reference for the fused linear op.
+- Log-probs without gradient (the old and reference policies' pass of a GRPO step): inputs that do not require grad,
+  under `torch.no_grad()`; `linear_logprobs` for grpo_kernels, TRL's chunked log-prob function, Cut Cross-Entropy's
+  cross-entropy (`reduction="none"`), and for eager PyTorch the logits, an fp32 log-softmax and a gather.
 """
 
 
@@ -92,7 +98,7 @@ def _table(rows: list[dict], value: str) -> list[str]:
     labels = {r["provider"]: r["label"] for r in rows}
     shapes = sorted({(r["N"], r["B"], r["T"]) for r in rows})
     first = "rewards B" if rows[0]["op"] == "advantages" else "N (B × T)"
-    extra = ["grads"] if value == "peak_mib" and rows[0]["op"] != "advantages" else []
+    extra = ["grads"] if value == "peak_mib" and rows[0]["op"] in ("fused_linear", "loss_from_logits") else []
     lines = [
         "| " + " | ".join([first, *extra, *(labels[p] for p in providers)]) + " |",
         "|" + "---|" * (1 + len(extra) + len(providers)),
@@ -191,8 +197,8 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
 
 
 def _profiles(rows: list[dict]) -> list[str]:
-    """The "where the time goes" section: for each profiled row, its top kernels (GPU) or ops (CPU) and their share of the
-    profiled run's self time; the full tables are in profiles/."""
+    """The "where the time goes" section: for each profiled row, its top kernels (GPU) or ops (CPU) and their share of
+    the profiled run's self time; the full tables are in profiles/."""
     done = [r for r in rows if r.get("profile")]
     if not done:
         return []
@@ -219,7 +225,7 @@ def _profiles(rows: list[dict]) -> list[str]:
 
 
 def write_plots(out: Path, rows: list[dict]) -> list[Path]:
-    """One PNG per op: for each (dtype, V, H) of its forward+backward rows (forward for advantages) measured at two
+    """One PNG per op: for each (dtype, V, H) of its forward+backward rows (forward for `FORWARD_ONLY`) measured at two
     or more N, time and peak memory against N, one line per provider. Returns the files written; none without
     matplotlib."""
     try:
@@ -232,7 +238,7 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
 
     written = []
     for op in OP_TITLES:
-        mode = "forward" if op == "advantages" else "forward+backward"
+        mode = "forward" if op in FORWARD_ONLY else "forward+backward"
         groups = [(k, g) for k, g in _groups(rows, op, (mode,)) if len({r["N"] for r in g if r["skipped"] is None}) > 1]
         if not groups:
             continue

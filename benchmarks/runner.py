@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 import grpo_kernels
-from benchmarks.providers import MODES, OP_MODES, Bound, Case, Provider, make_inputs
+from benchmarks.providers import LINEAR_OPS, MODES, OP_MODES, Bound, Case, Provider, make_inputs
 from grpo_kernels.memory import MemoryMeter
 
 MIB = 1 << 20
@@ -263,7 +263,7 @@ def measure(
         time_ms=median, time_p20_ms=float(q[1]), time_p80_ms=float(q[2]), time_min_ms=min(times),
         time_max_ms=max(times), repeats=len(times),
     )  # fmt: skip
-    if case.op == "fused_linear":
+    if case.op in LINEAR_OPS:
         row["tflops"] = case.flops(mode) / (median * 1e-3) / 1e12
     else:
         moved = case.copy_bytes() if provider.role == "floor" else case.bytes_moved(mode)
@@ -289,7 +289,7 @@ def derive(rows: list[dict]) -> None:
             shapes.setdefault(_shape_key(r), []).append(r)
     for same in shapes.values():
         for r in same:
-            if r["op"] == "fused_linear":
+            if r["op"] in LINEAR_OPS:
                 floor = next((o for o in same if o["role"] == "floor" and o["mode"] == r["mode"]), None)
                 r["floor_fraction"] = None if floor is None else floor["time_ms"] / r["time_ms"]
             else:

@@ -16,7 +16,7 @@ from benchmarks.runner import MIB, peak_bytes, steps
 
 def tiny_case(op: str, device: str) -> Case:
     dtype = "bfloat16" if device == "cuda" else "float32"
-    if op == "fused_linear":
+    if op in ("fused_linear", "linear_logprobs"):
         return Case(op, 2, 128, 256, 4096, dtype, device)
     if op == "loss_from_logits":
         return Case(op, 2, 128, None, 4096, dtype, device)

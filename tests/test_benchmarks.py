@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import report
 from benchmarks.__main__ import main, parse_shape
-from benchmarks.providers import OP_MODES, PROVIDERS, Bound, Case, Provider
+from benchmarks.providers import OP_MODES, PROVIDERS, Bound, Case, Provider, make_inputs
 from benchmarks.runner import run_sweep
 
 ROW_KEYS = {
@@ -26,6 +26,7 @@ def tiny_cases(device: str) -> list[Case]:
     return [
         Case("fused_linear", 2, 8, 16, 64, dtype, device),
         Case("fused_linear", 2, 16, 16, 64, dtype, device),
+        Case("linear_logprobs", 2, 8, 16, 64, dtype, device),
         Case("loss_from_logits", 2, 8, None, 64, dtype, device),
         Case("advantages", 16, 1, None, None, "float32", device),
     ]
@@ -114,7 +115,7 @@ def test_results_json_holds_the_schema(sweep_out):
         if row["skipped"] is None:
             assert row["time_p20_ms"] <= row["time_ms"] <= row["time_p80_ms"]
             assert row["floor_fraction"] > 0
-            rate = row["tflops"] if row["op"] == "fused_linear" else row["gb_per_s"]
+            rate = row["tflops"] if row["op"] in ("fused_linear", "linear_logprobs") else row["gb_per_s"]
             assert rate > 0
         else:
             assert isinstance(row["skipped"], str) and row["time_ms"] is None
@@ -132,11 +133,35 @@ def test_floor_fraction_and_speedups_come_from_the_other_rows(sweep_out):
         assert "eager" not in eager["speedup_vs"] and "floor" not in ours["speedup_vs"]
 
 
+def test_log_prob_providers_compute_the_same_log_probs():
+    """The providers of the no-gradient log-probs op do the same work: each one's output matches fp64 log-probs (Cut
+    Cross-Entropy aside: a third-party kernel whose fp32 accuracy is not under test here)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    case = Case("linear_logprobs", 2, 16, 32, 256, "float32", device)
+    x = make_inputs(case)
+    assert not x["hidden"].requires_grad and not x["weight"].requires_grad
+    want = torch.log_softmax(x["hidden"].double() @ x["weight"].double().T, -1)
+    want = want.gather(-1, x["ids"].unsqueeze(-1)).squeeze(-1)
+    checked = set()
+    for provider in PROVIDERS:
+        if provider.op != "linear_logprobs" or provider.role == "floor" or provider.name == "cce":
+            continue
+        if provider.unavailable(device):
+            continue
+        got = provider.bind(case, x).forward()
+        assert got.shape == (2, 16) and not got.requires_grad, provider.name
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=provider.name)
+        checked.add(provider.name)
+    assert {"eager", "ours-torch" if device == "cpu" else "ours-triton"} <= checked
+
+
 def test_markdown_has_a_table_per_op_and_mode(sweep_out):
     out, _, written = sweep_out
     text = (out / "results.md").read_text()
     assert out / "results.md" in written
-    for heading in ("## Fused linear GRPO loss", "## GRPO loss from logits", "## Group advantages"):
+    headings = ("## Fused linear GRPO loss", "## Log-probs from hidden states", "## GRPO loss from logits",
+                "## Group advantages")  # fmt: skip
+    for heading in headings:
         assert heading in text
     assert "### forward+backward, float32, V = 64, H = 16" in text and "### backward, float32, V = 64" in text
     assert "| N (B × T) | grpo_kernels (CPU path) | eager PyTorch |" in text and "**" in text
@@ -277,3 +302,28 @@ def test_max_run_ms_skips_the_larger_shapes_of_a_slow_provider(capsys):
     assert "skipped slow" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--max-run-ms must be a positive number"):
         main(["--device", "cpu", "--quick", "--max-run-ms", "0"])
+
+
+def test_tile_tuner_tries_every_candidate_and_restores_the_tiles(tmp_path, device):
+    """`python -m benchmarks.tune_fused`: a row per candidate of each kernel (timed, or the reason it was not), the
+    configuration in use among them and matching itself, the tiles in use unchanged afterwards, and its files."""
+    from benchmarks import tune_fused
+    from grpo_kernels.ops import linear
+
+    tiles_before = dict(linear.TILES)
+    out = tmp_path / "tune"
+    args = ["--shape", "1x16x32x64", "--dtype", "float32", "--device", device, "--runs", "1", "--out", str(out)]
+    assert tune_fused.main(args) == 0
+    assert dict(linear.TILES) == tiles_before
+    rows = json.loads((out / "tune.json").read_text())["rows"]
+    assert len(rows) == len(tune_fused.FWD_CANDIDATES) + len(tune_fused.BWD_CANDIDATES)
+    for kernel in ("fwd", "bwd"):
+        in_use = [r for r in rows if r["kernel"] == kernel and r["in_use"]]
+        assert len(in_use) == 1 and in_use[0]["error"] is None and in_use[0]["max_diff"] <= 1e-6, in_use
+    for row in rows:
+        assert (row["time_ms"] is not None and row["time_ms"] > 0) != (row["error"] is not None), row
+    text = (out / "tune.md").read_text()
+    assert "## Forward (log-sum-exp statistics)" in text and "(in use)" in text
+    assert ("Triton's interpreter" in text) == (device == "cpu")
+    with pytest.raises(SystemExit, match="expected BxTxHxV"):
+        tune_fused.main(["--shape", "8x1024", "--out", str(out)])

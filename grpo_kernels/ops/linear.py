@@ -16,6 +16,8 @@ GPU has already started, so the order cannot deadlock. `d_hidden` accumulates in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -221,11 +223,32 @@ def _linear_bwd_kernel(
             tl.atomic_xchg(lock, pid_n + 1)
 
 
-def _blocks(n: int, V: int, H: int) -> tuple[int, int, int]:
+@dataclass(frozen=True)
+class Tiles:
+    """A kernel's launch configuration on a GPU: the tile `[BLOCK_N tokens, BLOCK_V columns]`, `BLOCK_K` of the
+    hidden size per step, warps and pipeline stages."""
+
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+
+# (kernel, "fp32" or "low" for bf16/fp16 inputs) -> tiles; `benchmarks/tune_fused.py` times alternatives on a GPU
+TILES = {
+    ("fwd", "low"): Tiles(64, 128, 64, 8, 3),
+    ("fwd", "fp32"): Tiles(64, 128, 64, 8, 3),
+    ("bwd", "low"): Tiles(64, 128, 64, 8, 2),
+    ("bwd", "fp32"): Tiles(64, 128, 64, 8, 2),
+}
+
+
+def _tiles(kernel: str, n: int, V: int, H: int, dtype: torch.dtype) -> Tiles:
     if interpreting():  # fewer, larger numpy steps; tl.dot needs at least 16
-        return (max(16, min(64, triton.next_power_of_2(n))), max(16, min(128, triton.next_power_of_2(V))),
-                max(16, min(64, triton.next_power_of_2(H))))  # fmt: skip
-    return 64, 128, 64
+        return Tiles(max(16, min(64, triton.next_power_of_2(n))), max(16, min(128, triton.next_power_of_2(V))),
+                     max(16, min(64, triton.next_power_of_2(H))), 4, 3 if kernel == "fwd" else 2)  # fmt: skip
+    return TILES[(kernel, "fp32" if dtype == torch.float32 else "low")]
 
 
 def _common(hidden, weight, head):
@@ -247,7 +270,8 @@ def linear_fwd(
     dev = hidden.device
     if N == 0:
         return torch.zeros(0, device=dev), torch.zeros(0, device=dev), torch.zeros(2, 0, device=dev)
-    BN, BV, BK = _blocks(N, V, H)
+    t = _tiles("fwd", N, V, H, hidden.dtype)
+    BN, BV = t.BLOCK_N, t.BLOCK_V
     num_n, num_vb = triton.cdiv(N, BN), triton.cdiv(V, BV)
     target = 1 if interpreting() else 2 * torch.cuda.get_device_properties(dev).multi_processor_count
     splits = max(1, min(num_vb, triton.cdiv(target, num_n)))
@@ -259,7 +283,7 @@ def linear_fwd(
         hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight, ids,
         positions if positions is not None else ids, part, N, H, V, v_per_split, inv_t, scale, cap,
         HAS_BIAS=bias is not None, HAS_POS=positions is not None, HAS_SOFTCAP=has_cap, IEEE=ieee,
-        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, num_warps=4 if interpreting() else 8, num_stages=3,
+        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=t.BLOCK_K, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     m, s, u, zy = part
     top = m.amax(0)
@@ -299,7 +323,8 @@ def linear_bwd(
     d_b = torch.zeros(V, dtype=torch.float32, device=dev) if needs[2] else None
     if N == 0 or not any(needs):
         return d_h, d_w, d_b
-    BN, BV, BK = _blocks(N, V, H)
+    t = _tiles("bwd", N, V, H, hidden.dtype)
+    BN, BV, BK = t.BLOCK_N, t.BLOCK_V, t.BLOCK_K
     num_n, num_v, num_k = triton.cdiv(N, BN), triton.cdiv(V, BV), triton.cdiv(H, BK)
     lock_h = torch.zeros(num_n, num_k, dtype=torch.int32, device=dev)
     lock_w = torch.zeros(num_v, num_k, dtype=torch.int32, device=dev)
@@ -315,6 +340,6 @@ def linear_bwd(
         HAS_BIAS=bias is not None, HAS_POS=positions is not None, HAS_SOFTCAP=has_cap,
         HAS_DENTROPY=grad_entropy is not None, NEED_DH=needs[0], NEED_DW=needs[1], NEED_DB=needs[2], IEEE=ieee,
         FILTER=grad_filter_eps is not None,
-        GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, num_warps=4 if interpreting() else 8, num_stages=2,
+        GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     return d_h, d_w, d_b
