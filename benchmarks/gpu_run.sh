@@ -99,6 +99,10 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-filter'})
   # the fused kernels' tile configurations (TILES in grpo_kernels/ops/linear.py), forward and backward
   fits 85 "the tile tuner" && { timeout --kill-after=10 75 python3 -m benchmarks.tune_fused --time-limit 45 \
     --out "$scratch/fused/tune" || fused=$?; }
+  # the old/reference log-prob pass with the fused forward kernel (no logits chunk at all) next to the default
+  fits 50 "fused log-probs" && { timeout --kill-after=10 45 python3 -m benchmarks --device cuda --no-progress \
+    --out "$scratch/fused/logprobs" --ops linear_logprobs --shapes 8x1024x4096x131072 \
+    --providers ours-triton ours-fused trl cce floor || fused=$?; }
   # gradient filtering on peaked inputs (a trained model's softmax), next to the exact default and the references
   fits 80 "peaked inputs" && { timeout --kill-after=10 70 python3 -m benchmarks --device cuda --no-progress \
     --out "$scratch/fused/peaked" --ops fused_linear --shapes 8x1024x4096x131072 --inputs peaked \
