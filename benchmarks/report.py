@@ -202,7 +202,8 @@ def _profiles(rows: list[dict]) -> list[str]:
     done = [r for r in rows if r.get("profile")]
     if not done:
         return []
-    what = "kernels by self device time" if done[0]["device_type"] == "cuda" else "ops by self CPU time"
+    device = done[0]["profile"][0].get("clock") == "device"
+    what = "kernels by self device time" if device else "ops by self CPU time"
     lines = [
         "## Where the time goes",
         "",

@@ -121,8 +121,8 @@ def peak_bytes(bound: Bound, mode: str, device: str) -> int:
 
 def profile_run(bound: Bound, mode: str, device: str, path: Path) -> list[dict[str, Any]]:
     """One run of `mode` under `torch.profiler`: writes the table of its kernels (CUDA, by self device time) or ops
-    (CPU, by self CPU time) to `path`, and returns the top `PROFILE_TOP` as `{"name", "ms", "calls", "fraction"}`
-    (fraction of the run's total self time)."""
+    (CPU, or where the profiler sees no kernels: by self CPU time) to `path`, and returns the top `PROFILE_TOP` as
+    `{"name", "ms", "calls", "fraction", "clock"}` (fraction of the run's total self time; clock "device" or "cpu")."""
     from torch.profiler import ProfilerActivity, profile
 
     setup, run = steps(bound, mode)
@@ -135,14 +135,23 @@ def profile_run(bound: Bound, mode: str, device: str, path: Path) -> list[dict[s
         _sync(device)
     del out, state
     _reset(bound.grads)
-    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    key = "self_device_time_total"
+    events = [e for e in prof.key_averages() if device == "cuda" and e.self_device_time_total > 0]
+    if not events:  # a CPU, or a GPU whose kernels the profiler cannot see (no CUPTI): the host's self time
+        key = "self_cpu_time_total"
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(getattr(e, key) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=100) + "\n")
     return [
-        {"name": e.key, "ms": getattr(e, key) / 1e3, "calls": e.count, "fraction": getattr(e, key) / total}
+        {
+            "name": e.key,
+            "ms": getattr(e, key) / 1e3,
+            "calls": e.count,
+            "fraction": getattr(e, key) / total,
+            "clock": "device" if key == "self_device_time_total" else "cpu",
+        }
         for e in events[:PROFILE_TOP]
     ]
 

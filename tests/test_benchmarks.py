@@ -212,6 +212,7 @@ def test_profile_says_where_the_time_goes(tmp_path):
     for row in rows:
         top = row["profile"]
         assert 0 < len(top) <= 8 and all(e["ms"] > 0 and e["calls"] >= 1 and 0 < e["fraction"] <= 1 for e in top)
+        assert {e["clock"] for e in top} == {"cpu"}
         assert [e["ms"] for e in top] == sorted((e["ms"] for e in top), reverse=True)
         assert sum(e["fraction"] for e in top) <= 1 + 1e-9
         table = (out / "profiles" / row["profile_file"]).read_text()
@@ -246,6 +247,8 @@ def test_the_sweep_runs_on_cuda(capsys, tmp_path):
         if provider.name in ("ours-triton", "eager", "floor"):
             assert all(r["skipped"] is None and r["time_ms"] > 0 and r["peak_mib"] >= 0 for r in mine), mine
             assert all(r["profile"] and (tmp_path / r["profile_file"]).exists() for r in mine), mine
+            if provider.name == "ours-triton":  # its Triton kernels, seen on the device's clock
+                assert any(e["clock"] == "device" and "kernel" in e["name"] for r in mine for e in r["profile"]), mine
     with capsys.disabled():
         print(capsys.readouterr().out)
 
