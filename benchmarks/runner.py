@@ -279,10 +279,13 @@ def measure(
         row["gb_per_s"] = moved / (median * 1e-3) / 1e9
     if memory:
         row["peak_mib"] = peak_bytes(bound, mode, case.device) / MIB
-    if profiles is not None:
+    if profiles is not None:  # a profiler that fails costs the row its profile, not its times
         name = profile_name(row)
-        row["profile"] = profile_run(bound, mode, case.device, profiles / name)
-        row["profile_file"] = name
+        try:
+            row["profile"] = profile_run(bound, mode, case.device, profiles / name)
+            row["profile_file"] = name
+        except Exception as err:
+            print(f"no profile for {provider.name} ({case.label()}, {mode}): {_reason(err)}")
 
 
 def _shape_key(row: dict) -> tuple:

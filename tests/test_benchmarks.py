@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -198,7 +199,7 @@ def test_command_line_writes_the_results_and_remakes_the_report(tmp_path, capsys
     assert exit_info.value.code == 0 and "--quick" in capsys.readouterr().out
 
 
-def test_profile_says_where_the_time_goes(tmp_path):
+def test_profile_says_where_the_time_goes(tmp_path, capsys):
     """--profile: one more run per row under torch.profiler; its top ops in the row and in results.md, the full table
     in profiles/. Rows measured without it carry no profile."""
     out = tmp_path / "prof"
@@ -220,6 +221,14 @@ def test_profile_says_where_the_time_goes(tmp_path):
         assert f"### {row['label']}: Fused linear GRPO loss, {row['mode']}, float32, N = 16, H = 16, V = 256" in text
     floor_ops = {e["name"] for r in rows if r["provider"] == "floor" for e in r["profile"]}
     assert "aten::mm" in floor_ops  # the floor is matrix products
+    broken = tmp_path / "broken"
+    with mock.patch("benchmarks.runner.profile_run", side_effect=RuntimeError("CUPTI is not available")):
+        assert main([*args[:-1], str(broken)]) == 0
+    kept = json.loads((broken / "results.json").read_text())["rows"]
+    assert all(r["skipped"] is None and r["time_ms"] > 0 and r["profile"] is None for r in kept)
+    assert "no profile for ours-torch (fused_linear B=2 T=8 H=16 V=256 float32, forward): RuntimeError: CUPTI" in (
+        capsys.readouterr().out
+    )
     plain = tmp_path / "plain"
     assert main([*args[:-3], "--out", str(plain)]) == 0
     assert all(r["profile"] is None for r in json.loads((plain / "results.json").read_text())["rows"])
