@@ -339,3 +339,6 @@ def test_tile_tuner_tries_every_candidate_and_restores_the_tiles(tmp_path, devic
     assert ("Triton's interpreter" in text) == (device == "cpu")
     with pytest.raises(SystemExit, match="expected BxTxHxV"):
         tune_fused.main(["--shape", "8x1024", "--out", str(out)])
+    ref = (torch.tensor([2.0, -4.0]), None, torch.tensor([1.0]))
+    assert tune_fused._diff((torch.tensor([2.0, -4.02]), None, torch.tensor([1.0])), ref) == pytest.approx(0.005)
+    assert tune_fused._diff((torch.tensor([2.0, -4.0]), None, torch.tensor([0.5])), ref) > tune_fused.MISMATCH
