@@ -97,7 +97,7 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-filter'})
     --profile --out "$scratch/fused" --ops fused_linear --shapes 8x1024x4096x131072 \
     --providers ours-triton ours-fused ours-vocab floor || fused=$?; }
   # the fused kernels' tile configurations (TILES in grpo_kernels/ops/linear.py), forward and backward
-  fits 85 "the tile tuner" && { timeout --kill-after=10 75 python3 -m benchmarks.tune_fused --time-limit 45 \
+  fits 95 "the tile tuner" && { timeout --kill-after=10 85 python3 -m benchmarks.tune_fused --time-limit 55 \
     --out "$scratch/fused/tune" || fused=$?; }
   # the old/reference log-prob pass with the fused forward kernel (no logits chunk at all) next to the default
   fits 50 "fused log-probs" && { timeout --kill-after=10 45 python3 -m benchmarks --device cuda --no-progress \
