@@ -65,15 +65,18 @@ run() {
   unset TRITON_INTERPRET GRPO_KERNELS_BACKEND GRPO_KERNELS_LINEAR
   versions || return 1
 
-  echo "== tests (CUDA): the kernels, the loss against TRL, memory, compile"
+  # the files that only a GPU can tell about first (compiled Triton, bf16, the CUDA allocator, the benchmark suite on
+  # CUDA); the loss math against TRL, the same on any device, last: a deadline skips the tests not yet started
+  echo "== tests (CUDA): the kernels, compile, memory, the benchmark suite, the loss against TRL"
   local tests=0 extra=()
   python3 -c "import xdist" 2>/dev/null && extra+=(-n 8)
   python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 60)
   export GRPO_KERNELS_TEST_FAILURES="$out/failures.txt" GRPO_KERNELS_TEST_DEADLINE=$(($(date +%s) + test_seconds))
   timeout --kill-after=10 $((test_seconds + 30)) \
-    python3 -m pytest tests/test_logprobs.py tests/test_advantages.py tests/test_grpo_loss.py \
-    tests/test_fused_linear.py tests/test_memory.py tests/test_loss_vs_trl.py tests/test_properties.py \
-    tests/test_validation.py tests/test_edge_cases.py tests/test_compile.py "${extra[@]}" -q -rfE --tb=short -p no:cacheprovider || tests=$?
+    python3 -m pytest tests/test_fused_linear.py tests/test_logprobs.py tests/test_grpo_loss.py \
+    tests/test_advantages.py tests/test_compile.py tests/test_memory.py tests/test_benchmarks.py \
+    tests/test_edge_cases.py tests/test_validation.py tests/test_properties.py tests/test_loss_vs_trl.py \
+    "${extra[@]}" -q -rfE --tb=short -p no:cacheprovider || tests=$?
   unset GRPO_KERNELS_TEST_FAILURES GRPO_KERNELS_TEST_DEADLINE
 
   echo "== benchmark sweep (the opt-in strategies apart, below)"
