@@ -22,7 +22,7 @@ from grpo_kernels.config import LOSS_TYPES
 from trainer import Trainer, TrainerConfig, estimate_memory, format_memory, parse_config, plan_microbatches
 from trainer.data import PromptSampler, arithmetic_examples, score
 from trainer.loop import Rollout
-from trainer.model import MicroBatch, model_config
+from trainer.model import MicroBatch, make_optimizer, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -467,6 +467,7 @@ def test_command_line_yaml_and_help(tmp_path, capsys):
         ({"max_tokens_per_microbatch": 0}, "max_tokens_per_microbatch must be a positive int"),
         ({"loss_type": "dr_grpo", "epsilon": -1.0}, "epsilon must be >= 0"),
         ({"lr_scheduler": "step"}, "lr_scheduler must be one of"),
+        ({"optimizer": "adam8bit"}, "optimizer must be one of adamw, adafactor, sgd"),
     ],
 )
 def test_bad_options_fail_clearly(overrides, message):
@@ -534,8 +535,8 @@ def test_dry_run_memory_report(tmp_path):
     cfg = TrainerConfig(beta=0.04, max_tokens_per_microbatch=8192)
     items = {name: n for name, n, _ in estimate_memory(cfg, model_config(cfg))}
     assert items["reference model"] == items["weights"] > 0
-    assert items["optimizer (AdamW)"] == 2 * items["gradients"]
-    assert items["estimated peak"] >= items["weights"] + items["optimizer (AdamW)"]
+    assert items["optimizer (adamw)"] == 2 * items["gradients"]
+    assert items["estimated peak"] >= items["weights"] + items["optimizer (adamw)"]
     sharded = {name: n for name, n, _ in estimate_memory(dataclasses.replace(cfg, fsdp=True), model_config(cfg), 2)}
     assert sharded["weights"] == items["weights"] // 2 and 0 < sharded["gathered weights"] <= items["weights"]
     done = subprocess.run([sys.executable, "-m", "trainer", "--dry-run-memory", "--output-dir", str(tmp_path)],
@@ -543,3 +544,41 @@ def test_dry_run_memory_report(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "estimated peak" in done.stdout and not (tmp_path / "metrics.jsonl").exists()
     assert "GiB" in format_memory(estimate_memory(TrainerConfig(), model_config(TrainerConfig())))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "sgd"])
+def test_optimizer_state_estimate_is_what_the_optimizer_keeps(optimizer, tmp_path):
+    """--dry-run-memory's optimizer line is the bytes of state the chosen optimizer holds after a step of the model
+    (step counters aside), and the peak moves with it."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = small(tmp_path, optimizer=optimizer)
+    model = AutoModelForCausalLM.from_config(model_config(cfg))
+    opt = make_optimizer(cfg, list(model.parameters()))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    kept = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items() if k != "step")
+    items = {name: n for name, n, _ in estimate_memory(cfg, model_config(cfg))}
+    assert items[f"optimizer ({optimizer})"] == kept
+    adamw = {name: n for name, n, _ in estimate_memory(small(tmp_path), model_config(cfg))}
+    assert items["estimated peak"] - adamw["estimated peak"] == kept - adamw["optimizer (adamw)"]
+
+
+def test_memory_light_optimizers_train_and_resume(tmp_path):
+    """--optimizer adafactor and sgd: the optimizer asked for, steps that change the weights, and a resumed run whose
+    second step (Adafactor's state restored from the checkpoint) is the uninterrupted run's."""
+    full = Trainer(small(tmp_path / "full", optimizer="adafactor", save_steps=1))
+    assert type(full.optimizer.optimizer) is torch.optim.Adafactor
+    metrics = full.train()
+    resumed = Trainer(small(tmp_path / "resumed", optimizer="adafactor",
+                           resume=str(tmp_path / "full" / "checkpoint-1")))  # fmt: skip
+    again = resumed.train()
+    assert [m["step"] for m in again] == [2]
+    for key in ("loss", "grad_norm", "reward"):
+        assert again[0][key] == metrics[1][key], key
+    sgd = Trainer(small(tmp_path / "sgd", optimizer="sgd", max_steps=1))
+    assert type(sgd.optimizer.optimizer) is torch.optim.SGD and not sgd.optimizer.optimizer.state_dict()["state"]
+    before = {n: p.detach().clone() for n, p in sgd.policy.named_parameters()}
+    sgd.train()
+    assert any(not torch.equal(p, before[n]) for n, p in sgd.policy.named_parameters())

@@ -19,6 +19,7 @@ from pathlib import Path
 from grpo_kernels import GRPOLossConfig
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -146,13 +147,21 @@ class TrainerConfig:
     )
 
     # optimisation
-    learning_rate: float = field(
-        default=3e-4,
+    optimizer: str = field(
+        default="adamw",
         metadata=_help(
-            "AdamW learning rate (the default suits the tiny model; LLMs want about 1e-6)", group="optimisation"
+            "adamw (two moments per trainable parameter), adafactor (PyTorch's: a factored second moment, about "
+            "rows + columns values per weight matrix; its step is the learning rate times each parameter's RMS) or "
+            "sgd (plain SGD, no state): on little memory the optimizer state is often the largest item "
+            "(--dry-run-memory)",
+            group="optimisation",
         ),
     )
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    learning_rate: float = field(
+        default=3e-4,
+        metadata=_help("learning rate (the default suits the tiny model with AdamW; LLMs want about 1e-6 with it)"),
+    )
+    weight_decay: float = field(default=0.0, metadata=_help("weight decay, as the optimizer applies it"))
     max_grad_norm: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0: no clipping)"))
     lr_scheduler: str = field(
         default="constant", metadata=_help("learning-rate schedule after the warm-up: constant, linear or cosine")
@@ -260,6 +269,8 @@ class TrainerConfig:
         if self.learning_rate <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("learning_rate must be > 0, weight_decay and max_grad_norm >= 0; got "
                              f"{self.learning_rate}, {self.weight_decay}, {self.max_grad_norm}")  # fmt: skip
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {self.lr_scheduler!r}")
         if self.dtype not in DTYPES:

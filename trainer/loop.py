@@ -3,7 +3,7 @@
     every steps_per_generation x num_iterations steps: a generation batch of num_prompts x G completions
         -> rewards [B, K] -> group_advantages -> old and reference log-probs (no grad, from hidden states)
     every step: a 1/steps_per_generation share of the batch, in micro-batches of at most max_tokens_per_microbatch
-        tokens -> hidden states -> fused loss -> backward; then one AdamW step
+        tokens -> hidden states -> fused loss -> backward; then one optimizer step (--optimizer)
 
 Normalisation under gradient accumulation: each micro-batch's loss is multiplied by its share of the step, of the
 step's completions for the per-sequence losses (grpo, sapo, dr_grpo, luspo) and of its tokens for the token-level
@@ -47,6 +47,7 @@ from trainer.model import (
     MicroBatch,
     Policy,
     load_model,
+    make_optimizer,
     packed_attention,
     reference_model,
     shard,
@@ -265,7 +266,7 @@ class Trainer:
                 shard(p, self.device, self.world)
             acc.print(f"FSDP2: policy: {sharding_summary(policy)}")
         params = [p for p in policy.parameters() if p.requires_grad]  # after sharding: the DTensor parameters
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(cfg, params)
         if cfg.fsdp:
             self.policy, self.optimizer = policy, acc.prepare(optimizer)
         else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -342,6 +343,35 @@ def sharding_summary(module: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Optimizer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+OPTIMIZER_STATE = {
+    "adamw": "two moments per trainable parameter",
+    "adafactor": "a row and a column of second moments per weight matrix, one per other parameter",
+    "sgd": "none",
+}
+
+
+def make_optimizer(cfg: TrainerConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """`cfg.optimizer` over `params`: AdamW, PyTorch's Adafactor, or plain SGD."""
+    kind = {"adamw": torch.optim.AdamW, "adafactor": torch.optim.Adafactor, "sgd": torch.optim.SGD}[cfg.optimizer]
+    return kind(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def optimizer_state_values(optimizer: str, shapes: list[tuple[int, ...]]) -> int:
+    """Values of state the optimizer keeps for parameters of these shapes (each in the parameter's dtype; step
+    counters aside): AdamW two per value; Adafactor, for a matrix (or a stack of them), one per row and one per column,
+    else one per value; SGD none."""
+    if optimizer == "adamw":
+        return 2 * sum(math.prod(s) for s in shapes)
+    if optimizer == "adafactor":
+        return sum(math.prod(s[:-2]) * (s[-2] + s[-1]) if len(s) >= 2 else math.prod(s) for s in shapes)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Memory estimate
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -369,11 +399,13 @@ def estimate_memory(cfg: TrainerConfig, config, num_processes: int = 1) -> list[
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or H // heads
     lora = cfg.lora_r > 0
-    if lora:  # adapters on every linear layer but the head
+    if lora:  # adapters on every linear layer but the head: A [r, in] and B [out, r]
         linear = [p for n, p in meta.named_parameters() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
-        trainable = cfg.lora_r * sum(p.shape[0] + p.shape[1] for p in linear)
+        shapes = [s for p in linear for s in ((cfg.lora_r, p.shape[1]), (p.shape[0], cfg.lora_r))]
     else:
-        trainable = n_params
+        shapes = [tuple(p.shape) for p in meta.parameters()]
+    trainable = sum(math.prod(s) for s in shapes)
+    optimizer = optimizer_state_values(cfg.optimizer, shapes) * b
     has_reference = cfg.beta != 0.0 and not lora
     tokens = cfg.max_tokens_per_microbatch
     layer = (10 * H + 4 * inter) * b  # one layer's activations per token: projections, norms, MLP
@@ -390,7 +422,7 @@ def estimate_memory(cfg: TrainerConfig, config, num_processes: int = 1) -> list[
     layers = decoder_layers(meta) if cfg.fsdp else []
     layer_params = sum(p.numel() for p in layers[0].parameters()) if layers else 0
     gathered = (n_params - len(layers) * layer_params + 2 * layer_params) * b if cfg.fsdp else 0
-    fixed = weights + reference + 3 * trainable * b // shards + gathered
+    fixed = weights + reference + trainable * b // shards + optimizer // shards + gathered
     peak = fixed + max(tokens * per_token + loss, generation)
     split = f", split over {shards} processes (FSDP2)" if cfg.fsdp else ""
     items = [
@@ -399,7 +431,7 @@ def estimate_memory(cfg: TrainerConfig, config, num_processes: int = 1) -> list[
         ("reference model", reference,
          f"frozen copy{split}" if has_reference else "none (beta = 0, or LoRA: the base weights with adapters off)"),
         ("gradients", trainable * b // shards, f"{trainable / 1e6:.4g} M trainable parameters{split}"),
-        ("optimizer (AdamW)", 2 * trainable * b // shards, f"two moments per trainable parameter{split}"),
+        (f"optimizer ({cfg.optimizer})", optimizer // shards, OPTIMIZER_STATE[cfg.optimizer] + split),
         ("activations", tokens * per_token, f"{tokens} tokens x {per_token / 1024:.1f} KiB/token"
          + (" (checkpointed)" if cfg.gradient_checkpointing else "")),
         ("loss workspace", loss, f"{chunk} x {V} fp32 logits chunk, hidden states of {tokens} tokens and their "
@@ -415,7 +447,8 @@ def estimate_memory(cfg: TrainerConfig, config, num_processes: int = 1) -> list[
 
 def format_memory(items: list[tuple[str, int, str]]) -> str:
     """The estimate as a table in GiB."""
-    lines = [f"{'':20}{'GiB':>10}"]
+    width = max(len(name) for name, _, _ in items) + 2
+    lines = [f"{'':{width}}{'GiB':>10}"]
     for name, n, note in items:
-        lines.append(f"{name:20}{n / 2**30:10.3f}   {note}")
+        lines.append(f"{name:{width}}{n / 2**30:10.3f}   {note}")
     return "\n".join(lines)
