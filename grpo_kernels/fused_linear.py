@@ -58,14 +58,6 @@ STRATEGIES = ("chunked", "fused", "vocab-blocks")
 # 2**-12): a flat softmax, where the many small entries add up, keeps every column.
 FILTER_MAX_LEFT_OUT = 64
 MIN_CHUNK_TOKENS = {"cpu": 64, "cuda": 1}
-# On CUDA a chunk's token count and a vocabulary block's width are rounded down to a multiple of 128 (where at least
-# that): the matrix products run in 128-row tiles, and 192 rows would cost as much as 256.
-TILE_ROWS = {"cpu": 1, "cuda": 128}
-
-
-def _whole_tiles(rows: int, kind: str) -> int:
-    align = TILE_ROWS[kind]
-    return rows - rows % align if rows >= align else rows
 
 
 def head_options_from_config(config, temperature: float = 1.0) -> HeadOptions:
@@ -96,7 +88,7 @@ def chunk_tokens(vocab: int, device: torch.device) -> int:
     """Tokens per chunk so that one chunk of fp32 logits takes about `CHUNK_BYTES` of the device (or
     `VOCAB_BLOCKS_CHUNK_BYTES`, where smaller, for the vocab-blocks strategy)."""
     kind = "cuda" if device.type == "cuda" else "cpu"
-    return max(MIN_CHUNK_TOKENS[kind], _whole_tiles(_chunk_bytes(kind) // (4 * max(vocab, 1)), kind))
+    return max(MIN_CHUNK_TOKENS[kind], _chunk_bytes(kind) // (4 * max(vocab, 1)))
 
 
 def _chunk_bytes(kind: str) -> int:
@@ -288,7 +280,7 @@ class _Head:
         flat, n = self.flat, self.flat.shape[0]
         V = self.weight.shape[0]
         kind = "cuda" if flat.device.type == "cuda" else "cpu"
-        width = max(1, min(V, _whole_tiles(_chunk_bytes(kind) // (4 * max(n, 1)), kind)))
+        width = max(1, min(V, _chunk_bytes(kind) // (4 * max(n, 1))))
         buffer = torch.empty(n * width, dtype=self.logits_dtype, device=flat.device)
         mask = None
         if self.positions is not None:
