@@ -8,7 +8,7 @@
 #   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
 #
 # Writes to DIR: log.txt (this script's output: GPU, versions, tests, sweep), results.json, results.md,
-# fused_linear.png, loss_from_logits.png, advantages.png, fused.tgz (the opt-in strategies' results folder) and, when a
+# fused_linear.png, linear_logprobs.png, loss_from_logits.png, advantages.png, fused.tgz (the opt-in strategies' results folder) and, when a
 # test fails, failures.txt (each failure's traceback, written as it happens).
 # Keep results.json, results.md and the plots in benchmarks/results/<gpu>/.
 #
@@ -93,6 +93,7 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-filter'})
 
   echo "== the opt-in strategies (GRPO_KERNELS_LINEAR=fused, vocab-blocks) on the target shape"
   local fused=0
+  rm -rf "$scratch/fused"  # a machine that is reused keeps no earlier run's results
   # each stage starts only when its time limit still fits before the run's end ($end_seconds)
   fits() { if [ $((SECONDS + $1)) -gt "$end_seconds" ]; then echo "skipped $2: the run is at $SECONDS s"; return 1; fi; }
   # --profile: where each strategy's time goes, kernel by kernel (results.md's last section, profiles/)
@@ -103,7 +104,7 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-filter'})
   fits 95 "the tile tuner" && { timeout --kill-after=10 85 python3 -m benchmarks.tune_fused --time-limit 55 \
     --out "$scratch/fused/tune" || fused=$?; }
   # the old/reference log-prob pass with the fused forward kernel (no logits chunk at all) next to the default
-  fits 50 "fused log-probs" && { timeout --kill-after=10 45 python3 -m benchmarks --device cuda --no-progress \
+  fits 55 "fused log-probs" && { timeout --kill-after=10 45 python3 -m benchmarks --device cuda --no-progress \
     --out "$scratch/fused/logprobs" --ops linear_logprobs --shapes 8x1024x4096x131072 \
     --providers ours-triton ours-fused trl cce floor || fused=$?; }
   # gradient filtering on peaked inputs (a trained model's softmax), next to the exact default and the references
@@ -113,7 +114,8 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-filter'})
   # other chunk budgets (MiB of fp32 logits) than the defaults: vocab blocks 128, chunked 1,024; while time is left.
   # vocab blocks at 96 MiB keep 48 MiB of bf16 logits: under issue 3's 64 MiB beyond the gradients
   local run
-  for run in ours-filter:64 ours-vocab:96 ours-triton:256 ours-vocab:512 ours-vocab:32; do
+  # (96 and 64 MiB: 192- and 128-token chunks, one and a half or exactly one 128-row tile of the products)
+  for run in ours-filter:64 ours-vocab:96 ours-vocab:64 ours-triton:256 ours-vocab:512 ours-vocab:32; do
     fits 50 "$run" || continue
     GRPO_KERNELS_CHUNK_MIB=${run#*:} timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress \
       --out "$scratch/fused/${run%:*}-${run#*:}-mib" --ops fused_linear --shapes 8x1024x4096x131072 \

@@ -202,8 +202,13 @@ def _profiles(rows: list[dict]) -> list[str]:
     done = [r for r in rows if r.get("profile")]
     if not done:
         return []
-    device = done[0]["profile"][0].get("clock") == "device"
-    what = "kernels by self device time" if device else "ops by self CPU time"
+    clocks = {e.get("clock", "cpu") for r in done for e in r["profile"]}
+    what = " and ".join(
+        text for clock, text in (("device", "kernels by self device time"), ("cpu", "ops by self CPU time"))
+        if clock in clocks
+    )  # fmt: skip
+    if len(clocks) > 1:
+        what += " (the latter where the profiler saw no kernels)"
     lines = [
         "## Where the time goes",
         "",

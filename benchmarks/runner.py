@@ -135,8 +135,15 @@ def profile_run(bound: Bound, mode: str, device: str, path: Path) -> list[dict[s
         _sync(device)
     del out, state
     _reset(bound.grads)
+    from torch.autograd import DeviceType
+
+    # the kernels themselves: the ops that launch them carry the same device time, which would count it twice
     key = "self_device_time_total"
-    events = [e for e in prof.key_averages() if device == "cuda" and e.self_device_time_total > 0]
+    events = [
+        e for e in prof.key_averages()
+        if device == "cuda" and e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        and e.self_device_time_total > 0
+    ]  # fmt: skip
     if not events:  # a CPU, or a GPU whose kernels the profiler cannot see (no CUPTI): the host's self time
         key = "self_cpu_time_total"
         events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]

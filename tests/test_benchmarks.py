@@ -256,8 +256,9 @@ def test_the_sweep_runs_on_cuda(capsys, tmp_path):
         if provider.name in ("ours-triton", "eager", "floor"):
             assert all(r["skipped"] is None and r["time_ms"] > 0 and r["peak_mib"] >= 0 for r in mine), mine
             assert all(r["profile"] and (tmp_path / r["profile_file"]).exists() for r in mine), mine
-            if provider.name == "ours-triton":  # its Triton kernels, seen on the device's clock
+            if provider.name == "ours-triton":  # its Triton kernels, seen on the device's clock, not the ops
                 assert any(e["clock"] == "device" and "kernel" in e["name"] for r in mine for e in r["profile"]), mine
+                assert not any(e["name"].startswith("aten::") for r in mine for e in r["profile"]), mine
     with capsys.disabled():
         print(capsys.readouterr().out)
 
@@ -316,13 +317,16 @@ def test_max_run_ms_skips_the_larger_shapes_of_a_slow_provider(capsys):
         main(["--device", "cpu", "--quick", "--max-run-ms", "0"])
 
 
-def test_tile_tuner_tries_every_candidate_and_restores_the_tiles(tmp_path, device):
+def test_tile_tuner_tries_every_candidate_and_restores_the_tiles(tmp_path, device, monkeypatch):
     """`python -m benchmarks.tune_fused`: a row per candidate of each kernel (timed, or the reason it was not), the
     configuration in use among them and matching itself, the tiles in use unchanged afterwards, and its files."""
     from benchmarks import tune_fused
     from grpo_kernels.ops import linear
 
     tiles_before = dict(linear.TILES)
+    if device == "cuda":  # the tile in use and one other: each candidate is a compilation
+        monkeypatch.setattr(tune_fused, "FWD_CANDIDATES", tune_fused.FWD_CANDIDATES[:2])
+        monkeypatch.setattr(tune_fused, "BWD_CANDIDATES", tune_fused.BWD_CANDIDATES[:2])
     out = tmp_path / "tune"
     args = ["--shape", "1x16x32x64", "--dtype", "float32", "--device", device, "--runs", "1", "--out", str(out)]
     assert tune_fused.main(args) == 0
@@ -339,6 +343,12 @@ def test_tile_tuner_tries_every_candidate_and_restores_the_tiles(tmp_path, devic
     assert ("Triton's interpreter" in text) == (device == "cpu")
     with pytest.raises(SystemExit, match="expected BxTxHxV"):
         tune_fused.main(["--shape", "8x1024", "--out", str(out)])
+    # compiled (not interpreted), the kernels launch with the table's tiles, which the tuner swaps
+    monkeypatch.setattr(linear, "interpreting", lambda: False)
+    for key, tiles in linear.TILES.items():
+        kernel, kind = key
+        dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+        assert linear._tiles(kernel, 4096, 32_000, 4096, dtype) is tiles
     ref = (torch.tensor([2.0, -4.0]), None, torch.tensor([1.0]))
     assert tune_fused._diff((torch.tensor([2.0, -4.02]), None, torch.tensor([1.0])), ref) == pytest.approx(0.005)
     assert tune_fused._diff((torch.tensor([2.0, -4.0]), None, torch.tensor([0.5])), ref) > tune_fused.MISMATCH
