@@ -137,20 +137,21 @@ def profile_run(bound: Bound, mode: str, device: str, path: Path) -> list[dict[s
     _reset(bound.grads)
     from torch.autograd import DeviceType
 
+    averages = prof.key_averages()  # grouped by name once, for the top entries and the table
     # the kernels themselves: the ops that launch them carry the same device time, which would count it twice
     key = "self_device_time_total"
     events = [
-        e for e in prof.key_averages()
+        e for e in averages
         if device == "cuda" and e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
         and e.self_device_time_total > 0
     ]  # fmt: skip
     if not events:  # a CPU, or a GPU whose kernels the profiler cannot see (no CUPTI): the host's self time
         key = "self_cpu_time_total"
-        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        events = [e for e in averages if e.self_cpu_time_total > 0]
     total = sum(getattr(e, key) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=100) + "\n")
+    path.write_text(averages.table(sort_by=key, row_limit=40, max_name_column_width=100) + "\n")
     return [
         {
             "name": e.key,

@@ -44,9 +44,10 @@ BWD_CANDIDATES = (
 MISMATCH = 1e-2  # largest relative difference from the configuration in use that still counts as the same result
 
 
-def _time(fn, device: str, runs: int) -> list[float]:
-    """Milliseconds of `runs` calls after one warm-up (compilation)."""
-    fn()
+def _time(fn, device: str, runs: int, warm_up: bool = True) -> list[float]:
+    """Milliseconds of `runs` calls, after one warm-up call (compilation) unless `fn` has just run."""
+    if warm_up:
+        fn()
     out = []
     for _ in range(runs):
         if device == "cuda":
@@ -131,8 +132,8 @@ def tune(B: int, T: int, H: int, V: int, dtype: torch.dtype, device: str, runs: 
                 continue
             linear.TILES[(kernel, key)] = tiles
             try:
-                row["max_diff"] = _diff(fn(), reference)
-                row["time_ms"] = _median(_time(fn, device, runs))
+                row["max_diff"] = _diff(fn(), reference)  # the first call, which compiles: the warm-up
+                row["time_ms"] = _median(_time(fn, device, runs, warm_up=False))
                 row["floor_fraction"] = floor[kernel] / row["time_ms"]
             except Exception as err:  # e.g. out of shared memory for this tile
                 row["error"] = _reason(err)
