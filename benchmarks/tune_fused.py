@@ -4,6 +4,8 @@ The fused kernels of `grpo_kernels/ops/linear.py` (`GRPO_KERNELS_LINEAR=fused`, 
 their launch configuration from `TILES`. This tries each candidate below on one shape, the forward kernel and the
 backward kernel apart, next to the matrix products they must do (the floor), checks that each candidate computes what
 the configuration in use computes, and writes `tune.json` and `tune.md` to `--out`. Put the fastest in `TILES`.
+`python -m benchmarks.kernel_resources --tiles` says, without a GPU, what each candidate needs (registers, spills,
+shared memory) on each architecture.
 
 On a CPU the kernels run in Triton's interpreter, which has tiles of its own: the command runs (for its test) but
 says nothing about speed there.

@@ -1,4 +1,5 @@
-"""Test set-up: Triton's interpreter when there is no GPU, a seed per test, and the `gpu` marker.
+"""Test set-up: Triton's interpreter when there is no GPU (with its bfloat16 made exact), a seed per test, and the
+`gpu` marker.
 
 `TRITON_INTERPRET` must be set before anything imports triton, so it is decided here, first.
 """
@@ -14,19 +15,51 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 import pytest
 
+
+def _interpreter_bfloat16() -> None:
+    """Triton's interpreter keeps bfloat16 values as their raw 16 bits (numpy has no bfloat16): its `tl.dot`
+    multiplies those bits as integers, and its float32 -> bfloat16 cast truncates where a GPU rounds to nearest even.
+    Make both do what the GPU does (products of bfloat16 values summed in float32; round to nearest even), so that
+    the bfloat16 kernels run, and are tested, on a CPU too."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or getattr(builder, "_grpo_kernels_bf16", False):
+        return
+    dot, cast = builder.create_dot, builder.cast_impl
+
+    def widen(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        return dot(self, widen(a), widen(b), d, *args, **kwargs)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            x = torch.from_numpy(np.array(src.data, dtype=np.float32, copy=True))
+            return interpreter.TensorHandle(x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    builder.create_dot, builder.cast_impl, builder._grpo_kernels_bf16 = create_dot, cast_impl, True
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _interpreter_bfloat16()
+
 # A wall-clock deadline (seconds since the epoch) after which the remaining tests are skipped with that reason, so
 # that a time-boxed run (the GPU script) still ends with its summary of failures.
 _DEADLINE = float(os.environ.get("GRPO_KERNELS_TEST_DEADLINE", "inf"))
 
 
 def pytest_runtest_setup(item):
-    if not torch.cuda.is_available():
-        if item.get_closest_marker("gpu"):
-            pytest.skip("needs a CUDA device")
-        params = getattr(item, "callspec", None)
-        impl = str(params.params.get("impl", "")) if params else ""
-        if item.get_closest_marker("bf16") and impl == "triton-fused":
-            pytest.skip("Triton's interpreter multiplies bfloat16 tiles wrongly (tl.dot): needs a CUDA device")
+    if not torch.cuda.is_available() and item.get_closest_marker("gpu"):
+        pytest.skip("needs a CUDA device")
     if time.time() > _DEADLINE:
         pytest.skip("GRPO_KERNELS_TEST_DEADLINE passed")
 

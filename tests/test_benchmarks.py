@@ -352,3 +352,53 @@ def test_tile_tuner_tries_every_candidate_and_restores_the_tiles(tmp_path, devic
     ref = (torch.tensor([2.0, -4.0]), None, torch.tensor([1.0]))
     assert tune_fused._diff((torch.tensor([2.0, -4.02]), None, torch.tensor([1.0])), ref) == pytest.approx(0.005)
     assert tune_fused._diff((torch.tensor([2.0, -4.0]), None, torch.tensor([0.5])), ref) > tune_fused.MISMATCH
+
+
+def test_kernel_resources_counts_registers_and_limits():
+    from benchmarks.kernel_resources import Build
+
+    ok = Build(90, "s", "k", "bf16", "", num_warps=8, registers=255, shared_bytes=227 * 1024)
+    assert ok.problems == []  # 255 registers round up to 256 per thread: 8 warps use the whole register file
+    big = Build(89, "s", "k", "bf16", "", num_warps=4, registers=32, shared_bytes=100 * 1024)  # 99 KiB on sm_89
+    assert "shared memory" in big.problems[0]
+    assert "registers" in Build(90, "s", "k", "bf16", "", num_warps=16, registers=255).problems[0]
+    broken = Build(90, "s", "k", "bf16", "", error="CompilationError: x")
+    assert broken.problems == ["does not compile: CompilationError: x"]
+
+
+def test_every_kernel_builds_for_hopper_and_ada(tmp_path):
+    """Each Triton kernel of the package, with each of its compile-time options, compiles for sm_90 (H100, H200) and
+    sm_89 (RTX 4090, L40S) with the GPU's launch settings, and fits their shared memory and register files: what the
+    interpreter cannot tell (it neither compiles nor allocates)."""
+    import importlib
+    import os
+    import pkgutil
+    import subprocess
+    import sys
+
+    import grpo_kernels.ops
+    from benchmarks.kernel_resources import available
+
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    cmd = [sys.executable, "-m", "benchmarks.kernel_resources", "--arch", "90", "89", "--dtypes", "bf16", "fp32",
+           "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    builds = json.loads((tmp_path / "resources.json").read_text())["builds"]
+    kernels = {
+        name
+        for info in pkgutil.iter_modules(grpo_kernels.ops.__path__)
+        for name in dir(importlib.import_module(f"grpo_kernels.ops.{info.name}"))
+        if name.startswith("_") and name.endswith("_kernel")
+    }
+    assert len(kernels) >= 6
+    for arch in (89, 90):
+        assert {b["kernel"] for b in builds if b["arch"] == arch} == kernels
+        for dtype in ("bf16", "fp32"):
+            assert {b["kernel"] for b in builds if b["arch"] == arch and b["dtype"] == dtype} >= {
+                "_linear_fwd_kernel", "_linear_bwd_kernel", "_logprobs_fwd_kernel", "_logprobs_bwd_kernel"}  # fmt: skip
+    assert all(b["registers"] > 0 and b["problems"] == [] for b in builds)
+    assert "## sm_90" in (tmp_path / "resources.md").read_text()

@@ -1,0 +1,363 @@
+"""`python -m benchmarks.kernel_resources`: build every Triton kernel of grpo_kernels for NVIDIA GPUs, without one.
+
+Triton's compiler and NVIDIA's ptxas (both ship in the triton wheel) build each kernel for a target architecture as a
+launch on that GPU would: the package's public functions run on small CPU tensors with the GPU launch settings (tiles,
+warps, stages) and the GPU's argument specialisation, and each kernel launch is compiled instead of run. For every
+kernel variant this reports the registers per thread, the bytes spilled to local memory (ptxas' stack frame) and the
+shared memory, and checks that it compiles and fits the architecture's limits: a kernel that does not would fail at
+its first launch on that GPU. Nothing is timed.
+
+    python -m benchmarks.kernel_resources [--arch 90 89 80] [--dtypes bf16 fp32] [--tiles] [--out DIR]
+
+`--tiles` also builds each tile configuration that `benchmarks/tune_fused.py` would time, in bf16 at the fused
+linear kernels' target shape, so that a configuration that spills or cannot launch is known before a GPU is spent on
+it (a candidate that does not fit is reported, not an error: it is skipped where it cannot run). Writes
+`resources.json` and `resources.md` to `--out`; exits 1 when a kernel, with the launch settings the package uses, fails
+to compile or to fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and __name__ == "__main__":
+    sys.exit("benchmarks.kernel_resources compiles kernels: run it with TRITON_INTERPRET unset (or 0)")
+
+import torch
+
+# compute capability -> (name, shared memory one block may use in bytes, SMs of the part the name stands for)
+ARCHS = {
+    80: ("A100", 166912, 108),
+    86: ("RTX 3090 / A10", 101376, 82),
+    89: ("RTX 4090 / L40S", 101376, 128),
+    90: ("H100 / H200", 232448, 132),
+}
+REGISTERS_PER_SM = 65536
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STRATEGIES = ("chunked", "vocab-blocks", "fused")
+# small shapes with every dimension a multiple of 16 ("aligned"), and with none ("odd"): Triton specialises on that
+SHAPES = {"aligned": (2, 32, 128, 2048), "odd": (2, 7, 100, 1000)}  # B, T, H, V
+TARGET = (8, 1024, 4096, 131072)  # the fused linear kernels' target shape, for --tiles
+
+
+@dataclasses.dataclass
+class Build:
+    """One kernel variant built for one architecture."""
+
+    arch: int
+    scenario: str
+    kernel: str
+    dtype: str
+    options: str  # the kernel's compile-time arguments
+    num_warps: int = 0
+    num_stages: int = 0
+    registers: int = 0
+    spill_bytes: int = 0  # ptxas' stack frame per thread: registers spilled to local memory
+    shared_bytes: int = 0
+    error: str = ""
+
+    @property
+    def problems(self) -> list[str]:
+        if self.error:
+            return [f"does not compile: {self.error}"]
+        out = []
+        limit = ARCHS[self.arch][1]
+        if self.shared_bytes > limit:
+            out.append(f"needs {self.shared_bytes} bytes of shared memory; sm_{self.arch} allows {limit}")
+        # registers are allocated per warp in units of 256
+        per_warp = -(-self.registers * 32 // 256) * 256
+        if per_warp * self.num_warps > REGISTERS_PER_SM:
+            out.append(f"{self.registers} registers x {self.num_warps * 32} threads exceed one SM's {REGISTERS_PER_SM}")
+        return out
+
+
+def _tool(name: str) -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def available() -> str | None:
+    """None when kernels can be built here, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if not _tool("ptxas").exists() or not _tool("cuobjdump").exists():
+        return "this triton has no NVIDIA backend tools (ptxas, cuobjdump)"
+    return None
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) of the one kernel in `cubin`, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(_tool("cuobjdump")), "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout  # fmt: skip
+    fields = dict(part.split(":", 1) for line in text.splitlines() if "REG:" in line for part in line.split())
+    return int(fields["REG"]), int(fields["STACK"])
+
+
+class _FakeDriver:
+    """What Triton's JIT asks of the active driver before it compiles: the target, a device and a stream. The device
+    is the architecture, so that the JIT's caches (one per device) keep each architecture's builds apart."""
+
+    def __init__(self, arch: int) -> None:
+        from triton.backends.compiler import GPUTarget
+
+        self.arch = arch
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self) -> int:
+        return self.arch
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def building(arch: int, seen: dict, scenario: Callable[[], str]) -> Iterator[None]:
+    """Inside the block, grpo_kernels' Triton launches on CPU tensors compile for sm_`arch` and do not run; each new
+    variant is added to `seen` (keyed by its specialisation) as a `Build`. Outputs of the launches are left
+    uninitialised."""
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    from grpo_kernels.ops import _common, linear
+
+    backend_module = sys.modules["grpo_kernels.backend"]
+    run = JITFunction.run
+
+    def build(self, *args, grid, warmup, **kwargs):
+        name = self.fn.__name__
+        try:
+            k = run(self, *args, grid=grid, warmup=True, **kwargs)
+        except Exception as err:  # a kernel that does not compile is a result, not a crash
+            text = f"{type(err).__name__}: {' '.join(str(err).split())[-300:]}"
+            seen.setdefault((arch, name, text), Build(arch, scenario(), name, "", "", error=text))
+            return None
+        names = self.arg_names
+        const = {names[i[0]]: v for i, v in k.src.constants.items() if i[0] in self.constexprs}
+        ptrs = sorted({t.lstrip("*") for n, t in k.src.signature.items() if n in ("hidden_ptr", "logits_ptr")})
+        key = (arch, name, json.dumps(k.src.signature), repr(sorted(k.src.constants.items())), repr(k.src.attrs),
+               k.metadata.num_warps, k.metadata.num_stages)  # fmt: skip
+        if key not in seen:
+            regs, stack = _resources(k.asm["cubin"])
+            options = " ".join(f"{n}={int(v) if isinstance(v, bool) else v}" for n, v in const.items())
+            seen[key] = Build(arch, scenario(), name, ",".join(ptrs) or "fp32", options, k.metadata.num_warps,
+                              k.metadata.num_stages, regs, stack, k.metadata.shared)  # fmt: skip
+        return None
+
+    saved = (_common.interpreting, linear.interpreting, backend_module._interpreting, torch.cuda.get_device_properties)
+    active = driver._active  # None until something asks for a driver
+    props = SimpleNamespace(multi_processor_count=ARCHS.get(arch, ("", 0, 132))[2], name=f"sm_{arch}")
+    driver.set_active(_FakeDriver(arch))
+    JITFunction.run = build
+    _common.interpreting = linear.interpreting = lambda: False  # the GPU's launch settings
+    backend_module._interpreting = lambda: True  # CPU tensors take the Triton path
+    torch.cuda.get_device_properties = lambda *a, **k: props
+    try:
+        yield
+    finally:
+        JITFunction.run = run
+        driver._active = active
+        (_common.interpreting, linear.interpreting, backend_module._interpreting,
+         torch.cuda.get_device_properties) = saved  # fmt: skip
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def scenarios(dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
+    """(name, call) pairs that between them launch every kernel with each of its compile-time options."""
+    from grpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, group_advantages, grpo_loss, linear_logprobs
+
+    plain, rich = GRPOLossConfig(), GRPOLossConfig(loss_type="grpo", beta=0.04, temperature=0.7, entropy_coef=0.01)
+    for scale in ("group", "batch", "none"):
+        yield f"group_advantages scale_rewards={scale}", lambda s=scale: group_advantages(
+            torch.randn(16), 4, scale_rewards=s)  # fmt: skip
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for sname, (B, T, H, V) in SHAPES.items():
+            ids, adv = torch.randint(0, V, (B, T)), torch.randn(B)
+            mask = torch.ones(B, T, dtype=torch.bool)
+            mask[0, -2:] = False
+            refs = {"ref_logps": torch.zeros(B, T)}
+
+            def logits_loss(config, dtype=dtype, B=B, T=T, V=V, ids=ids, adv=adv, mask=mask, refs=refs):
+                logits = torch.randn(B, T, V, dtype=dtype, requires_grad=True)
+                grpo_loss(logits, ids, adv, mask, config=config, **refs).loss.backward()
+
+            yield f"grpo_loss {sname} {dname}", lambda f=logits_loss: f(plain)
+            yield f"grpo_loss {sname} {dname} entropy_coef temperature", lambda f=logits_loss: f(rich)
+            for strategy in STRATEGIES:
+
+                def linear_loss(config, extra, strategy=strategy, dtype=dtype, B=B, T=T, H=H, V=V, ids=ids, adv=adv,
+                                mask=mask, refs=refs):  # fmt: skip
+                    hidden = torch.randn(B, T, H, dtype=dtype, requires_grad=True)
+                    weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
+                    bias = torch.randn(V, dtype=dtype, requires_grad=True) if extra else None
+                    with _env("GRPO_KERNELS_LINEAR", strategy):
+                        out = fused_linear_grpo_loss(hidden, weight, ids, adv, mask, bias=bias, config=config, **refs,
+                                                     final_logit_softcapping=30.0 if extra else None,
+                                                     grad_filter_eps=1e-6 if extra else None)  # fmt: skip
+                        out.loss.backward()
+                        with torch.no_grad():
+                            linear_logprobs(hidden, weight, ids, bias=bias, return_entropy=extra)
+
+                name = f"fused_linear_grpo_loss {strategy} {sname} {dname}"
+                yield name, lambda f=linear_loss: f(plain, False)
+                yield f"{name} bias softcap filter entropy_coef", lambda f=linear_loss: f(rich, True)
+
+
+def tile_candidates() -> Iterator[tuple[str, Callable[[], None]]]:
+    """The tuner's tile configurations, each launched once in bf16 at `TARGET` (on meta-sized CPU tensors: nothing
+    runs, and the launchers allocate only small outputs)."""
+    from benchmarks.tune_fused import BWD_CANDIDATES, FWD_CANDIDATES
+    from grpo_kernels.ops import linear
+
+    B, T, H, V = TARGET
+    N = B * T
+    hidden = torch.empty(N, H, dtype=torch.bfloat16)
+    weight = torch.empty(V, H, dtype=torch.bfloat16)
+    ids = torch.zeros(N, dtype=torch.int64)
+    head = (1.0, 1.0, None)
+    for kernel, candidates in (("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES)):
+        for c in candidates:
+            tiles = linear.Tiles(*c)
+
+            def launch(kernel=kernel, tiles=tiles):
+                old = linear.TILES[(kernel, "low")]
+                linear.TILES[(kernel, "low")] = tiles
+                try:
+                    if kernel == "fwd":
+                        linear.linear_fwd(hidden, weight, None, ids, None, head)
+                    else:
+                        stats, vec = torch.zeros(2, N), torch.zeros(N)
+                        linear.linear_bwd(hidden, weight, None, ids, None, stats, vec, vec, None, head,
+                                          (True, True, False))  # fmt: skip
+                finally:
+                    linear.TILES[(kernel, "low")] = old
+
+            yield f"tune_fused {kernel} {'x'.join(map(str, c))} (BLOCK_N x V x K, warps, stages)", launch
+
+
+def collect(archs: list[int], dtypes: list[str], tiles: bool, progress: bool = True) -> list[Build]:
+    seen: dict = {}
+    cases = list(scenarios(dtypes)) + (list(tile_candidates()) if tiles else [])
+    bar = _bar(len(archs) * len(cases), progress)
+    current = [""]
+    for arch in archs:
+        with building(arch, seen, lambda: current[0]):
+            for name, call in cases:
+                current[0] = name
+                call()
+                bar.update(1)
+    bar.close()
+    return list(seen.values())
+
+
+def _bar(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="building kernels", unit="case", disable=not enabled, file=sys.stderr)
+    except ImportError:
+        return SimpleNamespace(update=lambda n: None, close=lambda: None)
+
+
+def markdown(builds: list[Build], command: str) -> str:
+    import triton
+
+    lines = [
+        "# Triton kernels built for NVIDIA GPUs (no GPU used)",
+        "",
+        f"`{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}), triton {triton.__version__}, "
+        f"torch {torch.__version__}.",
+        "",
+        "Registers per thread, bytes spilled to local memory per thread (ptxas' stack frame; 0 is what a fast kernel "
+        "wants) and shared memory per block, as ptxas reports them; one row per kernel variant (the compile-time "
+        "options and the first scenario that launched it).",
+        "",
+    ]
+    for arch in sorted({b.arch for b in builds}):
+        name, limit, _ = ARCHS.get(arch, ("", 0, 0))
+        lines += [f"## sm_{arch} ({name}; {limit // 1024} KiB of shared memory per block)", "",
+                  "| kernel | dtype | warps | stages | registers | spilled B | shared KiB | options | scenario "
+                  "| problems |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        shown = set()  # variants that differ only in specialisation details this table does not show, shown once
+        for b in sorted((b for b in builds if b.arch == arch), key=lambda b: (b.kernel, b.dtype, b.options)):
+            key = (b.kernel, b.dtype, b.num_warps, b.num_stages, b.registers, b.spill_bytes, b.shared_bytes, b.options,
+                   b.error)  # fmt: skip
+            if key in shown:
+                continue
+            shown.add(key)
+            lines.append(
+                f"| {b.kernel} | {b.dtype} | {b.num_warps} | {b.num_stages} | {b.registers} | {b.spill_bytes} | "
+                f"{b.shared_bytes / 1024:.0f} | {b.options} | {b.scenario} | {'; '.join(b.problems)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_resources", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, nargs="+", default=[90, 89, 80], choices=sorted(ARCHS),
+                   help="compute capabilities to build for (default: 90 89 80)")  # fmt: skip
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="input dtypes")
+    p.add_argument("--tiles", action="store_true", help="also build the tuner's tile configurations (bf16, target)")
+    p.add_argument("--out", type=Path, help="write resources.json and resources.md here")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    reason = available()
+    if reason:
+        print(f"cannot build kernels here: {reason}", file=sys.stderr)
+        return 2
+    builds = collect(args.arch, args.dtypes, args.tiles, progress=not args.no_progress)
+    command = "python -m benchmarks.kernel_resources " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(builds, command.strip())
+    print(text)
+    if args.out:
+        import triton
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "resources.md").write_text(text + "\n")
+        rows = [dict(dataclasses.asdict(b), problems=b.problems) for b in builds]
+        meta = {"triton": triton.__version__, "torch": torch.__version__, "command": command.strip()}
+        (args.out / "resources.json").write_text(json.dumps({"meta": meta, "builds": rows}, indent=1) + "\n")
+    bad = [b for b in builds if b.problems and not b.scenario.startswith("tune_fused")]
+    for b in bad:
+        print(f"sm_{b.arch} {b.kernel} {b.dtype} {b.options} ({b.scenario}): {'; '.join(b.problems)}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
