@@ -379,6 +379,8 @@ def test_every_kernel_builds_for_hopper_and_ada(tmp_path):
     import grpo_kernels.ops
     from benchmarks.kernel_resources import available
 
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the other tests compile and run the kernels (and this build takes minutes)")
     reason = available()
     if reason:
         pytest.skip(reason)
