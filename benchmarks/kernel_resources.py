@@ -7,7 +7,7 @@ kernel variant this reports the registers per thread, the bytes spilled to local
 shared memory, and checks that it compiles and fits the architecture's limits: a kernel that does not would fail at
 its first launch on that GPU. Nothing is timed.
 
-    python -m benchmarks.kernel_resources [--arch 90 89 80] [--dtypes bf16 fp32] [--tiles] [--out DIR]
+    python -m benchmarks.kernel_resources [--arch 90 89 80 100 120] [--dtypes bf16 fp32] [--tiles] [--out DIR]
 
 `--tiles` also builds each tile configuration that `benchmarks/tune_fused.py` would time, in bf16 at the fused
 linear kernels' target shape, so that a configuration that spills or cannot launch is known before a GPU is spent on
@@ -42,6 +42,8 @@ ARCHS = {
     86: ("RTX 3090 / A10", 101376, 82),
     89: ("RTX 4090 / L40S", 101376, 128),
     90: ("H100 / H200", 232448, 132),
+    100: ("B200", 232448, 148),
+    120: ("RTX 5090", 101376, 170),
 }
 REGISTERS_PER_SM = 65536
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
