@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -387,7 +388,8 @@ def test_every_kernel_builds_for_hopper_and_ada(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0")
     cmd = [sys.executable, "-m", "benchmarks.kernel_resources", "--arch", "90", "89", "--dtypes", "bf16", "fp32",
            "--out", str(tmp_path), "--no-progress"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     builds = json.loads((tmp_path / "resources.json").read_text())["builds"]
     kernels = {
