@@ -30,22 +30,32 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and __name__ == "__main__":
     sys.exit("benchmarks.kernel_resources compiles kernels: run it with TRITON_INTERPRET unset (or 0)")
 
 import torch
 
-# compute capability -> (name, shared memory one block may use in bytes, SMs of the part the name stands for)
-ARCHS = {
-    80: ("A100", 166912, 108),
-    86: ("RTX 3090 / A10", 101376, 82),
-    89: ("RTX 4090 / L40S", 101376, 128),
-    90: ("H100 / H200", 232448, 132),
-    100: ("B200", 232448, 148),
-    120: ("RTX 5090", 101376, 170),
+
+class Arch(NamedTuple):
+    name: str  # the parts it stands for
+    shared_per_block: int  # bytes of shared memory one block may use
+    sms: int
+    shared_per_sm: int  # bytes; each resident block also takes 1 KiB of it
+    warps_per_sm: int
+
+
+ARCHS = {  # compute capability -> limits, from NVIDIA's CUDA programming guide
+    80: Arch("A100", 166912, 108, 167936, 64),
+    86: Arch("RTX 3090 / A10", 101376, 82, 102400, 48),
+    89: Arch("RTX 4090 / L40S", 101376, 128, 102400, 48),
+    90: Arch("H100 / H200", 232448, 132, 233472, 64),
+    100: Arch("B200", 232448, 148, 233472, 64),
+    120: Arch("RTX 5090", 101376, 170, 102400, 48),
 }
 REGISTERS_PER_SM = 65536
+BLOCKS_PER_SM = 16  # the fewest resident blocks any of these allows (sm_86); the kernels here use 4 warps or more
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STRATEGIES = ("chunked", "vocab-blocks", "fused")
 # small shapes with every dimension a multiple of 16 ("aligned"), and with none ("odd"): Triton specialises on that
@@ -74,14 +84,26 @@ class Build:
         if self.error:
             return [f"does not compile: {self.error}"]
         out = []
-        limit = ARCHS[self.arch][1]
+        limit = ARCHS[self.arch].shared_per_block
         if self.shared_bytes > limit:
             out.append(f"needs {self.shared_bytes} bytes of shared memory; sm_{self.arch} allows {limit}")
-        # registers are allocated per warp in units of 256
-        per_warp = -(-self.registers * 32 // 256) * 256
-        if per_warp * self.num_warps > REGISTERS_PER_SM:
+        if self._registers_per_warp * self.num_warps > REGISTERS_PER_SM:
             out.append(f"{self.registers} registers x {self.num_warps * 32} threads exceed one SM's {REGISTERS_PER_SM}")
         return out
+
+    @property
+    def _registers_per_warp(self) -> int:
+        return -(-self.registers * 32 // 256) * 256  # allocated per warp in units of 256
+
+    @property
+    def blocks_per_sm(self) -> int:
+        """How many blocks of this kernel one SM holds at once, as its registers, shared memory and warps allow."""
+        if self.error or not self.num_warps:
+            return 0
+        arch = ARCHS[self.arch]
+        by_registers = REGISTERS_PER_SM // max(self._registers_per_warp, 1) // self.num_warps
+        by_shared = arch.shared_per_sm // (self.shared_bytes + 1024)
+        return min(by_registers, by_shared, arch.warps_per_sm // self.num_warps, BLOCKS_PER_SM)
 
 
 def _tool(name: str) -> Path:
@@ -170,7 +192,7 @@ def building(arch: int, seen: dict, scenario: Callable[[], str]) -> Iterator[Non
 
     saved = (_common.interpreting, linear.interpreting, backend_module._interpreting, torch.cuda.get_device_properties)
     active = driver._active  # None until something asks for a driver
-    props = SimpleNamespace(multi_processor_count=ARCHS.get(arch, ("", 0, 132))[2], name=f"sm_{arch}")
+    props = SimpleNamespace(multi_processor_count=ARCHS[arch].sms, name=f"sm_{arch}")
     driver.set_active(_FakeDriver(arch))
     JITFunction.run = build
     _common.interpreting = linear.interpreting = lambda: False  # the GPU's launch settings
@@ -306,15 +328,16 @@ def markdown(builds: list[Build], command: str) -> str:
         f"torch {torch.__version__}.",
         "",
         "Registers per thread, bytes spilled to local memory per thread (ptxas' stack frame; 0 is what a fast kernel "
-        "wants) and shared memory per block, as ptxas reports them; one row per kernel variant (the compile-time "
-        "options and the first scenario that launched it).",
+        "wants) and shared memory per block, as ptxas reports them, and the blocks one SM can hold at once (the "
+        "fewest its registers, shared memory and warps allow); one row per kernel variant (the compile-time options "
+        "and the first scenario that launched it).",
         "",
     ]
     for arch in sorted({b.arch for b in builds}):
-        name, limit, _ = ARCHS.get(arch, ("", 0, 0))
-        lines += [f"## sm_{arch} ({name}; {limit // 1024} KiB of shared memory per block)", "",
-                  "| kernel | dtype | warps | stages | registers | spilled B | shared KiB | options | scenario "
-                  "| problems |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        spec = ARCHS[arch]
+        lines += [f"## sm_{arch} ({spec.name}; {spec.shared_per_block // 1024} KiB of shared memory per block)", "",
+                  "| kernel | dtype | warps | stages | registers | spilled B | shared KiB | blocks/SM | options "
+                  "| scenario | problems |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         shown = set()  # variants that differ only in specialisation details this table does not show, shown once
         for b in sorted((b for b in builds if b.arch == arch), key=lambda b: (b.kernel, b.dtype, b.options)):
             key = (b.kernel, b.dtype, b.num_warps, b.num_stages, b.registers, b.spill_bytes, b.shared_bytes, b.options,
@@ -324,7 +347,8 @@ def markdown(builds: list[Build], command: str) -> str:
             shown.add(key)
             lines.append(
                 f"| {b.kernel} | {b.dtype} | {b.num_warps} | {b.num_stages} | {b.registers} | {b.spill_bytes} | "
-                f"{b.shared_bytes / 1024:.0f} | {b.options} | {b.scenario} | {'; '.join(b.problems)} |"
+                f"{b.shared_bytes / 1024:.0f} | {b.blocks_per_sm} | {b.options} | {b.scenario} | "
+                f"{'; '.join(b.problems)} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -352,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "resources.md").write_text(text + "\n")
-        rows = [dict(dataclasses.asdict(b), problems=b.problems) for b in builds]
+        rows = [dict(dataclasses.asdict(b), blocks_per_sm=b.blocks_per_sm, problems=b.problems) for b in builds]
         meta = {"triton": triton.__version__, "torch": torch.__version__, "command": command.strip()}
         (args.out / "resources.json").write_text(json.dumps({"meta": meta, "builds": rows}, indent=1) + "\n")
     bad = [b for b in builds if b.problems and not b.scenario.startswith("tune_fused")]

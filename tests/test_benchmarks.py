@@ -365,6 +365,13 @@ def test_kernel_resources_counts_registers_and_limits():
     assert "registers" in Build(90, "s", "k", "bf16", "", num_warps=16, registers=255).problems[0]
     broken = Build(90, "s", "k", "bf16", "", error="CompilationError: x")
     assert broken.problems == ["does not compile: CompilationError: x"]
+    assert broken.blocks_per_sm == 0
+    # 127 registers take 16 x 256 per warp: 16 warps of 8 fit the register file twice; 3 x (72 + 1) KiB fit in 228
+    assert Build(90, "s", "k", "bf16", "", num_warps=8, registers=127, shared_bytes=72 * 1024).blocks_per_sm == 2
+    assert Build(90, "s", "k", "bf16", "", num_warps=8, registers=64, shared_bytes=72 * 1024).blocks_per_sm == 3
+    assert ok.blocks_per_sm == 1
+    assert Build(89, "s", "k", "fp32", "", num_warps=8, registers=32).blocks_per_sm == 6  # 48 warps per SM
+    assert Build(90, "s", "k", "fp32", "", num_warps=4, registers=32).blocks_per_sm == 16  # at most 16 counted
 
 
 def test_every_kernel_builds_for_hopper_and_ada(tmp_path):
