@@ -181,11 +181,13 @@ def building(arch: int, seen: dict, scenario: Callable[[], str]) -> Iterator[Non
         names = self.arg_names
         const = {names[i[0]]: v for i, v in k.src.constants.items() if i[0] in self.constexprs}
         ptrs = sorted({t.lstrip("*") for n, t in k.src.signature.items() if n in ("hidden_ptr", "logits_ptr")})
+        maxnreg = getattr(k.metadata, "maxnreg", None)
         key = (arch, name, json.dumps(k.src.signature), repr(sorted(k.src.constants.items())), repr(k.src.attrs),
-               k.metadata.num_warps, k.metadata.num_stages)  # fmt: skip
+               k.metadata.num_warps, k.metadata.num_stages, maxnreg)  # fmt: skip
         if key not in seen:
             regs, stack = _resources(k.asm["cubin"])
             options = " ".join(f"{n}={int(v) if isinstance(v, bool) else v}" for n, v in const.items())
+            options += f" maxnreg={maxnreg}" if maxnreg else ""
             seen[key] = Build(arch, scenario(), name, ",".join(ptrs) or "fp32", options, k.metadata.num_warps,
                               k.metadata.num_stages, regs, stack, k.metadata.shared)  # fmt: skip
         return None
@@ -291,7 +293,7 @@ def tile_candidates() -> Iterator[tuple[str, Callable[[], None]]]:
                 finally:
                     linear.TILES[(kernel, "low")] = old
 
-            yield f"tune_fused {kernel} {'x'.join(map(str, c))} (BLOCK_N x V x K, warps, stages)", launch
+            yield f"tune_fused {kernel} {'x'.join(map(str, c))} (BLOCK_N x V x K, warps, stages[, maxnreg])", launch
 
 
 def collect(archs: list[int], dtypes: list[str], tiles: bool, progress: bool = True) -> list[Build]:

@@ -32,6 +32,7 @@ FWD_CANDIDATES = (
     (256, 128, 64, 8, 3),
     (64, 256, 64, 8, 3),
     (128, 64, 64, 4, 4),
+    (64, 128, 64, 8, 3, 128),  # the default capped at 128 registers: two blocks per SM (133 registers: one, triton 3.6)
 )
 BWD_CANDIDATES = (
     (64, 128, 64, 8, 2),
@@ -169,6 +170,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         for r in mine:
             t = r["tiles"]
             name = f"{t['BLOCK_N']} x {t['BLOCK_V']} x {t['BLOCK_K']}, {t['num_warps']}, {t['num_stages']}"
+            name += f", at most {t['maxnreg']} registers" if t.get("maxnreg") else ""
             name += " (in use)" if r["in_use"] else ""
             if r["error"]:
                 lines.append(f"| {name} | {r['error']} | | |")

@@ -226,13 +226,22 @@ def _linear_bwd_kernel(
 @dataclass(frozen=True)
 class Tiles:
     """A kernel's launch configuration on a GPU: the tile `[BLOCK_N tokens, BLOCK_V columns]`, `BLOCK_K` of the
-    hidden size per step, warps and pipeline stages."""
+    hidden size per step, warps and pipeline stages, and optionally a cap on registers per thread (`maxnreg`: fewer
+    registers can let an SM hold more blocks, at the risk of spills)."""
 
     BLOCK_N: int
     BLOCK_V: int
     BLOCK_K: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None
+
+    def launch(self) -> dict:
+        """The launch options: warps, stages and the register cap when there is one."""
+        out = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            out["maxnreg"] = self.maxnreg
+        return out
 
 
 # (kernel, "fp32" or "low" for bf16/fp16 inputs) -> tiles; `benchmarks/tune_fused.py` times alternatives on a GPU
@@ -283,7 +292,7 @@ def linear_fwd(
         hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight, ids,
         positions if positions is not None else ids, part, N, H, V, v_per_split, inv_t, scale, cap,
         HAS_BIAS=bias is not None, HAS_POS=positions is not None, HAS_SOFTCAP=has_cap, IEEE=ieee,
-        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=t.BLOCK_K, num_warps=t.num_warps, num_stages=t.num_stages,
+        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=t.BLOCK_K, **t.launch(),
     )  # fmt: skip
     m, s, u, zy = part
     top = m.amax(0)
@@ -340,6 +349,6 @@ def linear_bwd(
         HAS_BIAS=bias is not None, HAS_POS=positions is not None, HAS_SOFTCAP=has_cap,
         HAS_DENTROPY=grad_entropy is not None, NEED_DH=needs[0], NEED_DW=needs[1], NEED_DB=needs[2], IEEE=ieee,
         FILTER=grad_filter_eps is not None,
-        GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, num_warps=t.num_warps, num_stages=t.num_stages,
+        GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, **t.launch(),
     )  # fmt: skip
     return d_h, d_w, d_b
