@@ -36,6 +36,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and __name__ == "__m
     sys.exit("benchmarks.kernel_resources compiles kernels: run it with TRITON_INTERPRET unset (or 0)")
 
 import torch
+from tqdm.auto import tqdm
 
 
 class Arch(NamedTuple):
@@ -209,21 +210,9 @@ def building(arch: int, seen: dict, scenario: Callable[[], str]) -> Iterator[Non
          torch.cuda.get_device_properties) = saved  # fmt: skip
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def scenarios(dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
     """(name, call) pairs that between them launch every kernel with each of its compile-time options."""
+    from benchmarks.providers import _linear_strategy
     from grpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, group_advantages, grpo_loss, linear_logprobs
 
     plain, rich = GRPOLossConfig(), GRPOLossConfig(loss_type="grpo", beta=0.04, temperature=0.7, entropy_coef=0.01)
@@ -251,7 +240,7 @@ def scenarios(dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
                     hidden = torch.randn(B, T, H, dtype=dtype, requires_grad=True)
                     weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
                     bias = torch.randn(V, dtype=dtype, requires_grad=True) if extra else None
-                    with _env("GRPO_KERNELS_LINEAR", strategy):
+                    with _linear_strategy(strategy):
                         out = fused_linear_grpo_loss(hidden, weight, ids, adv, mask, bias=bias, config=config, **refs,
                                                      final_logit_softcapping=30.0 if extra else None,
                                                      grad_filter_eps=1e-6 if extra else None)  # fmt: skip
@@ -265,9 +254,9 @@ def scenarios(dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
 
 
 def tile_candidates() -> Iterator[tuple[str, Callable[[], None]]]:
-    """The tuner's tile configurations, each launched once in bf16 at `TARGET` (on meta-sized CPU tensors: nothing
-    runs, and the launchers allocate only small outputs)."""
-    from benchmarks.tune_fused import BWD_CANDIDATES, FWD_CANDIDATES
+    """The tuner's tile configurations, each launched once in bf16 at `TARGET` on CPU tensors of that size (nothing
+    runs; the backward's launcher allocates its gradients, about 1.2 GiB)."""
+    from benchmarks.tune_fused import BWD_CANDIDATES, FWD_CANDIDATES, tiles_in_use
     from grpo_kernels.ops import linear
 
     B, T, H, V = TARGET
@@ -281,17 +270,13 @@ def tile_candidates() -> Iterator[tuple[str, Callable[[], None]]]:
             tiles = linear.Tiles(*c)
 
             def launch(kernel=kernel, tiles=tiles):
-                old = linear.TILES[(kernel, "low")]
-                linear.TILES[(kernel, "low")] = tiles
-                try:
+                with tiles_in_use(kernel, "low", tiles):
                     if kernel == "fwd":
                         linear.linear_fwd(hidden, weight, None, ids, None, head)
                     else:
                         stats, vec = torch.zeros(2, N), torch.zeros(N)
                         linear.linear_bwd(hidden, weight, None, ids, None, stats, vec, vec, None, head,
                                           (True, True, False))  # fmt: skip
-                finally:
-                    linear.TILES[(kernel, "low")] = old
 
             yield f"tune_fused {kernel} {'x'.join(map(str, c))} (BLOCK_N x V x K, warps, stages[, maxnreg])", launch
 
@@ -299,7 +284,8 @@ def tile_candidates() -> Iterator[tuple[str, Callable[[], None]]]:
 def collect(archs: list[int], dtypes: list[str], tiles: bool, progress: bool = True) -> list[Build]:
     seen: dict = {}
     cases = list(scenarios(dtypes)) + (list(tile_candidates()) if tiles else [])
-    bar = _bar(len(archs) * len(cases), progress)
+    bar = tqdm(total=len(archs) * len(cases), desc="building kernels", unit="case", disable=not progress,
+               file=sys.stderr)  # fmt: skip
     current = [""]
     for arch in archs:
         with building(arch, seen, lambda: current[0]):
@@ -309,15 +295,6 @@ def collect(archs: list[int], dtypes: list[str], tiles: bool, progress: bool = T
                 bar.update(1)
     bar.close()
     return list(seen.values())
-
-
-def _bar(total: int, enabled: bool):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc="building kernels", unit="case", disable=not enabled, file=sys.stderr)
-    except ImportError:
-        return SimpleNamespace(update=lambda n: None, close=lambda: None)
 
 
 def markdown(builds: list[Build], command: str) -> str:

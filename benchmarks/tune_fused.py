@@ -14,11 +14,13 @@ says nothing about speed there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,6 +47,19 @@ BWD_CANDIDATES = (
 # BLOCK_N * BLOCK_V / (BLOCK_N + BLOCK_V) FLOPs per byte of bf16 loaded (43 at 64 x 128, 85 at 128 x 256), which is
 # what bounds a tile below cuBLAS when the loads come from L2.
 MISMATCH = 1e-2  # largest relative difference from the configuration in use that still counts as the same result
+
+
+@contextlib.contextmanager
+def tiles_in_use(kernel: str, key: str, tiles) -> Iterator[None]:
+    """`linear.TILES[(kernel, key)] = tiles` inside the block, the configuration before it restored after."""
+    from grpo_kernels.ops import linear
+
+    before = linear.TILES[(kernel, key)]
+    linear.TILES[(kernel, key)] = tiles
+    try:
+        yield
+    finally:
+        linear.TILES[(kernel, key)] = before
 
 
 def _time(fn, device: str, runs: int, warm_up: bool = True) -> list[float]:
@@ -133,15 +148,13 @@ def tune(B: int, T: int, H: int, V: int, dtype: torch.dtype, device: str, runs: 
             if time.monotonic() - start > time_limit:
                 row["error"] = "not tried: time limit"
                 continue
-            linear.TILES[(kernel, key)] = tiles
             try:
-                row["max_diff"] = _diff(fn(), reference)  # the first call, which compiles: the warm-up
-                row["time_ms"] = _median(_time(fn, device, runs, warm_up=False))
+                with tiles_in_use(kernel, key, tiles):
+                    row["max_diff"] = _diff(fn(), reference)  # the first call, which compiles: the warm-up
+                    row["time_ms"] = _median(_time(fn, device, runs, warm_up=False))
                 row["floor_fraction"] = floor[kernel] / row["time_ms"]
             except Exception as err:  # e.g. out of shared memory for this tile
                 row["error"] = _reason(err)
-            finally:
-                linear.TILES[(kernel, key)] = in_use[kernel]
                 if device == "cuda":
                     torch.cuda.synchronize()
     return rows
