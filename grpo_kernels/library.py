@@ -10,7 +10,7 @@ of `metric_names`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import fields
 
 import torch
 
@@ -37,9 +37,18 @@ def metric_names(config: GRPOLossConfig) -> list[str]:
     return names
 
 
-@torch.compiler.assume_constant_result
+_FIELDS = tuple(f.name for f in fields(GRPOLossConfig))
+
+
 def encode(config: GRPOLossConfig) -> str:
-    return json.dumps(asdict(config), sort_keys=True)
+    """The config as the custom ops' string argument. `torch.compile` gets it as a constant from the fields' values:
+    a frozen dataclass itself is no constant to every PyTorch release's compiler (2.11's refuses it)."""
+    return _encode_values(tuple(getattr(config, name) for name in _FIELDS))
+
+
+@torch.compiler.assume_constant_result
+def _encode_values(values: tuple) -> str:
+    return json.dumps(dict(zip(_FIELDS, values, strict=True)), sort_keys=True)
 
 
 def _decode(options: str) -> GRPOLossConfig:

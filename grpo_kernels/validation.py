@@ -35,9 +35,22 @@ def check_tensor(
         raise TypeError(f"{name} must be a bool, integer or floating 0/1 tensor; got {x.dtype}")
     if shapes is not None and tuple(x.shape) not in shapes:
         raise ValueError(f"{name} has shape {tuple(x.shape)} but must be {shape_hint}")
-    if device is not None and x.device != device:
+    if device is not None and not same_device(x.device, device):
         raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}: move all inputs to one device")
     return x
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether `a` and `b` name one device; an accelerator without an index ("cuda") is its current device."""
+    return _indexed(torch.device(a)) == _indexed(torch.device(b))
+
+
+def _indexed(d: torch.device) -> torch.device:
+    if d.index is not None or d.type in ("cpu", "meta"):
+        return d
+    module = getattr(torch, d.type, None)
+    current = getattr(module, "current_device", None)
+    return torch.device(d.type, current()) if current is not None else d
 
 
 class ValueChecks:

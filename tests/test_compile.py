@@ -49,6 +49,31 @@ def test_grpo_loss_compiles_without_graph_breaks(config):
         assert_close(metrics[k], eager_metrics[k], atol=1e-6, rtol=1e-5, name=k)
 
 
+@pytest.fixture
+def constants_only(monkeypatch):
+    """Functions marked `assume_constant_result` get every non-tensor argument as a Python constant, as PyTorch
+    2.11's compiler requires (it cannot make a constant of a frozen dataclass; later releases pass such objects by
+    identity)."""
+    from torch._dynamo.variables import functions
+
+    invoke = functions.invoke_and_store_as_constant
+
+    def strict(tx, fn, name, args, kwargs):
+        for x in [*args, *kwargs.values()]:
+            if not x.is_tensor():
+                x.as_python_constant()  # raises for anything that is not a constant
+        return invoke(tx, fn, name, args, kwargs)
+
+    monkeypatch.setattr(functions, "invoke_and_store_as_constant", strict)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:1], ids=lambda c: c.loss_type)
+def test_compiles_where_constant_functions_take_constants_only(config, constants_only):
+    test_grpo_loss_compiles_without_graph_breaks(config)
+    torch._dynamo.reset()
+    test_fused_linear_loss_compiles_with_the_model(config)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.loss_type)
 def test_fused_linear_loss_compiles_with_the_model(config):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -28,13 +28,14 @@ DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytes
 
 
 def make_inputs(B, T, H, V, dtype, dev, bias=True):
-    hidden = torch.randn(B, T, H, device=dev).to(dtype)
-    weight = (torch.randn(V, H, device=dev) / H**0.5 * 2).to(dtype)
-    b = (torch.randn(V, device=dev) * 0.1).to(dtype) if bias else None
-    ids = torch.randint(0, V, (B, T), device=dev)
-    mask = torch.rand(B, T, device=dev) > 0.25
+    """Drawn on the CPU and moved to `dev`: the same inputs on every device, so a GPU failure reproduces on a CPU."""
+    hidden = torch.randn(B, T, H).to(dtype)
+    weight = (torch.randn(V, H) / H**0.5 * 2).to(dtype)
+    b = (torch.randn(V) * 0.1).to(dtype) if bias else None
+    ids = torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) > 0.25
     mask[0] = False  # a fully masked row
-    adv = torch.randn(B, device=dev)
+    adv = torch.randn(B)
     logps = reference.linear_grpo_loss(
         hidden.double(), weight.double(), ids, adv.double(), mask, bias=None if b is None else b.double()
     ).logps.float()
@@ -42,14 +43,16 @@ def make_inputs(B, T, H, V, dtype, dev, bias=True):
     # log 1.28 at most), so that a log-prob rounded in half precision (bf16 logits are 1/32 apart near 8) cannot move a
     # token across a clip boundary, where the gradient jumps. Zero on padding, as TRL's own log-prob pass leaves them
     # (TRL's metrics read padding when T == 1).
-    inside = torch.rand(B, T, device=dev) < 0.5
-    d = torch.where(inside, torch.rand(B, T, device=dev) * 0.2 - 0.1, torch.rand(B, T, device=dev) * 0.13 + 0.32)
-    d = torch.where(inside | (torch.rand(B, T, device=dev) < 0.5), d, -d)
+    inside = torch.rand(B, T) < 0.5
+    d = torch.where(inside, torch.rand(B, T) * 0.2 - 0.1, torch.rand(B, T) * 0.13 + 0.32)
+    d = torch.where(inside | (torch.rand(B, T) < 0.5), d, -d)
     extra = {
         "old_logps": (logps - d) * mask,
-        "ref_logps": (logps + torch.randn(B, T, device=dev) * 0.3) * mask,
+        "ref_logps": (logps + torch.randn(B, T) * 0.3) * mask,
     }
-    return hidden, weight, b, ids, adv, mask, extra
+    b = None if b is None else b.to(dev)
+    return (*(x.to(dev) for x in (hidden, weight)), b, *(x.to(dev) for x in (ids, adv, mask)),
+            {k: v.to(dev) for k, v in extra.items()})  # fmt: skip
 
 
 def run(fn, hidden, weight, bias, ids, adv, mask, upcast_to=None, **kwargs):
@@ -431,18 +434,20 @@ def token_chunks(monkeypatch, dev: str, tokens: int, V: int) -> None:
 
 def peaked_inputs(B, T, H, V, dev, hot=64, temperature=0.8):
     """Hidden states and a head whose softmax is peaked on `hot` columns (the first ones, as a frequency-sorted
-    vocabulary has them), with completion tokens sampled from that softmax, as a policy's own samples are."""
-    hidden = torch.randn(B, T, H, device=dev)
-    weight = torch.randn(V, H, device=dev) / H**0.5 * 1.5
+    vocabulary has them), with completion tokens sampled from that softmax, as a policy's own samples are. Drawn on the
+    CPU, like `make_inputs`."""
+    hidden = torch.randn(B, T, H)
+    weight = torch.randn(V, H) / H**0.5 * 1.5
     weight[:hot] *= 4
-    bias = torch.randn(V, device=dev) * 0.1
+    bias = torch.randn(V) * 0.1
     probs = torch.softmax((hidden.double() @ weight.double().T + bias.double()) / temperature, -1)
-    ids = torch.multinomial(probs.reshape(B * T, V).cpu(), 1).reshape(B, T).to(dev)
-    mask = torch.rand(B, T, device=dev) > 0.2
+    ids = torch.multinomial(probs.reshape(B * T, V), 1).reshape(B, T)
+    mask = torch.rand(B, T) > 0.2
     logps = probs.reshape(B, T, V).gather(-1, ids[..., None]).squeeze(-1).log().float()
-    extra = {"old_logps": (logps + torch.randn(B, T, device=dev) * 0.05) * mask,
-             "ref_logps": (logps + torch.randn(B, T, device=dev) * 0.3) * mask}  # fmt: skip
-    return hidden, weight, bias, ids, torch.randn(B, device=dev), mask, extra
+    extra = {"old_logps": (logps + torch.randn(B, T) * 0.05) * mask,
+             "ref_logps": (logps + torch.randn(B, T) * 0.3) * mask}  # fmt: skip
+    adv = torch.randn(B)
+    return (*(x.to(dev) for x in (hidden, weight, bias, ids, adv, mask)), {k: v.to(dev) for k, v in extra.items()})
 
 
 @pytest.mark.parametrize(

@@ -118,3 +118,19 @@ def test_selective_log_softmax_bad_input():
         selective_log_softmax(torch.randn(2, 5), torch.full((2,), 5))
     with pytest.raises(ValueError, match="temperature must be a positive number"):
         selective_log_softmax(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=0)
+
+
+def test_a_device_without_an_index_is_the_current_one(monkeypatch):
+    """The devices "cuda" and "cuda:0" are one when device 0 is current, and another device is still told apart."""
+    from grpo_kernels.validation import check_tensor, same_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert same_device(torch.device("cuda"), torch.device("cuda:0"))
+    assert same_device(torch.device("cuda:0"), "cuda")
+    assert not same_device(torch.device("cuda"), torch.device("cuda:1"))
+    assert not same_device(torch.device("cuda"), torch.device("cpu"))
+    assert same_device(torch.device("cpu"), "cpu")
+    x = torch.zeros(2, device="meta")
+    check_tensor("x", x, kind="float", device=torch.device("meta"))
+    with pytest.raises(ValueError, match="x is on meta but the other inputs are on cpu"):
+        check_tensor("x", x, kind="float", device=torch.device("cpu"))
