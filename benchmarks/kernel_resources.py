@@ -183,19 +183,21 @@ def building(arch: int, seen: dict, scenario: Callable[[], str]) -> Iterator[Non
         const = {names[i[0]]: v for i, v in k.src.constants.items() if i[0] in self.constexprs}
         ptrs = sorted({t.lstrip("*") for n, t in k.src.signature.items() if n in ("hidden_ptr", "logits_ptr")})
         maxnreg = getattr(k.metadata, "maxnreg", None)
+        fusion = getattr(k.metadata, "enable_fp_fusion", True)
         key = (arch, name, json.dumps(k.src.signature), repr(sorted(k.src.constants.items())), repr(k.src.attrs),
-               k.metadata.num_warps, k.metadata.num_stages, maxnreg)  # fmt: skip
+               k.metadata.num_warps, k.metadata.num_stages, maxnreg, fusion)  # fmt: skip
         if key not in seen:
             regs, stack = _resources(k.asm["cubin"])
             options = " ".join(f"{n}={int(v) if isinstance(v, bool) else v}" for n, v in const.items())
             options += f" maxnreg={maxnreg}" if maxnreg else ""
+            options += "" if fusion else " enable_fp_fusion=0"
             seen[key] = Build(arch, scenario(), name, ",".join(ptrs) or "fp32", options, k.metadata.num_warps,
                               k.metadata.num_stages, regs, stack, k.metadata.shared)  # fmt: skip
         return None
 
     saved = (_common.interpreting, linear.interpreting, backend_module._interpreting, torch.cuda.get_device_properties)
     active = driver._active  # None until something asks for a driver
-    props = SimpleNamespace(multi_processor_count=ARCHS[arch].sms, name=f"sm_{arch}")
+    props = SimpleNamespace(multi_processor_count=ARCHS[arch].sms, name=f"sm_{arch}", major=arch // 10)
     driver.set_active(_FakeDriver(arch))
     JITFunction.run = build
     _common.interpreting = linear.interpreting = lambda: False  # the GPU's launch settings
@@ -270,7 +272,7 @@ def tile_candidates() -> Iterator[tuple[str, Callable[[], None]]]:
             tiles = linear.Tiles(*c)
 
             def launch(kernel=kernel, tiles=tiles):
-                with tiles_in_use(kernel, "low", tiles):
+                with tiles_in_use(linear.tiles_key(kernel, torch.bfloat16, hidden.device), tiles):
                     if kernel == "fwd":
                         linear.linear_fwd(hidden, weight, None, ids, None, head)
                     else:

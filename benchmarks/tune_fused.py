@@ -34,7 +34,7 @@ FWD_CANDIDATES = (
     (256, 128, 64, 8, 3),
     (64, 256, 64, 8, 3),
     (128, 64, 64, 4, 4),
-    (64, 128, 64, 8, 3, 128),  # the default capped at 128 registers: two blocks per SM (133 registers: one, triton 3.6)
+    (64, 128, 64, 8, 3, 128),  # capped at 128 registers: two blocks per SM (133 registers uncapped: one, triton 3.6)
 )
 BWD_CANDIDATES = (
     (64, 128, 64, 8, 2),
@@ -42,6 +42,8 @@ BWD_CANDIDATES = (
     (128, 128, 32, 8, 2),
     (64, 256, 64, 8, 2),
     (128, 256, 64, 8, 2),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 2),
 )
 # Each K step loads a [BLOCK_N, BLOCK_K] and a [BLOCK_K, BLOCK_V] tile for BLOCK_N * BLOCK_V * BLOCK_K multiply-adds:
 # BLOCK_N * BLOCK_V / (BLOCK_N + BLOCK_V) FLOPs per byte of bf16 loaded (43 at 64 x 128, 85 at 128 x 256), which is
@@ -50,16 +52,20 @@ MISMATCH = 1e-2  # largest relative difference from the configuration in use tha
 
 
 @contextlib.contextmanager
-def tiles_in_use(kernel: str, key: str, tiles) -> Iterator[None]:
-    """`linear.TILES[(kernel, key)] = tiles` inside the block, the configuration before it restored after."""
+def tiles_in_use(key: tuple, tiles) -> Iterator[None]:
+    """`linear.TILES[key] = tiles` inside the block, the entry before it (or its absence) restored after."""
     from grpo_kernels.ops import linear
 
-    before = linear.TILES[(kernel, key)]
-    linear.TILES[(kernel, key)] = tiles
+    missing = object()
+    before = linear.TILES.get(key, missing)
+    linear.TILES[key] = tiles
     try:
         yield
     finally:
-        linear.TILES[(kernel, key)] = before
+        if before is missing:
+            del linear.TILES[key]
+        else:
+            linear.TILES[key] = before
 
 
 def _time(fn, device: str, runs: int, warm_up: bool = True) -> list[float]:
@@ -123,8 +129,8 @@ def tune(B: int, T: int, H: int, V: int, dtype: torch.dtype, device: str, runs: 
     ids = torch.randint(V, (N,), device=device)
     grad_logp = torch.randn(N, device=device)
     head = (1.0, 1.0, None)
-    key = "fp32" if dtype == torch.float32 else "low"
-    in_use = {k: linear.TILES[(k, key)] for k in ("fwd", "bwd")}
+    keys = {k: linear.tiles_key(k, dtype, hidden.device) for k in ("fwd", "bwd")}
+    in_use = {k: linear.TILES[keys[k]] for k in ("fwd", "bwd")}
     floor = _floor(hidden, weight, device, runs)
     stats = linear.linear_fwd(hidden, weight, None, ids, None, head)
 
@@ -149,7 +155,7 @@ def tune(B: int, T: int, H: int, V: int, dtype: torch.dtype, device: str, runs: 
                 row["error"] = "not tried: time limit"
                 continue
             try:
-                with tiles_in_use(kernel, key, tiles):
+                with tiles_in_use(keys[kernel], tiles):
                     row["max_diff"] = _diff(fn(), reference)  # the first call, which compiles: the warm-up
                     row["time_ms"] = _median(_time(fn, device, runs, warm_up=False))
                 row["floor_fraction"] = floor[kernel] / row["time_ms"]

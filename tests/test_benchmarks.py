@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -347,9 +348,11 @@ def test_tile_tuner_tries_every_candidate_and_restores_the_tiles(tmp_path, devic
     # compiled (not interpreted), the kernels launch with the table's tiles, which the tuner swaps
     monkeypatch.setattr(linear, "interpreting", lambda: False)
     for key, tiles in linear.TILES.items():
-        kernel, kind = key
+        kernel, kind, *arch = key
         dtype = torch.float32 if kind == "fp32" else torch.bfloat16
-        assert linear._tiles(kernel, 4096, 32_000, 4096, dtype) is tiles
+        props = SimpleNamespace(major=arch[0] if arch else 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, props=props, **k: props)
+        assert linear._tiles(kernel, 4096, 32_000, 4096, dtype, torch.device("cpu")) is tiles
     ref = (torch.tensor([2.0, -4.0]), None, torch.tensor([1.0]))
     assert tune_fused._diff((torch.tensor([2.0, -4.02]), None, torch.tensor([1.0])), ref) == pytest.approx(0.005)
     assert tune_fused._diff((torch.tensor([2.0, -4.0]), None, torch.tensor([0.5])), ref) > tune_fused.MISMATCH
@@ -412,4 +415,31 @@ def test_every_kernel_builds_for_hopper_and_ada(tmp_path):
             assert {b["kernel"] for b in builds if b["arch"] == arch and b["dtype"] == dtype} >= {
                 "_linear_fwd_kernel", "_linear_bwd_kernel", "_logprobs_fwd_kernel", "_logprobs_bwd_kernel"}  # fmt: skip
     assert all(b["registers"] > 0 and b["problems"] == [] for b in builds)
+    # fp32 inputs: no multiply-add fused by the compiler (it breaks the cancellation of a row's maximum; see
+    # `ops._common.math_options`), and libdevice's exp
+    for b in builds:
+        if b["dtype"] == "fp32" and b["kernel"].startswith(("_linear", "_logprobs")):
+            assert "enable_fp_fusion=0" in b["options"] and "PRECISE=1" in b["options"], b
+        if b["dtype"] == "bf16":
+            assert "enable_fp_fusion=0" not in b["options"], b
     assert "## sm_90" in (tmp_path / "resources.md").read_text()
+
+
+def test_tiles_per_architecture(monkeypatch):
+    """A GPU whose architecture has its own `TILES` entry uses it, any other the general one; the tuner's swap puts
+    back what it found, an absent entry included."""
+    from benchmarks.tune_fused import tiles_in_use
+    from grpo_kernels.ops import linear
+
+    major = {"value": 9}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: SimpleNamespace(major=major["value"]))
+    cpu = torch.device("cpu")
+    assert linear.tiles_key("fwd", torch.bfloat16, cpu) == ("fwd", "low", 9)
+    assert linear.tiles_key("bwd", torch.float16, cpu) == ("bwd", "low", 9)
+    assert linear.tiles_key("fwd", torch.float32, cpu) == ("fwd", "fp32")  # no fp32 entry for Hopper
+    major["value"] = 8
+    assert linear.tiles_key("fwd", torch.bfloat16, cpu) == ("fwd", "low")
+    before = dict(linear.TILES)
+    with tiles_in_use(("fwd", "low", 8), linear.Tiles(16, 16, 16, 4, 2)):
+        assert linear.tiles_key("fwd", torch.bfloat16, cpu) == ("fwd", "low", 8)
+    assert before == linear.TILES

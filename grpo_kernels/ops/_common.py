@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
+import triton.language as tl
+from triton.language.extra import libdevice
 
 
 def interpreting() -> bool:
@@ -21,3 +24,36 @@ def row_block(n: int) -> int:
 
 def num_warps_for(block: int) -> int:
     return 8 if block >= 2048 else 4
+
+
+def precise(dtype: torch.dtype) -> bool:
+    """Whether kernels on inputs of `dtype` use libdevice's `exp` and round-to-nearest division (fp32 inputs on a
+    GPU) rather than the hardware approximations; the interpreter's numpy math is precise either way."""
+    return dtype in (torch.float32, torch.float64) and not interpreting()
+
+
+def math_options(dtype: torch.dtype) -> dict:
+    """Launch options of a kernel on inputs of `dtype`: `PRECISE` (see `precise`) and, when precise, no fused
+    multiply-adds the code does not ask for. The compiler would otherwise fuse `z = x * inv_temperature` into
+    `z - max`, so that the row maximum, taken over rounded `z`, no longer cancels its own unrounded product: a logit
+    gradient 20 units in the last place off in fp32 (the fused products are more exact, but not the same numbers)."""
+    if precise(dtype):
+        return {"PRECISE": True, "enable_fp_fusion": False}
+    return {"PRECISE": False}
+
+
+@triton.jit
+def exp(x, PRECISE: tl.constexpr):
+    """`e^x`. Triton's own multiplies by log2(e), rounds, and takes the hardware's approximate 2^t: a relative error
+    of about |x| units in the last place, which fp32 inputs notice; libdevice's is within 2 units (PRECISE)."""
+    if PRECISE:
+        return libdevice.exp(x)
+    return tl.exp(x)
+
+
+@triton.jit
+def div(a, b, PRECISE: tl.constexpr):
+    """`a / b`, rounded to nearest when PRECISE (Triton's `/` is the hardware's 2-ulp division)."""
+    if PRECISE:
+        return tl.div_rn(a, b)
+    return a / b

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_kernels.ops._common import interpreting
+from grpo_kernels.ops._common import exp, interpreting, math_options
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _linear_fwd_kernel(
     N, H, V, v_per_split,
     inv_temperature, logit_scale, softcap,
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -99,8 +99,8 @@ def _linear_fwd_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         shift = tl.where(s > 0, m - m_ref, 0.0)
-        alpha = tl.exp(shift)
-        e = tl.exp(z - m_ref[:, None])
+        alpha = exp(shift, PRECISE)
+        e = exp(z - m_ref[:, None], PRECISE)
         zc = tl.where(e > 0, z - m_ref[:, None], 0.0)
         u = alpha * (u + shift * s) + tl.sum(e * zc, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
@@ -135,7 +135,8 @@ def _linear_bwd_kernel(
     inv_temperature, logit_scale, softcap,
     filter_scale,  # grad_filter_eps * |logit_scale| / temperature (FILTER)
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DENTROPY: tl.constexpr,
-    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, IEEE: tl.constexpr, FILTER: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr,
+    FILTER: tl.constexpr,
     GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # tile order: groups of GROUP_N token blocks; inside a group the token block varies fastest
@@ -161,7 +162,7 @@ def _linear_bwd_kernel(
     g = tl.load(dlogp_ptr + rows, mask=row_ok, other=0.0)
     y = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     logp = (z - m[:, None]) - log_s[:, None]
-    p = tl.exp(logp)
+    p = exp(logp, PRECISE)
     d = tl.where(cols[None, :] == y[:, None], g[:, None], 0.0) - g[:, None] * p
     if HAS_DENTROPY:
         h = tl.load(dentropy_ptr + rows, mask=row_ok, other=0.0)
@@ -195,7 +196,8 @@ def _linear_bwd_kernel(
             if keep > 0:
                 ptrs = dh_ptr + rows[:, None].to(tl.int64) * H + kk[None, :]
                 ok = row_ok[:, None] & k_ok[None, :]
-                tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + part, mask=ok)
+                tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg") + part, mask=ok)
+            tl.debug_barrier()  # all warps have stored before the next tile may read (it loads from L2: .cg)
             tl.atomic_xchg(lock, pid_v + 1)
     if NEED_DW or NEED_DB:  # d_weight[cols] += dz.T @ hidden[rows]: token tiles in increasing order
         for kc in range(0, num_k):
@@ -212,14 +214,15 @@ def _linear_bwd_kernel(
                 if keep > 0:
                     ptrs = dw_ptr + cols[:, None].to(tl.int64) * H + kk[None, :]
                     ok = col_ok[:, None] & k_ok[None, :]
-                    old = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+                    old = tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                     tl.store(ptrs, (old + part).to(dw_ptr.dtype.element_ty), mask=ok)
             else:
                 _turnstile_wait(lock, pid_n)
             if NEED_DB and kc == 0:  # noqa: SIM102 (kept apart: a compile-time and a run-time condition)
                 if keep > 0:
-                    db = tl.load(db_ptr + cols, mask=col_ok, other=0.0) + tl.sum(d, axis=0)
+                    db = tl.load(db_ptr + cols, mask=col_ok, other=0.0, cache_modifier=".cg") + tl.sum(d, axis=0)
                     tl.store(db_ptr + cols, db, mask=col_ok)
+            tl.debug_barrier()
             tl.atomic_xchg(lock, pid_n + 1)
 
 
@@ -244,20 +247,36 @@ class Tiles:
         return out
 
 
-# (kernel, "fp32" or "low" for bf16/fp16 inputs) -> tiles; `benchmarks/tune_fused.py` times alternatives on a GPU
+# (kernel, "fp32" or "low" for bf16/fp16 inputs[, compute capability's major]) -> tiles: an architecture's entry where
+# one was measured, else the general one. `benchmarks/tune_fused.py` times alternatives on a GPU.
 TILES = {
     ("fwd", "low"): Tiles(64, 128, 64, 8, 3),
     ("fwd", "fp32"): Tiles(64, 128, 64, 8, 3),
     ("bwd", "low"): Tiles(64, 128, 64, 8, 2),
     ("bwd", "fp32"): Tiles(64, 128, 64, 8, 2),
+    # Hopper: on an H200 with triton 3.6, N 8,192, H 4,096, V 131,072 (benchmarks/results/h200/fused/tune-2/), the
+    # forward takes 18.9 ms (36.9 with the general tiles) and the backward 171 ms (457). Triton 3.9 spills some
+    # registers with them (benchmarks/results/kernels/)
+    ("fwd", "low", 9): Tiles(128, 256, 64, 8, 3),
+    ("bwd", "low", 9): Tiles(128, 256, 64, 8, 3),
 }
 
 
-def _tiles(kernel: str, n: int, V: int, H: int, dtype: torch.dtype) -> Tiles:
+def tiles_key(kernel: str, dtype: torch.dtype, device: torch.device) -> tuple:
+    """The key of `TILES` a launch on `device` uses: its architecture's entry when there is one."""
+    general = (kernel, "fp32" if dtype == torch.float32 else "low")
+    try:
+        major = torch.cuda.get_device_properties(device if device.type == "cuda" else None).major
+    except (AssertionError, RuntimeError):  # no CUDA: the interpreter, which sizes its own tiles
+        return general
+    return (*general, major) if (*general, major) in TILES else general
+
+
+def _tiles(kernel: str, n: int, V: int, H: int, dtype: torch.dtype, device: torch.device) -> Tiles:
     if interpreting():  # fewer, larger numpy steps; tl.dot needs at least 16
         return Tiles(max(16, min(64, triton.next_power_of_2(n))), max(16, min(128, triton.next_power_of_2(V))),
                      max(16, min(64, triton.next_power_of_2(H))), 4, 3 if kernel == "fwd" else 2)  # fmt: skip
-    return TILES[(kernel, "fp32" if dtype == torch.float32 else "low")]
+    return TILES[tiles_key(kernel, dtype, device)]
 
 
 def _common(hidden, weight, head):
@@ -279,7 +298,7 @@ def linear_fwd(
     dev = hidden.device
     if N == 0:
         return torch.zeros(0, device=dev), torch.zeros(0, device=dev), torch.zeros(2, 0, device=dev)
-    t = _tiles("fwd", N, V, H, hidden.dtype)
+    t = _tiles("fwd", N, V, H, hidden.dtype, hidden.device)
     BN, BV = t.BLOCK_N, t.BLOCK_V
     num_n, num_vb = triton.cdiv(N, BN), triton.cdiv(V, BV)
     target = 1 if interpreting() else 2 * torch.cuda.get_device_properties(dev).multi_processor_count
@@ -292,7 +311,7 @@ def linear_fwd(
         hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight, ids,
         positions if positions is not None else ids, part, N, H, V, v_per_split, inv_t, scale, cap,
         HAS_BIAS=bias is not None, HAS_POS=positions is not None, HAS_SOFTCAP=has_cap, IEEE=ieee,
-        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=t.BLOCK_K, **t.launch(),
+        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=t.BLOCK_K, **t.launch(), **math_options(hidden.dtype),
     )  # fmt: skip
     m, s, u, zy = part
     top = m.amax(0)
@@ -332,7 +351,7 @@ def linear_bwd(
     d_b = torch.zeros(V, dtype=torch.float32, device=dev) if needs[2] else None
     if N == 0 or not any(needs):
         return d_h, d_w, d_b
-    t = _tiles("bwd", N, V, H, hidden.dtype)
+    t = _tiles("bwd", N, V, H, hidden.dtype, hidden.device)
     BN, BV, BK = t.BLOCK_N, t.BLOCK_V, t.BLOCK_K
     num_n, num_v, num_k = triton.cdiv(N, BN), triton.cdiv(V, BV), triton.cdiv(H, BK)
     lock_h = torch.zeros(num_n, num_k, dtype=torch.int32, device=dev)
@@ -348,7 +367,7 @@ def linear_bwd(
         0.0 if grad_filter_eps is None else grad_filter_eps * abs(scale) * inv_t,
         HAS_BIAS=bias is not None, HAS_POS=positions is not None, HAS_SOFTCAP=has_cap,
         HAS_DENTROPY=grad_entropy is not None, NEED_DH=needs[0], NEED_DW=needs[1], NEED_DB=needs[2], IEEE=ieee,
-        FILTER=grad_filter_eps is not None,
-        GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, **t.launch(),
+        FILTER=grad_filter_eps is not None, GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, **t.launch(),
+        **math_options(hidden.dtype),
     )  # fmt: skip
     return d_h, d_w, d_b

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_kernels.ops._common import num_warps_for, row_block
+from grpo_kernels.ops._common import div, exp, math_options, num_warps_for, row_block
 
 
 @triton.jit
@@ -52,6 +52,7 @@ def _logprobs_fwd_kernel(
     softcap,
     HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    PRECISE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -71,8 +72,8 @@ def _logprobs_fwd_kernel(
             m_new = tl.maximum(m, tl.max(z, axis=0))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: any finite reference works
             shift = tl.where(s > 0, m - m_ref, 0.0)
-            alpha = tl.exp(shift)
-            e = tl.exp(z - m_ref)
+            alpha = exp(shift, PRECISE)
+            e = exp(z - m_ref, PRECISE)
             zc = tl.where(e > 0, z - m_ref, 0.0)
             u = alpha * (u + shift * s) + tl.sum(e * zc, axis=0)
             s = alpha * s + tl.sum(e, axis=0)
@@ -82,7 +83,7 @@ def _logprobs_fwd_kernel(
         y = tl.load(ids_ptr + row).to(tl.int64)
         z_y = _transform(tl.load(row_ptr + y), logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
         tl.store(logp_ptr + row, (z_y - m) - log_s)
-        tl.store(entropy_ptr + row, log_s - u / s)
+        tl.store(entropy_ptr + row, log_s - div(u, s, PRECISE))
         tl.store(stats_ptr + row, m)
         tl.store(stats_ptr + N + row, log_s)
     else:
@@ -114,6 +115,7 @@ def _logprobs_bwd_kernel(
     HAS_MASK: tl.constexpr,
     HAS_DENTROPY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    PRECISE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -137,7 +139,7 @@ def _logprobs_bwd_kernel(
             in_row = start + cols < V
             x = tl.load(row_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
             logp = (_transform(x, logit_scale, softcap, inv_temperature, HAS_SOFTCAP) - m) - log_s
-            p = tl.exp(logp)
+            p = exp(logp, PRECISE)
             d = tl.where(start + cols == y, g, 0.0) - g * p
             if HAS_DENTROPY:
                 d -= tl.where(p > 0, h * p * (logp + entropy), 0.0)
@@ -189,6 +191,7 @@ def logprobs_fwd(
         HAS_SOFTCAP=softcap is not None,
         BLOCK_V=block,
         num_warps=num_warps_for(block),
+        **math_options(logits.dtype),
     )
     return out[0], out[1], out[2:]
 
@@ -238,6 +241,7 @@ def logprobs_bwd(
         HAS_SOFTCAP=softcap is not None,
         BLOCK_V=block,
         num_warps=num_warps_for(block),
+        **math_options(logits.dtype),
     )
     return dlogits
 
