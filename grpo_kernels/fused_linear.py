@@ -459,13 +459,12 @@ def single_pass_chunks(
         return _row_ranges(inputs.mask.sum(-1).tolist(), size)
     T = inputs.mask.shape[1]
     n = inputs.mask.numel() if positions is None else positions.numel()
-    chunks = []
-    for sl in _token_ranges(n, size):
-        first, last = (
-            (sl.start, sl.stop - 1) if positions is None else (int(positions[sl.start]), int(positions[sl.stop - 1]))
-        )
-        chunks.append((slice(first // T, last // T + 1), sl))
-    return chunks
+    ranges = _token_ranges(n, size)
+    ends = [i for sl in ranges for i in (sl.start, sl.stop - 1)]
+    if positions is not None and ends:  # the chunks' first and last tokens' flat positions, in one read
+        ends = positions[torch.tensor(ends, device=positions.device)].tolist()
+    firsts, lasts = ends[::2], ends[1::2]
+    return [(slice(a // T, b // T + 1), sl) for sl, a, b in zip(ranges, firsts, lasts, strict=True)]
 
 
 class FusedLinearGRPOFunction(torch.autograd.Function):

@@ -214,8 +214,8 @@ def row_terms(
             _mean_metric(sums, "clip_ratio/low_mean", low, active)
             _mean_metric(sums, "clip_ratio/high_mean", high, active)
             _mean_metric(sums, "clip_ratio/region_mean", torch.maximum(low, high), active)
-            sums.lowest["clip_ratio/low_min"] = _nan_reduce(_row_mean(low, active), torch.min)
-            sums.highest["clip_ratio/high_max"] = _nan_reduce(_row_mean(high, active), torch.max)
+            sums.lowest["clip_ratio/low_min"] = _nan_reduce(_row_mean(low, active), torch.amin)
+            sums.highest["clip_ratio/high_max"] = _nan_reduce(_row_mean(high, active), torch.amax)
         elif cfg.loss_type == "cispo":
             _mean_metric(sums, "cispo_clip_ratio", ((ratio > eps_high) & (adv > 0)).to(logps.dtype), active)
         elif cfg.loss_type == "vespo":
@@ -224,8 +224,13 @@ def row_terms(
 
 
 def _nan_reduce(x: torch.Tensor, op) -> torch.Tensor:
-    x = x[~torch.isnan(x)]
-    return op(x) if x.numel() else torch.tensor(math.nan, device=x.device)
+    """`op` (`torch.amin` or `torch.amax`) over the entries of `x` that are not NaN, NaN when none is. No boolean
+    indexing: its data-dependent shape would wait for the device, once per chunk of the fused linear loss."""
+    if x.numel() == 0:
+        return x.new_full((), math.nan)
+    valid = ~torch.isnan(x)
+    fill = math.inf if op is torch.amin else -math.inf
+    return torch.where(valid.any(), op(torch.where(valid, x, fill)), math.nan)
 
 
 def grpo_objective(

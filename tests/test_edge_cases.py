@@ -719,3 +719,17 @@ ARGUMENT_ROWS = [
 def test_every_row_of_the_argument_table(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_nan_aware_min_and_max():
+    """The clip metrics' minimum and maximum over rows skip rows without tokens (NaN) and are NaN when no row has
+    any, with no boolean indexing (whose data-dependent size makes a GPU wait)."""
+    import math
+
+    from grpo_kernels.objective import _nan_reduce
+
+    x = torch.tensor([0.5, math.nan, 0.25, 0.75])
+    assert _nan_reduce(x, torch.amin).item() == 0.25 and _nan_reduce(x, torch.amax).item() == 0.75
+    assert math.isnan(_nan_reduce(torch.full((3,), math.nan), torch.amin).item())
+    assert math.isnan(_nan_reduce(torch.empty(0), torch.amax).item())
+    assert _nan_reduce(torch.tensor([math.inf, math.nan]), torch.amin).item() == math.inf

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_close, assert_within_pytorch_error, filtering_bound
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from grpo_kernels import (
     GRPOLossConfig,
@@ -516,3 +517,52 @@ def test_grad_filter_eps_values():
         linear_logprobs(hidden, weight, ids, grad_filter_eps=2.0)
     with pytest.raises(ValueError, match="grad_filter_eps is not supported with vocab_process_group"):
         linear_logprobs(hidden, weight, ids, grad_filter_eps="auto", vocab_process_group=object())
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that read a value back from the device (a CUDA synchronisation): scalars, nonzero, boolean
+    indexing; `.tolist()` is counted by the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        indices = args[1] if name.startswith("index.") else ()
+        boolean_index = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+        if name.startswith(("_local_scalar_dense", "nonzero", "is_nonzero", "masked_select")) or boolean_index:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", ["triton-chunked", "triton-vocab-blocks", "torch"], indirect=True)
+@pytest.mark.parametrize(
+    "options",
+    [{"loss_type": "dapo"}, {"loss_type": "grpo", "beta": 0.1, "entropy_coef": 0.1},
+     {"loss_type": "luspo", "importance_sampling_level": "sequence"}],
+)  # fmt: skip
+def test_chunks_read_nothing_back_from_the_device(impl, options, monkeypatch):
+    """The chunked schedules plan their chunks with a fixed number of reads from the device and then run every chunk
+    without one (on a GPU each read waits for the queued work, which leaves the GPU idle while Python queues the
+    next chunk): few chunks or many, the same number of reads."""
+    B, T, H, V = 4, 8, 16, 64
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(B, T, H, V, torch.float32, "cpu")
+    config = GRPOLossConfig(**options)
+    tolist = torch.Tensor.tolist
+    reads = []
+    whole_rows = options.get("importance_sampling_level") == "sequence"  # a chunk holds whole rows (T = 8)
+    for tokens in (32, 8) if whole_rows else (16, 2):
+        token_chunks(monkeypatch, "cpu", tokens, V)
+        listed = {"n": 0}
+
+        def counting_tolist(self, listed=listed):
+            listed["n"] += 1
+            return tolist(self)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+        with _HostReads() as mode:
+            run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+        reads.append(mode.count + listed["n"])
+    assert reads[0] == reads[1], f"device reads with few chunks and with many: {reads}"
