@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile", action="store_true",
         help="profile one more run of each row with torch.profiler: the top kernels (GPU) or ops (CPU) in "
-        "results.md and results.json, the full tables in OUT/profiles/",
+        "results.md and results.json, the full tables in OUT/profiles/; the memory run also says where the memory "
+        "live at its peak was allocated",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report-only", action="store_true", help="remake results.md and plots from OUT/results.json")

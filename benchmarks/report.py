@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 # 2: rows carry "inputs" (random or peaked); rows of schema 1 are random. 3: rows carry "profile" and "profile_file"
-# (None unless profiled)
+# (None unless profiled), and profiled rows "peak_detail" (where the memory live at the peak was allocated)
 SCHEMA = 3
 MODE_ORDER = ("forward+backward", "forward", "backward")
 FORWARD_ONLY = ("linear_logprobs", "advantages")  # ops with no backward: plotted from their forward rows
@@ -227,6 +227,11 @@ def _profiles(rows: list[dict]) -> list[str]:
             name = name.replace("|", "\\|")
             lines.append(f"| `{name}` | {_num(e['ms'])} | {e['calls']:,} | {e['fraction']:.0%} |")
         lines.append("")
+        if r.get("peak_detail"):
+            lines += [f"Live at the peak ({_num(r['peak_mib'])} MiB beyond the inputs), by where it was allocated:", "",
+                      "| allocated at | MiB |", "|---|---|"]  # fmt: skip
+            lines += [f"| `{e['where']}` | {_num(e['mib'])} |" for e in r["peak_detail"]]
+            lines.append("")
     return lines
 
 

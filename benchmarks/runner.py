@@ -106,17 +106,18 @@ def _time_backward_cuda(bound: Bound, setup: Callable[[], Any], run: Callable[[A
     return [begin.elapsed_time(end) for begin, end in events]
 
 
-def peak_bytes(bound: Bound, mode: str, device: str) -> int:
+def peak_bytes(bound: Bound, mode: str, device: str, detail: bool = False) -> tuple[int, list[dict[str, Any]]]:
     """Peak bytes allocated by one run of `mode` beyond what was allocated before it (the forward's saved tensors
-    for a backward alone)."""
+    for a backward alone) and, with `detail`, where the memory live at the peak was allocated: the largest
+    `PROFILE_TOP` places as `{"mib", "where"}` (see `MemoryMeter`)."""
     setup, run = steps(bound, mode)
     _reset(bound.grads)
     state = setup() if setup else None
-    with MemoryMeter(device) as meter:
+    with MemoryMeter(device, detail=detail) as meter:
         out = run(state)
     del out, state
     _reset(bound.grads)
-    return meter.peak_bytes
+    return meter.peak_bytes, [{"mib": n / MIB, "where": w} for n, w in meter.peak_detail[:PROFILE_TOP]]
 
 
 def profile_run(bound: Bound, mode: str, device: str, path: Path) -> list[dict[str, Any]]:
@@ -286,7 +287,10 @@ def measure(
         moved = case.copy_bytes() if provider.role == "floor" else case.bytes_moved(mode)
         row["gb_per_s"] = moved / (median * 1e-3) / 1e9
     if memory:
-        row["peak_mib"] = peak_bytes(bound, mode, case.device) / MIB
+        peak, detail = peak_bytes(bound, mode, case.device, detail=profiles is not None)
+        row["peak_mib"] = peak / MIB
+        if profiles is not None:
+            row["peak_detail"] = detail
     if profiles is not None:  # a profiler that fails costs the row its profile, not its times
         name = profile_name(row)
         try:

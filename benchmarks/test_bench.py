@@ -50,5 +50,5 @@ def test_bench(benchmark, provider: Provider, mode: str) -> None:
             torch.cuda.synchronize()
 
     benchmark.group = f"{provider.op} {mode}"
-    benchmark.extra_info["peak_mib"] = peak_bytes(bound, mode, device) / MIB
+    benchmark.extra_info["peak_mib"] = peak_bytes(bound, mode, device)[0] / MIB
     benchmark.pedantic(timed, setup=prepare, rounds=5, warmup_rounds=1)

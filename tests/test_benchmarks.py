@@ -443,3 +443,43 @@ def test_tiles_per_architecture(monkeypatch):
     with tiles_in_use(("fwd", "low", 8), linear.Tiles(16, 16, 16, 4, 2)):
         assert linear.tiles_key("fwd", torch.bfloat16, cpu) == ("fwd", "low", 8)
     assert before == linear.TILES
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_profile_says_where_the_memory_goes(tmp_path, dev):
+    """--profile with the memory runs: each row also says where the memory live at its peak was allocated (lines of
+    grpo_kernels for ours), in the row and in results.md: the CPU counter's stacks, the CUDA allocator's history."""
+    out = tmp_path / "mem"
+    provider = "ours-torch" if dev == "cpu" else "ours-triton"
+    args = ["--device", dev, "--ops", "fused_linear", "--shapes", "2x8x16x256", "--providers", provider,
+            "--modes", "forward+backward", "--repeats", "1", "--no-progress", "--profile",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    places = row["peak_detail"]
+    assert places and all(e["mib"] > 0 for e in places)
+    assert [e["mib"] for e in places] == sorted((e["mib"] for e in places), reverse=True)
+    assert sum(e["mib"] for e in places) <= row["peak_mib"] * (1 + 1e-9)
+    assert any(e["where"].startswith("grpo_kernels/fused_linear.py:") for e in places), places
+    assert "Live at the peak" in (out / "results.md").read_text()
+
+
+def test_live_at_peak_replays_allocator_events():
+    """The CUDA allocator's recorded events replayed: the peak, and the blocks live then, per place."""
+    from grpo_kernels.memory import live_at_peak
+
+    here = [{"filename": "/x/site-packages/torch/nn/functional.py", "line": 9, "name": "linear"},
+            {"filename": "/x/benchmarks/providers.py", "line": 40, "name": "run"}]  # fmt: skip
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": here},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": here[1:]},
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "free_completed", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 3, "size": 70, "frames": []},
+        {"action": "alloc", "addr": 4, "size": 10, "frames": here},
+        {"action": "free_completed", "addr": 9, "size": 5},  # allocated before the recording: not counted
+    ]
+    peak, places = live_at_peak(events)
+    assert peak == 150
+    assert places == [(150, "providers.py:40 (run)")]
+    assert live_at_peak(events[:1]) == (100, [(100, "providers.py:40 (run)")])
