@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report-only", action="store_true", help="remake results.md and plots from OUT/results.json")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="keep the shapes OUT/results.json already holds for every chosen provider (same device) and measure the "
+        "rest: a sweep cut short by --time-limit goes on where it stopped",
+    )  # fmt: skip
     return p
 
 
@@ -116,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         name = "quick" if args.quick else "full"
         cases = [c for c in sweep(name, device) if c.op in args.ops]
     providers = [p for p in PROVIDERS if p.name in args.providers]
+    every_case = cases
+    previous: list[dict] = []
+    if args.resume and (args.out / "results.json").exists():
+        cases, previous = _resumed(args.out / "results.json", cases, providers, device)
+        print(f"--resume: {len(every_case) - len(cases)} of {len(every_case)} shapes already measured")
     meta = {
         "command": shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]),
         "sweep": name,
@@ -130,20 +140,39 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save(rows: list[dict]) -> None:  # as rows come, so that an interrupted sweep keeps what it measured
-        report.write_json(args.out / "results.json", rows, meta)
+        report.write_json(args.out / "results.json", previous + rows, meta)
 
-    rows = run_sweep(
+    rows = previous + run_sweep(
         cases, providers, args.modes, args.repeats, not args.no_memory, not args.no_progress, save, args.time_limit,
         args.max_run_ms, args.out / "profiles" if args.profile else None,
     )  # fmt: skip
-    measured = {(r["op"], r["B"], r["T"], r["H"], r["V"], r["dtype"], r["inputs"]) for r in rows}
-    meta["not_measured"] = [c.label() for c in cases if (c.op, c.B, c.T, c.H, c.V, c.dtype, c.inputs) not in measured]
+    measured = {_case_key(r) for r in rows}
+    meta["not_measured"] = [c.label() for c in every_case if _case_key(c) not in measured]
     meta["load_average"].append(round(os.getloadavg()[0], 2))
     written = report.write_all(args.out, rows, meta)
     shown = [r for r in rows if r["mode"] == "forward+backward" or OP_MODES[r["op"]] == ("forward",)]
     print(report.markdown(shown, meta))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _case_key(x: Case | dict) -> tuple:
+    if isinstance(x, dict):
+        return x["op"], x["B"], x["T"], x["H"], x["V"], x["dtype"], x.get("inputs", "random")
+    return x.op, x.B, x.T, x.H, x.V, x.dtype, x.inputs
+
+
+def _resumed(path: Path, cases: list[Case], providers: list, device: str) -> tuple[list[Case], list[dict]]:
+    """`(cases still to measure, rows kept)`: a case is kept when the file has rows of it for each chosen provider
+    of its op; its rows are kept, those of the other cases dropped (they are measured again)."""
+    meta, rows = report.load(path)
+    if meta.get("device") != device_name(device):
+        raise SystemExit(f"--resume: {path} was measured on {meta.get('device')!r}, not on {device_name(device)!r}")
+    seen: dict[tuple, set[str]] = {}
+    for r in rows:
+        seen.setdefault(_case_key(r), set()).add(r["provider"])
+    done = {_case_key(c) for c in cases if {p.name for p in providers if p.op == c.op} <= seen.get(_case_key(c), set())}
+    return [c for c in cases if _case_key(c) not in done], [r for r in rows if _case_key(r) in done]
 
 
 if __name__ == "__main__":

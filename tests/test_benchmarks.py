@@ -483,3 +483,25 @@ def test_live_at_peak_replays_allocator_events():
     assert peak == 150
     assert places == [(150, "providers.py:40 (run)")]
     assert live_at_peak(events[:1]) == (100, [(100, "providers.py:40 (run)")])
+
+
+def test_resume_measures_only_what_is_missing(tmp_path, capsys):
+    """--resume after a sweep that measured part of the shapes: those keep their rows (not measured again), the rest
+    are measured, and a file from another device is refused."""
+    out = tmp_path / "resume"
+    common = ["--device", "cpu", "--ops", "advantages", "--providers", "eager", "--repeats", "1", "--no-progress",
+              "--no-memory", "--out", str(out)]  # fmt: skip
+    base = [*common, "--quick"]
+    assert main([*common, "--shapes", "1024"]) == 0  # the quick sweep's first shape
+    meta, first = report.load(out / "results.json")
+    assert {r["N"] for r in first} == {1024}
+    assert main([*base, "--resume"]) == 0
+    assert "--resume: 1 of" in capsys.readouterr().out
+    meta, rows = report.load(out / "results.json")
+    assert meta["not_measured"] == [] and len({r["N"] for r in rows}) > 1
+    assert [r for r in rows if r["N"] == first[0]["N"]] == first  # kept as they were
+    data = json.loads((out / "results.json").read_text())
+    data["meta"]["device"] = "another GPU"
+    (out / "results.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="was measured on 'another GPU'"):
+        main([*base, "--resume"])
