@@ -26,18 +26,14 @@ def num_warps_for(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-def precise(dtype: torch.dtype) -> bool:
-    """Whether kernels on inputs of `dtype` use libdevice's `exp` and round-to-nearest division (fp32 inputs on a
-    GPU) rather than the hardware approximations; the interpreter's numpy math is precise either way."""
-    return dtype in (torch.float32, torch.float64) and not interpreting()
-
-
 def math_options(dtype: torch.dtype) -> dict:
-    """Launch options of a kernel on inputs of `dtype`: `PRECISE` (see `precise`) and, when precise, no fused
-    multiply-adds the code does not ask for. The compiler would otherwise fuse `z = x * inv_temperature` into
-    `z - max`, so that the row maximum, taken over rounded `z`, no longer cancels its own unrounded product: a logit
-    gradient 20 units in the last place off in fp32 (the fused products are more exact, but not the same numbers)."""
-    if precise(dtype):
+    """Launch options of a kernel on inputs of `dtype`. fp32 (and fp64) inputs on a GPU get `PRECISE` (libdevice's
+    `exp` and round-to-nearest division instead of the hardware approximations) and no fused multiply-adds the code
+    does not ask for: the compiler would otherwise fuse `z = x * inv_temperature` into `z - max`, so that the row
+    maximum, taken over rounded `z`, no longer cancels its own unrounded product, and a logit gradient is 20 units in
+    the last place off (the fused products are more exact, but not the same numbers). The interpreter's numpy math is
+    precise either way."""
+    if dtype in (torch.float32, torch.float64) and not interpreting():
         return {"PRECISE": True, "enable_fp_fusion": False}
     return {"PRECISE": False}
 
