@@ -31,33 +31,39 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 def where(frames: list[tuple[str, int, str]]) -> str:
     """`file:line (function)` of the innermost of `frames` (filename, line, function; innermost first) in
     grpo_kernels, else of the innermost Python frame outside PyTorch; "?" without frames."""
-    ours = [f for f in frames if os.path.abspath(f[0]).startswith(_PACKAGE + os.sep)]
+    ours = [f for f in frames if _ours(f[0])]
     outside = [f for f in frames if f[0].endswith(".py") and f"{os.sep}torch{os.sep}" not in os.path.abspath(f[0])]
     pick = (ours or outside or frames or [None])[0]
     if pick is None:
         return "?"
     path = os.path.abspath(pick[0])
-    short = os.path.relpath(path, os.path.dirname(_PACKAGE)) if path.startswith(_PACKAGE) else os.path.basename(path)
+    short = os.path.relpath(path, os.path.dirname(_PACKAGE)) if _ours(path) else os.path.basename(path)
     return f"{short}:{pick[1]} ({pick[2]})"
+
+
+def _ours(path: str) -> bool:
+    return os.path.abspath(path).startswith(_PACKAGE + os.sep)
 
 
 def live_at_peak(events: list[dict]) -> tuple[int, list[tuple[int, str]]]:
     """Replay allocator events (`{"action": "alloc" | "free_completed", "addr", "size", "frames"}` in order; other
     actions ignored) and return the peak of bytes allocated and the blocks live at that peak, summed per `where` and
     largest first."""
-    live: dict[int, tuple[int, str]] = {}
+    live: dict[int, dict] = {}
     current = peak = 0
-    at_peak: dict[int, tuple[int, str]] = {}
+    at_peak: dict[int, dict] = {}
     for e in events:
         if e.get("action") == "alloc":
-            frames = [(f["filename"], f["line"], f["name"]) for f in e.get("frames", [])]
-            live[e["addr"]] = (e["size"], where(frames))
+            live[e["addr"]] = e
             current += e["size"]
             if current > peak:
                 peak, at_peak = current, dict(live)
         elif e.get("action") == "free_completed" and e["addr"] in live:
-            current -= live.pop(e["addr"])[0]
-    return peak, _grouped(at_peak.values())
+            current -= live.pop(e["addr"])["size"]
+    # where each block live at the peak was allocated, worked out for those blocks only
+    places = ((e["size"], where([(f["filename"], f["line"], f["name"]) for f in e.get("frames", [])]))
+              for e in at_peak.values())  # fmt: skip
+    return peak, _grouped(places)
 
 
 def _grouped(blocks) -> list[tuple[int, str]]:
