@@ -542,18 +542,19 @@ class _HostReads(TorchDispatchMode):
     [{"loss_type": "dapo"}, {"loss_type": "grpo", "beta": 0.1, "entropy_coef": 0.1},
      {"loss_type": "luspo", "importance_sampling_level": "sequence"}],
 )  # fmt: skip
-def test_chunks_read_nothing_back_from_the_device(impl, options, monkeypatch):
+def test_chunks_read_nothing_back_from_the_device(impl, options, device, monkeypatch):
     """The chunked schedules plan their chunks with a fixed number of reads from the device and then run every chunk
     without one (on a GPU each read waits for the queued work, which leaves the GPU idle while Python queues the
     next chunk): few chunks or many, the same number of reads."""
     B, T, H, V = 4, 8, 16, 64
-    hidden, weight, bias, ids, adv, mask, extra = make_inputs(B, T, H, V, torch.float32, "cpu")
+    dev = "cpu" if impl.startswith("torch") else device
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(B, T, H, V, torch.float32, dev)
     config = GRPOLossConfig(**options)
     tolist = torch.Tensor.tolist
     reads = []
     whole_rows = options.get("importance_sampling_level") == "sequence"  # a chunk holds whole rows (T = 8)
     for tokens in (32, 8) if whole_rows else (16, 2):
-        token_chunks(monkeypatch, "cpu", tokens, V)
+        token_chunks(monkeypatch, dev, tokens, V)
         listed = {"n": 0}
 
         def counting_tolist(self, listed=listed):
