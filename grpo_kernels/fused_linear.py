@@ -84,15 +84,21 @@ def head_options_from_config(config, temperature: float = 1.0) -> HeadOptions:
     )
 
 
-def chunk_tokens(vocab: int, device: torch.device) -> int:
-    """Tokens per chunk so that one chunk of fp32 logits takes about `CHUNK_BYTES` of the device (or
-    `VOCAB_BLOCKS_CHUNK_BYTES`, where smaller, for the vocab-blocks strategy)."""
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    return max(MIN_CHUNK_TOKENS[kind], _chunk_bytes(kind) // (4 * max(vocab, 1)))
+def chunk_tokens(vocab: int, device: torch.device, budget: int | None = None) -> int:
+    """Tokens per chunk so that one chunk of fp32 logits takes about `budget` bytes (by default `CHUNK_BYTES` of the
+    device, or `VOCAB_BLOCKS_CHUNK_BYTES`, where smaller, for the vocab-blocks strategy)."""
+    kind = _kind(device)
+    budget = _chunk_bytes(kind) if budget is None else budget
+    return max(MIN_CHUNK_TOKENS[kind], budget // (4 * max(vocab, 1)))
 
 
-def _chunk_bytes(kind: str) -> int:
-    """The budget of one chunk of fp32 logits: `GRPO_KERNELS_CHUNK_MIB` (MiB) where set, else the strategy's."""
+def _kind(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def _chunk_bytes(kind: str, vocab_blocks: bool | None = None) -> int:
+    """The budget of one chunk of fp32 logits: `GRPO_KERNELS_CHUNK_MIB` (MiB) where set, else the strategy's (the
+    environment's unless `vocab_blocks` says). A call reads it once, in its forward: its backward keeps that budget."""
     override = os.environ.get("GRPO_KERNELS_CHUNK_MIB")
     if override is not None:
         try:
@@ -102,7 +108,7 @@ def _chunk_bytes(kind: str) -> int:
         if not mib > 0:
             raise ValueError(f"GRPO_KERNELS_CHUNK_MIB must be a positive number of MiB; got {override!r}")
         return max(1, int(mib * (1 << 20)))
-    if linear_strategy() == "vocab-blocks":
+    if linear_strategy() == "vocab-blocks" if vocab_blocks is None else vocab_blocks:
         return min(CHUNK_BYTES[kind], VOCAB_BLOCKS_CHUNK_BYTES[kind])
     return CHUNK_BYTES[kind]
 
@@ -119,7 +125,7 @@ class _Head:
     """The active tokens' hidden rows and the head's weights: chunk logits, and gradient accumulation."""
 
     def __init__(self, hidden, weight, bias, ids, positions: torch.Tensor | None, head: HeadOptions, ops=None,
-                 vocab_blocks: bool | None = None) -> None:  # fmt: skip
+                 vocab_blocks: bool | None = None, chunk_bytes: int | None = None) -> None:  # fmt: skip
         B, T, H = hidden.shape
         self.shape = (B, T, H)
         self.flat = hidden.reshape(B * T, H)
@@ -130,6 +136,8 @@ class _Head:
         self.weight, self.bias, self.head = weight, bias, head
         # d_weight and d_bias per vocabulary block after the token chunks, from [N]-sized statistics they keep
         self.vocab_blocks = linear_strategy() == "vocab-blocks" if vocab_blocks is None else vocab_blocks
+        # the budget of a chunk of fp32 logits (and of a vocabulary block), as the forward read it
+        self.chunk_bytes = _chunk_bytes(_kind(hidden.device), self.vocab_blocks) if chunk_bytes is None else chunk_bytes
         self._rows: dict[str, torch.Tensor] | None = None
         self.ops = _row_ops(hidden) if ops is None else ops  # the backward reuses the forward's choice
         self._buffer: torch.Tensor | None = None
@@ -240,8 +248,7 @@ class _Head:
         if self.d_h is not None:
             d_h = self.d_h[sl] if self.positions is None else dz.new_empty(n, H, dtype=self.d_h.dtype)
             d_h.zero_()
-        kind = "cuda" if dz.device.type == "cuda" else "cpu"
-        step = max(1, _chunk_bytes(kind) // (8 * H))
+        step = max(1, self.chunk_bytes // (8 * H))
         for start in range(0, cols.numel(), step):
             c = cols[start : start + step]
             d = dz.index_select(1, c)
@@ -279,8 +286,7 @@ class _Head:
             return
         flat, n = self.flat, self.flat.shape[0]
         V = self.weight.shape[0]
-        kind = "cuda" if flat.device.type == "cuda" else "cpu"
-        width = max(1, min(V, _chunk_bytes(kind) // (4 * max(n, 1))))
+        width = max(1, min(V, self.chunk_bytes // (4 * max(n, 1))))
         buffer = torch.empty(n * width, dtype=self.logits_dtype, device=flat.device)
         mask = None
         if self.positions is not None:
@@ -375,10 +381,10 @@ def use_fused_kernels(t: torch.Tensor) -> bool:
     return linear_strategy() == "fused" and use_triton(t)
 
 
-def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool):
+def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool, chunk_bytes: int | None = None):
     """`(logp [B, T], entropy [B, T], saved)`: the two-pass schedule's forward; `saved` (`[N]` entropies of the
     active tokens and, for the fused kernels, `[2, N]` statistics) feeds `linear_backward`."""
-    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops)
+    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops, chunk_bytes=chunk_bytes)
     stats = None
     if fused:
         from grpo_kernels.ops.linear import linear_fwd
@@ -387,17 +393,18 @@ def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fuse
     else:
         logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
         entropy = torch.empty_like(logp)
-        for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device)):
+        for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device, lm.chunk_bytes)):
             logp[sl], entropy[sl], _ = lm.stats(lm.logits(sl), sl)
     return lm.scatter(logp), lm.scatter(entropy), (entropy, stats)
 
 
 def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool, saved, grad_logp,
-                    grad_entropy, needs: tuple[bool, bool, bool], vocab_blocks: bool | None = None):  # fmt: skip
+                    grad_entropy, needs: tuple[bool, bool, bool], vocab_blocks: bool | None = None,
+                    chunk_bytes: int | None = None):  # fmt: skip
     """`(d_hidden, d_weight, d_bias)` (None where not needed) from the gradients of `linear_forward`'s outputs; the
     logits are recomputed, tile by tile in the fused kernels or chunk by chunk."""
     entropy, stats = saved
-    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops, vocab_blocks)
+    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops, vocab_blocks, chunk_bytes)
     gather = (lambda x: x.reshape(-1)) if lm.positions is None else (lambda x: x.reshape(-1)[lm.positions])
     g_lp = torch.zeros_like(entropy) if grad_logp is None else gather(grad_logp).to(entropy.dtype)
     g_ent = None if grad_entropy is None else gather(grad_entropy).to(entropy.dtype)
@@ -409,7 +416,7 @@ def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fus
         d_h = None if d_h is None else lm.scatter_rows(d_h).to(hidden.dtype)
         return d_h, d_w, None if d_b is None else d_b.to(bias.dtype)
     lm.start_grads(needs)
-    for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device)):
+    for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device, lm.chunk_bytes)):
         z = lm.logits(sl)
         _, _, state = lm.stats(z, sl)  # recomputed: the forward kept only [N]-sized results
         lm.add_grads(z, sl, state, entropy[sl], g_lp[sl], None if g_ent is None else g_ent[sl])
@@ -425,9 +432,10 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, mask, head: HeadOptions):
         ctx.ops, ctx.fused, ctx.head = _row_ops(hidden), use_fused_kernels(hidden), head
-        ctx.vocab_blocks = linear_strategy() == "vocab-blocks"
+        ctx.vocab_blocks = linear_strategy() == "vocab-blocks"  # read once: the backward keeps this call's choice
+        ctx.chunk_bytes = _chunk_bytes(_kind(hidden.device), ctx.vocab_blocks)
         logp, entropy, (saved_entropy, stats) = linear_forward(hidden, weight, bias, ids, mask, head, ctx.ops,
-                                                               ctx.fused)  # fmt: skip
+                                                               ctx.fused, ctx.chunk_bytes)  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, ids, mask, saved_entropy, stats)
         ctx.set_materialize_grads(False)
         return logp, entropy
@@ -438,7 +446,8 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None
         grads = linear_backward(hidden, weight, bias, ids, mask, ctx.head, ctx.ops, ctx.fused, (entropy, stats),
-                                grad_logp, grad_entropy, tuple(ctx.needs_input_grad[:3]), ctx.vocab_blocks)  # fmt: skip
+                                grad_logp, grad_entropy, tuple(ctx.needs_input_grad[:3]), ctx.vocab_blocks,
+                                ctx.chunk_bytes)  # fmt: skip
         return (*grads, None, None, None)
 
 

@@ -284,6 +284,35 @@ def test_extra_memory_beyond_the_gradients_is_a_few_chunks(strategy, top_entropy
     assert meter.peak_bytes - grads < 3 * budget, f"{(meter.peak_bytes - grads) / 2**20:.2f} MiB beyond the grads"
 
 
+@pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])  # the single-pass and the two-pass schedule
+def test_the_backward_keeps_the_strategy_and_budget_of_its_forward(top_entropy_quantile, monkeypatch):
+    """A forward run under GRPO_KERNELS_LINEAR=vocab-blocks (64 KiB chunks here, 8 MiB for the default strategy)
+    whose backward runs after the variable is gone (a benchmark's or a trainer's context ends before the backward)
+    still forms d_weight in 64 KiB vocabulary blocks: the backward allocates nothing near a default chunk."""
+    from grpo_kernels.memory import MemoryMeter
+
+    B, T, H, V = 4, 128, 32, 4096  # the fp32 logits of every token: 8 MiB
+    monkeypatch.setitem(fl.CHUNK_BYTES, "cpu", 8 << 20)
+    monkeypatch.setitem(fl.VOCAB_BLOCKS_CHUNK_BYTES, "cpu", 64 << 10)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, "cpu", 1)
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = (torch.randn(V, H) / 6).requires_grad_()
+    ids = torch.randint(0, V, (B, T))
+    config = GRPOLossConfig(loss_type="dapo", entropy_coef=0.01, top_entropy_quantile=top_entropy_quantile)
+    blocks = []
+    real = fl.cpu.block_grad
+    monkeypatch.setattr(fl.cpu, "block_grad", lambda z, *a: blocks.append(z.shape) or real(z, *a))
+    with backend("torch"):
+        monkeypatch.setenv("GRPO_KERNELS_LINEAR", "vocab-blocks")
+        loss = fused_linear_grpo_loss(hidden, weight, ids, torch.randn(B), config=config).loss
+        monkeypatch.delenv("GRPO_KERNELS_LINEAR")
+        with MemoryMeter() as meter:
+            loss.backward()
+    assert blocks and all(rows * cols * 4 <= 64 << 10 for rows, cols in blocks), blocks
+    grads = 0 if top_entropy_quantile == 1.0 else (hidden.numel() + weight.numel()) * 4  # single pass: in the forward
+    assert meter.peak_bytes - grads < 3 * (64 << 10), f"{(meter.peak_bytes - grads) / 2**10:.0f} KiB beyond the grads"
+
+
 @pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks"])
 def test_a_million_tokens_in_one_call(strategy, monkeypatch):
     """N = 1,000,000 tokens (B = T = 1,000, a tenth masked) in one call on the CPU path: loss and gradients equal the
