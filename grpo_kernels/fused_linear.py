@@ -509,7 +509,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             with torch.enable_grad():
                 lp.requires_grad_(grads)
                 ent.requires_grad_(grads and config.entropy_coef != 0.0)
-                share, _ = row_terms(lp, ent, part, config, plan)
+                share, _ = row_terms(lp, ent, part, config, plan, metrics=False)  # formed once, after
                 if grads:
                     g = torch.autograd.grad(share, (lp, ent) if ent.requires_grad else (lp,))
             loss += share.detach()
