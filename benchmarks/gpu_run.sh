@@ -82,7 +82,7 @@ run() {
   echo "== benchmark sweep (the opt-in strategies apart, below)"
   local sweep=0 providers
   providers=$(python3 -c "from benchmarks.providers import PROVIDERS as P
-print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-filter'}))")
+print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', 'ours-filter'}))")
   # shellcheck disable=SC2086
   timeout --kill-after=10 $((sweep_seconds + 45)) python3 -m benchmarks --device cuda --out "$out" --no-progress \
     --time-limit "$sweep_seconds" --max-run-ms 1000 --providers $providers || sweep=$?
@@ -99,7 +99,7 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-filter'})
   # --profile: where each strategy's time goes, kernel by kernel (results.md's last section, profiles/)
   fits 120 "the strategies" && { timeout --kill-after=10 110 python3 -m benchmarks --device cuda --no-progress \
     --profile --out "$scratch/fused" --ops fused_linear --shapes 8x1024x4096x131072 \
-    --providers ours-triton ours-fused ours-vocab floor || fused=$?; }
+    --providers ours-triton ours-tiles ours-fused ours-vocab floor || fused=$?; }
   # the fused kernels' tile configurations (TILES in grpo_kernels/ops/linear.py), forward and backward
   fits 95 "the tile tuner" && { timeout --kill-after=10 85 python3 -m benchmarks.tune_fused --time-limit 55 \
     --out "$scratch/fused/tune" || fused=$?; }
@@ -111,11 +111,12 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-filter'})
   fits 80 "peaked inputs" && { timeout --kill-after=10 70 python3 -m benchmarks --device cuda --no-progress \
     --out "$scratch/fused/peaked" --ops fused_linear --shapes 8x1024x4096x131072 --inputs peaked \
     --providers ours-triton ours-filter cce floor || fused=$?; }
-  # other chunk budgets (MiB of fp32 logits) than the defaults: vocab blocks 128, chunked 1,024; while time is left.
-  # vocab blocks at 96 MiB keep 48 MiB of bf16 logits: under issue 3's 64 MiB beyond the gradients
+  # other chunk budgets (MiB of fp32 logits) than the defaults (vocab blocks 128, tiles 64, chunked 1,024), while time
+  # is left.
+  # tiles at 128 MiB: 64 MiB of bf16 logits and 2,048-token chunks (32 MiB of fp32 d_hidden rows) at H = 4,096; at
+  # 32 MiB, 16 + 8 MiB; vocab blocks at 96 MiB keep 48 MiB of bf16 logits: under issue 3's 64 MiB beyond the gradients
   local run
-  # (96 and 64 MiB: 192- and 128-token chunks, one and a half or exactly one 128-row tile of the products)
-  for run in ours-filter:64 ours-vocab:96 ours-vocab:64 ours-triton:256 ours-vocab:512 ours-vocab:32; do
+  for run in ours-tiles:128 ours-tiles:32 ours-vocab:96 ours-filter:64 ours-triton:256 ours-vocab:64; do
     fits 50 "$run" || continue
     GRPO_KERNELS_CHUNK_MIB=${run#*:} timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress \
       --out "$scratch/fused/${run%:*}-${run#*:}-mib" --ops fused_linear --shapes 8x1024x4096x131072 \

@@ -549,6 +549,10 @@ _OURS_VOCAB = Provider(
     "ours-vocab", "fused_linear", "grpo_kernels (vocab blocks)", _ours_linear("auto", "vocab-blocks"), role="ours"
 )
 
+# `GRPO_KERNELS_LINEAR=tiles`: per chunk of tokens, gradients a block of vocabulary columns at a time (one more
+# product, large ones, little memory), any device
+_OURS_TILES = Provider("ours-tiles", "fused_linear", "grpo_kernels (tiles)", _ours_linear("auto", "tiles"), role="ours")
+
 _OURS_FUSED_LOGPROBS = dataclasses.replace(
     _OURS_FUSED, op="linear_logprobs", bind=_ours_logprobs("triton", "fused")
 )  # fmt: skip
@@ -563,6 +567,7 @@ PROVIDERS: tuple[Provider, ...] = (
     *_ours("fused_linear", _ours_linear),
     _OURS_FUSED,
     _OURS_VOCAB,
+    _OURS_TILES,
     _OURS_FILTER,
     Provider("eager", "fused_linear", "eager PyTorch", _eager_linear, memory=_eager_linear_memory),
     Provider("trl", "fused_linear", "TRL 1.16 chunked", _trl_linear, module="trl"),

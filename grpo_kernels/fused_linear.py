@@ -26,6 +26,11 @@ weights each chunk's product is added in bf16, as chunked losses usually do). Ea
   coefficients (`[N]` vectors); `d_weight` and `d_bias` are then formed one block of vocabulary columns at a time, from
   that block's logits recomputed for every token: one more matrix product, but `d_weight` is written once, never
   accumulated, and chunks and blocks are small (128 MiB of fp32 logits on CUDA at most: 64 MiB in bf16).
+- `tiles`: chunks of whole-vocabulary logits only for the log-sum-exp statistics (a few rows at a time), then each
+  chunk of tokens (sized by the hidden size: its fp32 `d_hidden` rows are the one other buffer) forms its gradients a
+  block of vocabulary columns at a time, each block's logits recomputed: four products, like `vocab-blocks`, but in
+  large products and few chunks, with little beyond the gradients (64 MiB of fp32 logits on CUDA at most: 32 MiB in
+  bf16, plus the chunk's `d_hidden` rows, 16 MiB at H = 4,096). No gradient filtering.
 - `fused`: the Triton kernels of `ops/linear.py` (CUDA), which keep each logits tile in registers.
 
 Gradient filtering (`HeadOptions.grad_filter_eps`, approximate, off by default): once a chunk's logits gradient is
@@ -52,7 +57,10 @@ CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 1 << 30}
 # With GRPO_KERNELS_LINEAR=vocab-blocks nothing is accumulated across chunks, so chunks can be small: on CUDA at most
 # 128 MiB (64 MiB of bf16 logits), for token chunks and vocabulary blocks alike.
 VOCAB_BLOCKS_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 128 << 20}
-STRATEGIES = ("chunked", "fused", "vocab-blocks")
+# GRPO_KERNELS_LINEAR=tiles: the logits buffer (in fp32 bytes; half that in bf16), and a quarter of it for each token
+# chunk's fp32 d_hidden rows: 32 + 16 MiB beyond the gradients on CUDA in bf16
+TILES_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 64 << 20}
+STRATEGIES = ("chunked", "fused", "vocab-blocks", "tiles")
 # Gradient filtering leaves a chunk's small columns out only while no token loses more than this many times its
 # threshold in all (its left-out probability mass, without the entropy bonus, at most 64 * grad_filter_eps: 1.6% at
 # 2**-12): a flat softmax, where the many small entries add up, keeps every column.
@@ -96,9 +104,16 @@ def _kind(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpu"
 
 
-def _chunk_bytes(kind: str, vocab_blocks: bool | None = None) -> int:
+def tile_tokens(hidden_size: int, device: torch.device, budget: int | None = None) -> int:
+    """Tokens per chunk of the tiles strategy: their fp32 `d_hidden` rows take a quarter of the chunk budget."""
+    kind = _kind(device)
+    budget = _chunk_bytes(kind) if budget is None else budget
+    return max(MIN_CHUNK_TOKENS[kind], budget // (16 * max(hidden_size, 1)))
+
+
+def _chunk_bytes(kind: str, strategy: str | None = None) -> int:
     """The budget of one chunk of fp32 logits: `GRPO_KERNELS_CHUNK_MIB` (MiB) where set, else the strategy's (the
-    environment's unless `vocab_blocks` says). A call reads it once, in its forward: its backward keeps that budget."""
+    environment's unless `strategy` says). A call reads it once, in its forward: its backward keeps that budget."""
     override = os.environ.get("GRPO_KERNELS_CHUNK_MIB")
     if override is not None:
         try:
@@ -108,13 +123,17 @@ def _chunk_bytes(kind: str, vocab_blocks: bool | None = None) -> int:
         if not mib > 0:
             raise ValueError(f"GRPO_KERNELS_CHUNK_MIB must be a positive number of MiB; got {override!r}")
         return max(1, int(mib * (1 << 20)))
-    if linear_strategy() == "vocab-blocks" if vocab_blocks is None else vocab_blocks:
+    strategy = linear_strategy() if strategy is None else strategy
+    if strategy == "vocab-blocks":
         return min(CHUNK_BYTES[kind], VOCAB_BLOCKS_CHUNK_BYTES[kind])
+    if strategy == "tiles":
+        return min(CHUNK_BYTES[kind], TILES_CHUNK_BYTES[kind])
     return CHUNK_BYTES[kind]
 
 
 def linear_strategy() -> str:
-    """`GRPO_KERNELS_LINEAR`: "chunked" (the default), "fused" or "vocab-blocks" (see the module's docstring)."""
+    """`GRPO_KERNELS_LINEAR`: "chunked" (the default), "fused", "vocab-blocks" or "tiles" (see the module's
+    docstring)."""
     strategy = os.environ.get("GRPO_KERNELS_LINEAR", "chunked")
     if strategy not in STRATEGIES:
         raise ValueError(f"GRPO_KERNELS_LINEAR must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
@@ -125,7 +144,7 @@ class _Head:
     """The active tokens' hidden rows and the head's weights: chunk logits, and gradient accumulation."""
 
     def __init__(self, hidden, weight, bias, ids, positions: torch.Tensor | None, head: HeadOptions, ops=None,
-                 vocab_blocks: bool | None = None, chunk_bytes: int | None = None) -> None:  # fmt: skip
+                 strategy: str | None = None, chunk_bytes: int | None = None) -> None:  # fmt: skip
         B, T, H = hidden.shape
         self.shape = (B, T, H)
         self.flat = hidden.reshape(B * T, H)
@@ -135,14 +154,21 @@ class _Head:
         self.ids = self.all_ids if self.positions is None else self.all_ids.index_select(0, self.positions)
         self.weight, self.bias, self.head = weight, bias, head
         # d_weight and d_bias per vocabulary block after the token chunks, from [N]-sized statistics they keep
-        self.vocab_blocks = linear_strategy() == "vocab-blocks" if vocab_blocks is None else vocab_blocks
+        self.strategy = linear_strategy() if strategy is None else strategy
+        self.vocab_blocks = self.strategy == "vocab-blocks"
+        self.tiles = self.strategy == "tiles"  # gradients per block of vocabulary columns of each token chunk
         # the budget of a chunk of fp32 logits (and of a vocabulary block), as the forward read it
-        self.chunk_bytes = _chunk_bytes(_kind(hidden.device), self.vocab_blocks) if chunk_bytes is None else chunk_bytes
+        self.chunk_bytes = _chunk_bytes(_kind(hidden.device), self.strategy) if chunk_bytes is None else chunk_bytes
         self._rows: dict[str, torch.Tensor] | None = None
         self.ops = _row_ops(hidden) if ops is None else ops  # the backward reuses the forward's choice
         self._buffer: torch.Tensor | None = None
         self.args = (head.temperature, head.logit_scale, head.final_logit_softcapping)
         self.filter_eps = head.grad_filter_eps
+        if self.tiles and self.filter_eps is not None:
+            raise ValueError(
+                "grad_filter_eps is not supported with GRPO_KERNELS_LINEAR=tiles: pass grad_filter_eps=None or use "
+                "another strategy"
+            )
 
     def rows(self, sl: slice) -> torch.Tensor:  # [c, H]
         return self.flat[sl] if self.positions is None else self.flat.index_select(0, self.positions[sl])
@@ -165,10 +191,15 @@ class _Head:
     def logits(self, sl: slice) -> torch.Tensor:  # [c, V]
         """The chunk's raw logits, in one buffer reused by every chunk (the chunk ops overwrite it)."""
         h = self.rows(sl)
-        if self._buffer is None or self._buffer.shape[0] < h.shape[0]:
+        n, V = h.shape[0], self.weight.shape[0]
+        return self.project(h, slice(None), self._scratch(n * V).view(n, V))
+
+    def _scratch(self, numel: int) -> torch.Tensor:
+        """The first `numel` elements of the one logits buffer, grown (never shrunk) when too small."""
+        if self._buffer is None or self._buffer.numel() < numel:
             self._buffer = None  # release the old one first
-            self._buffer = torch.empty(h.shape[0], self.weight.shape[0], dtype=self.logits_dtype, device=h.device)
-        return self.project(h, slice(None), self._buffer[: h.shape[0]])
+            self._buffer = torch.empty(numel, dtype=self.logits_dtype, device=self.flat.device)
+        return self._buffer[:numel]
 
     def stats(self, z: torch.Tensor, sl: slice):
         """`(logp, entropy, state)` of the chunk; `state` feeds `add_grads` for the same `z`."""
@@ -209,6 +240,58 @@ class _Head:
             self.d_w.addmm_(dz.t(), self.rows(sl))
         if self.d_b is not None:
             self.d_b += dz.sum(0, dtype=self.d_b.dtype)
+
+    def tile_stats(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(logp, entropy, row max, log-sum)` `[c]` of the tokens `sl`, from the whole vocabulary's logits of a few
+        of them at a time (the tiles strategy)."""
+        n, dev = sl.stop - sl.start, self.flat.device
+        logp, entropy, m, log_s = (torch.empty(n, dtype=cpu.math_dtype(self.flat), device=dev) for _ in range(4))
+        for part in _token_ranges(n, chunk_tokens(self.weight.shape[0], dev, self.chunk_bytes)):
+            rows = slice(sl.start + part.start, sl.start + part.stop)
+            logp[part], entropy[part], state = self.stats(self.logits(rows), rows)
+            m[part], log_s[part] = self.ops.row_stats(state)
+        return logp, entropy, m, log_s
+
+    def tile_grads(self, sl, m, log_s, entropy, grad_logp, grad_entropy) -> None:
+        """The tokens `sl`'s share of the gradients (the tiles strategy), one block of vocabulary columns at a time:
+        the block's logits are recomputed and turned into their gradient from the rows' statistics `m`, `log_s`,
+        `entropy` `[c]`; `d_hidden`'s rows are summed over the blocks in fp32, and each block adds to its own rows of
+        `d_weight` and entries of `d_bias`."""
+        h = self.rows(sl)
+        n, H = h.shape
+        V = self.weight.shape[0]
+        width = max(1, min(V, self.chunk_bytes // (4 * max(n, 1))))
+        buffer = self._scratch(n * width)
+        acc = rows_out = None
+        if self.d_h is not None:
+            math = cpu.math_dtype(self.flat)
+            direct = self.positions is None and self.d_h.dtype == math  # fp32 (fp64) d_hidden sums in place
+            acc = self.d_h[sl] if direct else torch.empty(n, H, dtype=math, device=h.device)
+            acc.zero_()
+            if self.weight.dtype != math:
+                rows_out = torch.empty(n, H, dtype=self.weight.dtype, device=h.device)
+        ids = self.ids[sl]
+        for start in range(0, V, width):
+            cols = slice(start, min(start + width, V))
+            z = self.project(h, cols, buffer[: n * (cols.stop - start)].view(n, cols.stop - start))
+            dz = self.ops.block_grad(z, ids, start, m, log_s, entropy, grad_logp, grad_entropy, None, *self.args)
+            dz = dz.to(self.weight.dtype)
+            if acc is not None:
+                if rows_out is not None:
+                    acc += _rows_times(dz, self.weight[cols], out=rows_out)
+                elif n == 1 and h.device.type == "cpu":
+                    acc += _rows_times(dz, self.weight[cols])
+                else:
+                    acc.addmm_(dz, self.weight[cols])
+            if self.d_w is not None:
+                self.d_w[cols].addmm_(dz.t(), h)
+            if self.d_b is not None:
+                self.d_b[cols] += dz.sum(0, dtype=self.d_b.dtype)
+        if acc is not None and not direct:
+            if self.positions is None:
+                self.d_h[sl] = acc
+            else:
+                self.d_h.index_copy_(0, self.positions[sl], acc.to(self.d_h.dtype))
 
     def _kept_columns(self, dz: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None):
         """Gradient filtering: the vocabulary columns of the chunk's logits gradient `dz` `[c, V]` with an entry above
@@ -381,15 +464,19 @@ def use_fused_kernels(t: torch.Tensor) -> bool:
     return linear_strategy() == "fused" and use_triton(t)
 
 
-def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool, chunk_bytes: int | None = None):
+def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool,
+                   chunk_bytes: int | None = None):  # fmt: skip
     """`(logp [B, T], entropy [B, T], saved)`: the two-pass schedule's forward; `saved` (`[N]` entropies of the
-    active tokens and, for the fused kernels, `[2, N]` statistics) feeds `linear_backward`."""
+    active tokens and, for the fused kernels and the tiles strategy, `[2, N]` statistics) feeds `linear_backward`."""
     lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops, chunk_bytes=chunk_bytes)
     stats = None
     if fused:
         from grpo_kernels.ops.linear import linear_fwd
 
         logp, entropy, stats = linear_fwd(lm.flat, weight, bias, lm.ids, lm.positions, lm.args)
+    elif lm.tiles:  # the rows' statistics are kept for the backward's blocks
+        logp, entropy, m, log_s = lm.tile_stats(slice(0, lm.n))
+        stats = torch.stack((m, log_s))
     else:
         logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
         entropy = torch.empty_like(logp)
@@ -399,12 +486,12 @@ def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fuse
 
 
 def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool, saved, grad_logp,
-                    grad_entropy, needs: tuple[bool, bool, bool], vocab_blocks: bool | None = None,
+                    grad_entropy, needs: tuple[bool, bool, bool], strategy: str | None = None,
                     chunk_bytes: int | None = None):  # fmt: skip
     """`(d_hidden, d_weight, d_bias)` (None where not needed) from the gradients of `linear_forward`'s outputs; the
     logits are recomputed, tile by tile in the fused kernels or chunk by chunk."""
     entropy, stats = saved
-    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops, vocab_blocks, chunk_bytes)
+    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops, strategy, chunk_bytes)
     gather = (lambda x: x.reshape(-1)) if lm.positions is None else (lambda x: x.reshape(-1)[lm.positions])
     g_lp = torch.zeros_like(entropy) if grad_logp is None else gather(grad_logp).to(entropy.dtype)
     g_ent = None if grad_entropy is None else gather(grad_entropy).to(entropy.dtype)
@@ -416,6 +503,10 @@ def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fus
         d_h = None if d_h is None else lm.scatter_rows(d_h).to(hidden.dtype)
         return d_h, d_w, None if d_b is None else d_b.to(bias.dtype)
     lm.start_grads(needs)
+    if lm.tiles:
+        for sl in _token_ranges(lm.n, tile_tokens(weight.shape[1], hidden.device, lm.chunk_bytes)):
+            lm.tile_grads(sl, stats[0, sl], stats[1, sl], entropy[sl], g_lp[sl], None if g_ent is None else g_ent[sl])
+        return lm.finish_grads()
     for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device, lm.chunk_bytes)):
         z = lm.logits(sl)
         _, _, state = lm.stats(z, sl)  # recomputed: the forward kept only [N]-sized results
@@ -432,8 +523,8 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, mask, head: HeadOptions):
         ctx.ops, ctx.fused, ctx.head = _row_ops(hidden), use_fused_kernels(hidden), head
-        ctx.vocab_blocks = linear_strategy() == "vocab-blocks"  # read once: the backward keeps this call's choice
-        ctx.chunk_bytes = _chunk_bytes(_kind(hidden.device), ctx.vocab_blocks)
+        ctx.strategy = linear_strategy()  # read once: the backward keeps this call's choice
+        ctx.chunk_bytes = _chunk_bytes(_kind(hidden.device), ctx.strategy)
         logp, entropy, (saved_entropy, stats) = linear_forward(hidden, weight, bias, ids, mask, head, ctx.ops,
                                                                ctx.fused, ctx.chunk_bytes)  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, ids, mask, saved_entropy, stats)
@@ -446,19 +537,24 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None
         grads = linear_backward(hidden, weight, bias, ids, mask, ctx.head, ctx.ops, ctx.fused, (entropy, stats),
-                                grad_logp, grad_entropy, tuple(ctx.needs_input_grad[:3]), ctx.vocab_blocks,
+                                grad_logp, grad_entropy, tuple(ctx.needs_input_grad[:3]), ctx.strategy,
                                 ctx.chunk_bytes)  # fmt: skip
         return (*grads, None, None, None)
 
 
 def single_pass_chunks(
-    positions: torch.Tensor | None, inputs: LossInputs, config: GRPOLossConfig, vocab: int, device: torch.device
+    positions: torch.Tensor | None,
+    inputs: LossInputs,
+    config: GRPOLossConfig,
+    vocab: int,
+    device: torch.device,
+    hidden_size: int = 1,
 ) -> list[tuple[slice, slice]] | None:
     """Chunks for the single-pass schedule as `(row slice, token slice)` over the active tokens, or None when it
     does not apply."""
     if config.top_entropy_quantile < 1.0:
         return None
-    size = chunk_tokens(vocab, device)
+    size = tile_tokens(hidden_size, device) if linear_strategy() == "tiles" else chunk_tokens(vocab, device)
     token_local = (
         config.importance_sampling_level == "token"
         and config.off_policy_mask_threshold is None
@@ -494,8 +590,12 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         loss = torch.zeros((), dtype=logp.dtype, device=hidden.device)
         T = inputs.mask.shape[1]
         for rows, sl in chunks:
-            z = lm.logits(sl)
-            logp[sl], entropy[sl], state = lm.stats(z, sl)
+            if lm.tiles:
+                z = state = None
+                logp[sl], entropy[sl], m, log_s = lm.tile_stats(sl)
+            else:
+                z = lm.logits(sl)
+                logp[sl], entropy[sl], state = lm.stats(z, sl)
             # this chunk's tokens in their rows' [rows, T] layout: its share of the loss and d loss / d (logp, H)
             flat = torch.arange(sl.start, sl.stop, device=hidden.device) if positions is None else positions[sl]
             local = flat - rows.start * T
@@ -516,7 +616,10 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             if grads:
                 g_lp = g[0].reshape(-1).index_select(0, local)
                 g_ent = g[1].reshape(-1).index_select(0, local) if len(g) > 1 else None
-                lm.add_grads(z, sl, state, entropy[sl], g_lp, g_ent)
+                if lm.tiles:
+                    lm.tile_grads(sl, m, log_s, entropy[sl], g_lp, g_ent)
+                else:
+                    lm.add_grads(z, sl, state, entropy[sl], g_lp, g_ent)
         logps, entropies = lm.scatter(logp), lm.scatter(entropy)
         ctx.lm = lm if grads else None
         ctx.mark_non_differentiable(logps, entropies)
@@ -549,7 +652,7 @@ def fused_linear_loss(
     positions = active_positions(mask)
     chunks = None
     if not use_fused_kernels(hidden):
-        chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device)
+        chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device, weight.shape[1])
     if chunks is not None:
         needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
         loss, logps, entropy = FusedLinearGRPOFunction.apply(

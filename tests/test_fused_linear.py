@@ -24,7 +24,9 @@ from grpo_kernels.validation import ValueChecks
 
 # backend-strategy: Triton with the logits kept in registers, Triton row kernels on chunks of logits (d_weight
 # accumulated across chunks, or formed per vocabulary block), and the PyTorch path (both schedules)
-IMPLS = ["triton-fused", "triton-chunked", "triton-vocab-blocks", "torch", "torch-vocab-blocks"]
+IMPLS = ["triton-fused", "triton-chunked", "triton-vocab-blocks", "triton-tiles", "torch", "torch-vocab-blocks",
+         "torch-tiles"]  # fmt: skip
+FILTERING = [i for i in IMPLS if not i.endswith("tiles")]  # the tiles strategy refuses gradient filtering
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.bf16)]
 
 
@@ -134,19 +136,20 @@ SCHEDULES = {
 def test_chunked_schedules(impl, case, device, monkeypatch):
     options, tokens, schedule = SCHEDULES[case]
     dev = "cpu" if impl.startswith("torch") else device
-    V = 61
+    H, V = 12, 61
     kind = "cuda" if dev == "cuda" else "cpu"
-    monkeypatch.setitem(fl.CHUNK_BYTES, kind, tokens * 4 * V)
+    # `tokens` a chunk: fp32 logits for the chunked strategies, fp32 d_hidden rows (a quarter) for tiles
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, tokens * (16 * H if impl.endswith("tiles") else 4 * V))
     monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
     config = GRPOLossConfig(**options)
-    hidden, weight, bias, ids, adv, mask, extra = make_inputs(5, 6, 12, V, torch.float32, dev)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(5, 6, H, V, torch.float32, dev)
     mask[2, 3:] = False
     if config.top_entropy_quantile < 1:  # keep every token clear of the quantile, where the mask jumps
         hidden = _away_from_entropy_threshold(hidden, weight, bias, ids, mask, config.top_entropy_quantile)
     inputs = loss_inputs(
         ValueChecks(), 5, 6, torch.device(dev), config, adv, mask, None, extra["ref_logps"], None, None
     )
-    chunks = fl.single_pass_chunks(fl.active_positions(mask), inputs, config, V, torch.device(dev))
+    chunks = fl.single_pass_chunks(fl.active_positions(mask), inputs, config, V, torch.device(dev), H)
     assert (chunks is not None) == (schedule == "single"), case
     if chunks is not None:
         assert len(chunks) > 1
@@ -262,11 +265,12 @@ def test_extra_memory_is_a_fraction_of_the_logits(monkeypatch):
     assert naive.peak_bytes > logits_bytes  # the meter sees the materialised logits
 
 
-@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks"])
+@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks", "tiles"])
 @pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])  # the single-pass and the two-pass schedule
 def test_extra_memory_beyond_the_gradients_is_a_few_chunks(strategy, top_entropy_quantile, monkeypatch):
-    """At N = 2,048, V = 8,192 with 1 MiB chunks (32 tokens; 128-column vocabulary blocks), forward + backward
-    allocate at most three chunks' worth beyond the gradients they hand back."""
+    """At N = 2,048, V = 8,192 with 1 MiB chunks (32 tokens; 128-column vocabulary blocks; for tiles, 1,024-token
+    chunks of 64-column blocks), forward + backward allocate at most three chunks' worth beyond the gradients they
+    hand back."""
     from grpo_kernels.memory import MemoryMeter
 
     B, T, H, V = 8, 256, 64, 8192
@@ -313,7 +317,7 @@ def test_the_backward_keeps_the_strategy_and_budget_of_its_forward(top_entropy_q
     assert meter.peak_bytes - grads < 3 * (64 << 10), f"{(meter.peak_bytes - grads) / 2**10:.0f} KiB beyond the grads"
 
 
-@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks"])
+@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks", "tiles"])
 def test_a_million_tokens_in_one_call(strategy, monkeypatch):
     """N = 1,000,000 tokens (B = T = 1,000, a tenth masked) in one call on the CPU path: loss and gradients equal the
     fp64 reference's, the gradients to 1e-5 of their largest entry (fp32 sums over a million tokens)."""
@@ -415,6 +419,46 @@ def test_vocab_blocks_form_the_weight_gradients_block_by_block(name, top_entropy
         assert_close(a, b, atol=1e-6, rtol=1e-5, name=f"{what}: vocab blocks vs chunks")
 
 
+@pytest.mark.parametrize("name", ["triton", "torch"])
+@pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])  # the single-pass and the two-pass schedule
+def test_tiles_form_the_gradients_block_by_block(name, top_entropy_quantile, device, monkeypatch):
+    """With GRPO_KERNELS_LINEAR=tiles, each chunk of tokens (sized by H) forms its gradients from several blocks of
+    vocabulary columns, and the results match the chunked strategy's and the reference; gradient filtering is refused
+    with a clear error."""
+    dev = "cpu" if name == "torch" else device
+    kind = "cuda" if dev == "cuda" else "cpu"
+    B, T, H, V = 4, 9, 40, 300
+    budget = 7 * 4 * V  # statistics from 7-token chunks; 13-token chunks (budget / (16 H)) of 161-column blocks
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, budget)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(B, T, H, V, torch.float32, dev)
+    config = GRPOLossConfig(loss_type="dapo", beta=0.1, entropy_coef=0.05, top_entropy_quantile=top_entropy_quantile)
+    ops = fl._row_ops(hidden) if name == "triton" else fl.cpu
+    blocks = []
+    real = ops.block_grad
+    monkeypatch.setattr(
+        ops, "block_grad", lambda z, ids, start, *a: blocks.append((start, z.shape)) or real(z, ids, start, *a)
+    )
+    with backend(name):
+        monkeypatch.setenv("GRPO_KERNELS_LINEAR", "chunked")
+        _, chunked = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+        assert not blocks
+        monkeypatch.setenv("GRPO_KERNELS_LINEAR", "tiles")
+        check_against_reference(name, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+        n = int(mask.sum())  # the active tokens, in chunks of 13
+        rows = [min(13, n - s) for s in range(0, n, 13)]
+        expected = [
+            (start, (r, min(budget // (4 * r), V - start))) for r in rows for start in range(0, V, budget // (4 * r))
+        ]
+        assert [(start, tuple(shape)) for start, shape in blocks] == expected
+        _, tiled = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+        with pytest.raises(ValueError, match="grad_filter_eps is not supported with GRPO_KERNELS_LINEAR=tiles"):
+            run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, grad_filter_eps=0.01,
+                **extra)  # fmt: skip
+    for a, b, what in zip(tiled, chunked, ("d_hidden", "d_weight", "d_bias"), strict=True):
+        assert_close(a, b, atol=1e-6, rtol=1e-5, name=f"{what}: tiles vs chunks")
+
+
 @pytest.mark.parametrize("frozen", ["hidden", "weight", "bias"])
 def test_gradients_of_only_the_inputs_that_need_them(impl, frozen, device):
     """A frozen input (a frozen backbone, head or bias) gets no gradient; the others' equal the reference's."""
@@ -480,6 +524,7 @@ def peaked_inputs(B, T, H, V, dev, hot=64, temperature=0.8):
     return (*(x.to(dev) for x in (hidden, weight, bias, ids, adv, mask)), {k: v.to(dev) for k, v in extra.items()})
 
 
+@pytest.mark.parametrize("impl", FILTERING, indirect=True)
 @pytest.mark.parametrize(
     "options",
     [{"loss_type": "dapo"}, {"loss_type": "grpo", "beta": 0.1, "entropy_coef": 0.05},
@@ -513,7 +558,7 @@ def test_gradient_filtering_leaves_out_only_small_gradients(impl, options, devic
     assert not torch.equal(g_out[0], g_plain[0]), "filtering left nothing out of d_hidden"
 
 
-@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "triton-fused"], indirect=True)
+@pytest.mark.parametrize("impl", [i for i in FILTERING if i != "triton-fused"], indirect=True)
 def test_gradient_filtering_keeps_every_column_of_a_flat_softmax(impl, device, monkeypatch):
     """Near-uniform probabilities, each below the threshold, add up: the chunked schedules then keep every column
     (bit-identical to no filtering) rather than leave out most of each token's probability mass."""
