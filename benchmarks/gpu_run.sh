@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU run on a machine with no network: the kernel tests on CUDA (compiled Triton, bf16), the full benchmark sweep,
-# then the opt-in strategies of the fused linear loss (fused kernels, vocab blocks, gradient filtering on peaked
-# inputs; profiled kernel by kernel) on the issue-3 target shape in processes of their own (a fault there cannot take
-# the sweep with it), with the fused kernels' tile tuner. Under 10 minutes: tests not started 90 s in are skipped with
-# that reason, no new shape is started 170 s into the sweep, and no later stage starts that could end past 585 s.
+# then the opt-in strategies of the fused linear loss (tiles, fused kernels, vocab blocks, other chunk budgets,
+# gradient filtering on peaked inputs; profiled kernel by kernel) on the issue-3 target shape in processes of their own
+# (a fault there cannot take the sweep with it), with the fused kernels' tile tuner. Under 10 minutes: tests not
+# started 90 s in are skipped with that reason, no new shape is started 170 s into the sweep, and no later stage starts
+# that could end past 585 s.
 #
 #   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
+#   SWEEP_RESUME=benchmarks/results/h200/results.json OUT=DIR bash benchmarks/gpu_run.sh
+#                                               (the sweep measures only the shapes that file lacks: --resume)
 #
 # Writes to DIR: log.txt (this script's output: GPU, versions, tests, sweep), results.json, results.md,
 # fused_linear.png, linear_logprobs.png, loss_from_logits.png, advantages.png, fused.tgz (the opt-in strategies' results folder) and, when a
@@ -80,12 +83,13 @@ run() {
   unset GRPO_KERNELS_TEST_FAILURES GRPO_KERNELS_TEST_DEADLINE
 
   echo "== benchmark sweep (the opt-in strategies apart, below)"
-  local sweep=0 providers
+  local sweep=0 providers resume=()
+  if [ -n "${SWEEP_RESUME:-}" ]; then cp "$SWEEP_RESUME" "$out/results.json" && resume=(--resume); fi
   providers=$(python3 -c "from benchmarks.providers import PROVIDERS as P
 print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', 'ours-filter'}))")
   # shellcheck disable=SC2086
   timeout --kill-after=10 $((sweep_seconds + 45)) python3 -m benchmarks --device cuda --out "$out" --no-progress \
-    --time-limit "$sweep_seconds" --max-run-ms 1000 --providers $providers || sweep=$?
+    --time-limit "$sweep_seconds" --max-run-ms 1000 ${resume[@]+"${resume[@]}"} --providers $providers || sweep=$?
   if [ "$sweep" -ne 0 ] && [ -f "$out/results.json" ]; then
     echo "sweep exited with $sweep: tables and plots from the rows it saved"
     python3 -m benchmarks --report-only --out "$out" || true
@@ -100,28 +104,28 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   fits 120 "the strategies" && { timeout --kill-after=10 110 python3 -m benchmarks --device cuda --no-progress \
     --profile --out "$scratch/fused" --ops fused_linear --shapes 8x1024x4096x131072 \
     --providers ours-triton ours-tiles ours-fused ours-vocab floor || fused=$?; }
-  # the fused kernels' tile configurations (TILES in grpo_kernels/ops/linear.py), forward and backward
-  fits 95 "the tile tuner" && { timeout --kill-after=10 85 python3 -m benchmarks.tune_fused --time-limit 55 \
-    --out "$scratch/fused/tune" || fused=$?; }
-  # the old/reference log-prob pass with the fused forward kernel (no logits chunk at all) next to the default
-  fits 55 "fused log-probs" && { timeout --kill-after=10 45 python3 -m benchmarks --device cuda --no-progress \
-    --out "$scratch/fused/logprobs" --ops linear_logprobs --shapes 8x1024x4096x131072 \
-    --providers ours-triton ours-fused trl cce floor || fused=$?; }
+  # other chunk budgets (MiB of fp32 logits) than the defaults (chunked 1,024, vocab blocks 128, tiles 64): tiles at
+  # 128 MiB keep 64 MiB of bf16 logits and 2,048-token chunks (32 MiB of fp32 d_hidden rows) at H = 4,096, at 32 MiB
+  # 16 + 8 MiB; the default at 512 and 256 MiB keeps 256 and 128 MiB of bf16 logits (its d_weight product stays
+  # compute-bound at 1,024-token chunks); vocab blocks at 96 MiB keep 48 MiB
+  local run
+  for run in ours-tiles:128 ours-tiles:32 ours-triton:512 ours-triton:256 ours-vocab:96; do
+    fits 40 "$run" || continue
+    GRPO_KERNELS_CHUNK_MIB=${run#*:} timeout --kill-after=5 35 python3 -m benchmarks --device cuda --no-progress \
+      --out "$scratch/fused/${run%:*}-${run#*:}-mib" --ops fused_linear --shapes 8x1024x4096x131072 \
+      --providers "${run%:*}" || fused=$?
+  done
   # gradient filtering on peaked inputs (a trained model's softmax), next to the exact default and the references
   fits 80 "peaked inputs" && { timeout --kill-after=10 70 python3 -m benchmarks --device cuda --no-progress \
     --out "$scratch/fused/peaked" --ops fused_linear --shapes 8x1024x4096x131072 --inputs peaked \
     --providers ours-triton ours-filter cce floor || fused=$?; }
-  # other chunk budgets (MiB of fp32 logits) than the defaults (vocab blocks 128, tiles 64, chunked 1,024), while time
-  # is left.
-  # tiles at 128 MiB: 64 MiB of bf16 logits and 2,048-token chunks (32 MiB of fp32 d_hidden rows) at H = 4,096; at
-  # 32 MiB, 16 + 8 MiB; vocab blocks at 96 MiB keep 48 MiB of bf16 logits: under issue 3's 64 MiB beyond the gradients
-  local run
-  for run in ours-tiles:128 ours-tiles:32 ours-vocab:96 ours-filter:64 ours-triton:256 ours-vocab:64; do
-    fits 50 "$run" || continue
-    GRPO_KERNELS_CHUNK_MIB=${run#*:} timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress \
-      --out "$scratch/fused/${run%:*}-${run#*:}-mib" --ops fused_linear --shapes 8x1024x4096x131072 \
-      --providers "${run%:*}" $([ "${run%:*}" = ours-filter ] && echo --inputs peaked) || fused=$?
-  done
+  # the old/reference log-prob pass with the fused forward kernel (no logits chunk at all) next to the default
+  fits 55 "fused log-probs" && { timeout --kill-after=10 45 python3 -m benchmarks --device cuda --no-progress \
+    --out "$scratch/fused/logprobs" --ops linear_logprobs --shapes 8x1024x4096x131072 \
+    --providers ours-triton ours-fused trl cce floor || fused=$?; }
+  # the fused kernels' tile configurations (TILES in grpo_kernels/ops/linear.py), forward and backward
+  fits 95 "the tile tuner" && { timeout --kill-after=10 85 python3 -m benchmarks.tune_fused --time-limit 55 \
+    --out "$scratch/fused/tune" || fused=$?; }
   [ -d "$scratch/fused" ] && tar czf "$out/fused.tgz" -C "$scratch" fused && cat "$scratch/fused/results.md"
 
   echo "== done: tests exit $tests, sweep exit $sweep, fused exit $fused"
