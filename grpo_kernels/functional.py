@@ -205,10 +205,11 @@ def _backend_name(t: torch.Tensor) -> str:
 
 
 @torch.compiler.assume_constant_result
-def _fused_kernels(t: torch.Tensor) -> bool:
-    from grpo_kernels.fused_linear import use_fused_kernels
+def _linear_schedule(t: torch.Tensor) -> tuple[str, int]:
+    """`(GRPO_KERNELS_LINEAR strategy, chunk budget in bytes)`, read once when the call is traced."""
+    from grpo_kernels.fused_linear import linear_schedule
 
-    return use_fused_kernels(t)
+    return linear_schedule(t.device)
 
 
 def _compiled_objective(logps, entropy, inputs: LossInputs, config: GRPOLossConfig, num_items):
@@ -467,7 +468,7 @@ def _compiled_linear(hidden, weight, bias, ids, mask, head: HeadOptions):
 
     logps, entropy, _, _ = library.linear_logprobs_entropy(
         hidden, weight, bias, ids, mask, *_head_args(head), head.grad_filter_eps, _backend_name(hidden),
-        _fused_kernels(hidden),
+        *_linear_schedule(hidden),
     )  # fmt: skip
     return logps, entropy
 

@@ -131,6 +131,12 @@ def _chunk_bytes(kind: str, strategy: str | None = None) -> int:
     return CHUNK_BYTES[kind]
 
 
+def linear_schedule(device: torch.device) -> tuple[str, int]:
+    """`(strategy, chunk budget in bytes)` as the environment sets them now: a call reads them once, in its forward."""
+    strategy = linear_strategy()
+    return strategy, _chunk_bytes(_kind(device), strategy)
+
+
 def linear_strategy() -> str:
     """`GRPO_KERNELS_LINEAR`: "chunked" (the default), "fused", "vocab-blocks" or "tiles" (see the module's
     docstring)."""
@@ -465,10 +471,10 @@ def use_fused_kernels(t: torch.Tensor) -> bool:
 
 
 def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool,
-                   chunk_bytes: int | None = None):  # fmt: skip
+                   chunk_bytes: int | None = None, strategy: str | None = None):  # fmt: skip
     """`(logp [B, T], entropy [B, T], saved)`: the two-pass schedule's forward; `saved` (`[N]` entropies of the
     active tokens and, for the fused kernels and the tiles strategy, `[2, N]` statistics) feeds `linear_backward`."""
-    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops, chunk_bytes=chunk_bytes)
+    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops, strategy, chunk_bytes)
     stats = None
     if fused:
         from grpo_kernels.ops.linear import linear_fwd
@@ -523,10 +529,9 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, mask, head: HeadOptions):
         ctx.ops, ctx.fused, ctx.head = _row_ops(hidden), use_fused_kernels(hidden), head
-        ctx.strategy = linear_strategy()  # read once: the backward keeps this call's choice
-        ctx.chunk_bytes = _chunk_bytes(_kind(hidden.device), ctx.strategy)
+        ctx.strategy, ctx.chunk_bytes = linear_schedule(hidden.device)  # read once: the backward keeps them
         logp, entropy, (saved_entropy, stats) = linear_forward(hidden, weight, bias, ids, mask, head, ctx.ops,
-                                                               ctx.fused, ctx.chunk_bytes)  # fmt: skip
+                                                               ctx.fused, ctx.chunk_bytes, ctx.strategy)  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, ids, mask, saved_entropy, stats)
         ctx.set_materialize_grads(False)
         return logp, entropy

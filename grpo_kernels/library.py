@@ -127,23 +127,33 @@ logprobs_entropy.register_autograd(_logprobs_backward, setup_context=_logprobs_s
 @torch.library.custom_op("grpo_kernels::linear_logprobs_entropy", mutates_args=())
 def linear_logprobs_entropy(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor | None, temperature: float,
-    logit_scale: float, softcap: float | None, grad_filter_eps: float | None, backend: str, fused: bool,
+    logit_scale: float, softcap: float | None, grad_filter_eps: float | None, backend: str, strategy: str,
+    chunk_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """`(logp [B, T], entropy [B, T], saved entropies [N], saved statistics [2, N] or [0])` from hidden states."""
+    """`(logp [B, T], entropy [B, T], saved entropies [N], saved statistics [2, N] or [0])` from hidden states, by
+    the `GRPO_KERNELS_LINEAR` strategy and chunk budget the caller read (the backward gets the same)."""
     from grpo_kernels.fused_linear import linear_forward
 
     head = HeadOptions(temperature, logit_scale, softcap, grad_filter_eps)
-    logp, entropy, (saved, stats) = linear_forward(hidden, weight, bias, ids, mask, head, _ops(backend), fused)
+    logp, entropy, (saved, stats) = linear_forward(hidden, weight, bias, ids, mask, head, _ops(backend),
+                                                   _fused(backend, strategy), chunk_bytes, strategy)  # fmt: skip
     stats = hidden.new_empty(0, dtype=saved.dtype) if stats is None else stats
     return logp.clone(), entropy.clone(), saved.clone(), stats.clone()
 
 
+def _fused(backend: str, strategy: str) -> bool:
+    return strategy == "fused" and backend == "triton"
+
+
 @linear_logprobs_entropy.register_fake
-def _(hidden, weight, bias, ids, mask, temperature, logit_scale, softcap, grad_filter_eps, backend, fused):
+def _(hidden, weight, bias, ids, mask, temperature, logit_scale, softcap, grad_filter_eps, backend, strategy,
+      chunk_bytes):  # fmt: skip
     B, T, _ = hidden.shape
+    fused = _fused(backend, strategy)
     dtype = torch.float32 if fused else _math_dtype(hidden, backend)
     n = torch.library.get_ctx().new_dynamic_size() if mask is not None else B * T
-    stats = hidden.new_empty(2, n, dtype=dtype) if fused else hidden.new_empty(0, dtype=dtype)
+    kept = fused or strategy == "tiles"  # the rows' statistics, for the backward
+    stats = hidden.new_empty(2, n, dtype=dtype) if kept else hidden.new_empty(0, dtype=dtype)
     return (hidden.new_empty(B, T, dtype=dtype), hidden.new_empty(B, T, dtype=dtype), hidden.new_empty(n, dtype=dtype),
             stats)  # fmt: skip
 
@@ -152,15 +162,16 @@ def _(hidden, weight, bias, ids, mask, temperature, logit_scale, softcap, grad_f
 def linear_logprobs_entropy_backward(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor | None, saved: Tensor,
     stats: Tensor, grad_logp: Tensor, grad_entropy: Tensor | None, temperature: float, logit_scale: float,
-    softcap: float | None, grad_filter_eps: float | None, backend: str, fused: bool,
+    softcap: float | None, grad_filter_eps: float | None, backend: str, strategy: str, chunk_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """`(d_hidden, d_weight, d_bias)`; `d_bias` is empty without a bias."""
     from grpo_kernels.fused_linear import linear_backward
 
     head = HeadOptions(temperature, logit_scale, softcap, grad_filter_eps)
     needs = (True, True, bias is not None)
-    d_h, d_w, d_b = linear_backward(hidden, weight, bias, ids, mask, head, _ops(backend), fused,
-                                    (saved, stats if fused else None), grad_logp, grad_entropy, needs)  # fmt: skip
+    d_h, d_w, d_b = linear_backward(hidden, weight, bias, ids, mask, head, _ops(backend), _fused(backend, strategy),
+                                    (saved, stats if stats.numel() else None), grad_logp, grad_entropy, needs,
+                                    strategy, chunk_bytes)  # fmt: skip
     return d_h, d_w, weight.new_empty(0) if d_b is None else d_b
 
 
@@ -182,7 +193,7 @@ def _linear_backward(ctx, grad_logp, grad_entropy, _g_saved, _g_stats):
         grad_logp = torch.zeros_like(hidden[..., 0], dtype=saved.dtype)
     d_h, d_w, d_b = linear_logprobs_entropy_backward(hidden, weight, bias, ids, mask, saved, stats, grad_logp,
                                                      grad_entropy, *ctx.options)  # fmt: skip
-    return d_h, d_w, d_b if bias is not None else None, None, None, None, None, None, None, None, None
+    return d_h, d_w, d_b if bias is not None else None, *(None,) * (len(ctx.options) + 2)  # ids, mask, options
 
 
 linear_logprobs_entropy.register_autograd(_linear_backward, setup_context=_linear_setup)

@@ -7,7 +7,15 @@ import pytest
 import torch
 from helpers import assert_close
 
-from grpo_kernels import GRPOLossConfig, backend, fused_linear_grpo_loss, grpo_loss, library, linear_logprobs
+from grpo_kernels import (
+    GRPOLossConfig,
+    backend,
+    fused_linear,
+    fused_linear_grpo_loss,
+    grpo_loss,
+    library,
+    linear_logprobs,
+)
 
 CONFIGS = [
     GRPOLossConfig(loss_type="grpo", beta=0.1, entropy_coef=0.05),
@@ -99,10 +107,13 @@ def test_fused_linear_loss_compiles_with_the_model(config):
         assert_close(g, e, atol=1e-6, rtol=1e-4, name=name)
 
 
-@pytest.mark.parametrize("grad_filter_eps", [None, 0.05])
-def test_linear_logprobs_compiles(grad_filter_eps):
+@pytest.mark.parametrize(("strategy", "grad_filter_eps"), [("chunked", None), ("chunked", 0.05), ("tiles", None)])
+def test_linear_logprobs_compiles(strategy, grad_filter_eps, monkeypatch):
     hidden, weight = torch.randn(2, 4, 16), torch.randn(50, 16) * 1.5  # peaked: filtering at 0.05 leaves columns out
     ids = torch.randint(0, 50, (2, 4))
+    monkeypatch.setenv("GRPO_KERNELS_LINEAR", strategy)
+    monkeypatch.setenv("GRPO_KERNELS_CHUNK_MIB", str(3 * 50 * 4 / 2**20))  # 3-token chunks (tiles: 2 tokens)
+    monkeypatch.setitem(fused_linear.MIN_CHUNK_TOKENS, "cpu", 1)
 
     def fn(h, w):
         return linear_logprobs(h, w, ids, return_entropy=True, grad_filter_eps=grad_filter_eps)
@@ -123,8 +134,9 @@ def test_custom_ops_pass_opcheck():
     logits, ids = torch.randn(2, 3, 20, dtype=torch.float64), torch.randint(0, 20, (2, 3))
     torch.library.opcheck(library.logprobs_entropy, (logits, ids, None, 0.8, 1.0, None, "torch"))
     hidden, weight = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
-    torch.library.opcheck(library.linear_logprobs_entropy, (hidden, weight, None, ids, None, 1.0, 1.0, None, None,
-                                                            "torch", False))  # fmt: skip
+    for strategy in ("chunked", "tiles", "vocab-blocks"):
+        torch.library.opcheck(library.linear_logprobs_entropy, (hidden, weight, None, ids, None, 1.0, 1.0, None, None,
+                                                                "torch", strategy, 1 << 10))  # fmt: skip
     logps, entropy = torch.randn(2, 3, dtype=torch.float64) - 2, torch.rand(2, 3, dtype=torch.float64)
     args = (logps, entropy, torch.randn(2, 1, dtype=torch.float64), torch.ones(2, 3, dtype=torch.bool), None, None,
             None, None, None, library.encode(GRPOLossConfig(loss_type="grpo")))  # fmt: skip
