@@ -26,11 +26,12 @@ weights each chunk's product is added in bf16, as chunked losses usually do). Ea
   coefficients (`[N]` vectors); `d_weight` and `d_bias` are then formed one block of vocabulary columns at a time, from
   that block's logits recomputed for every token: one more matrix product, but `d_weight` is written once, never
   accumulated, and chunks and blocks are small (128 MiB of fp32 logits on CUDA at most: 64 MiB in bf16).
-- `tiles`: chunks of whole-vocabulary logits only for the log-sum-exp statistics (a few rows at a time), then each
-  chunk of tokens (sized by the hidden size: its fp32 `d_hidden` rows are the one other buffer) forms its gradients a
-  block of vocabulary columns at a time, each block's logits recomputed: four products, like `vocab-blocks`, but in
-  large products and few chunks, with little beyond the gradients (64 MiB of fp32 logits on CUDA at most: 32 MiB in
-  bf16, plus the chunk's `d_hidden` rows, 16 MiB at H = 4,096). No gradient filtering.
+- `tiles`: always two passes. The forward takes each token's log-sum-exp statistics from whole-vocabulary logits of
+  a few tokens at a time; the backward forms, for each chunk of tokens (sized by the hidden size: its fp32 `d_hidden`
+  rows are the one other buffer), its gradients a block of vocabulary columns at a time, each block's logits
+  recomputed: four products, like `vocab-blocks`, but large ones in few chunks, with little beyond the gradients (64
+  MiB of fp32 logits on CUDA at most: 32 MiB in bf16, plus the chunk's `d_hidden` rows, 24 MiB at H = 4,096 in bf16).
+  No gradient filtering.
 - `fused`: the Triton kernels of `ops/linear.py` (CUDA), which keep each logits tile in registers.
 
 Gradient filtering (`HeadOptions.grad_filter_eps`, approximate, off by default): once a chunk's logits gradient is
@@ -553,13 +554,12 @@ def single_pass_chunks(
     config: GRPOLossConfig,
     vocab: int,
     device: torch.device,
-    hidden_size: int = 1,
 ) -> list[tuple[slice, slice]] | None:
     """Chunks for the single-pass schedule as `(row slice, token slice)` over the active tokens, or None when it
-    does not apply."""
-    if config.top_entropy_quantile < 1.0:
+    does not apply (the tiles strategy always takes two passes: its statistics pass is the product it does anyway)."""
+    if config.top_entropy_quantile < 1.0 or linear_strategy() == "tiles":
         return None
-    size = tile_tokens(hidden_size, device) if linear_strategy() == "tiles" else chunk_tokens(vocab, device)
+    size = chunk_tokens(vocab, device)
     token_local = (
         config.importance_sampling_level == "token"
         and config.off_policy_mask_threshold is None
@@ -595,12 +595,8 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         loss = torch.zeros((), dtype=logp.dtype, device=hidden.device)
         T = inputs.mask.shape[1]
         for rows, sl in chunks:
-            if lm.tiles:
-                z = state = None
-                logp[sl], entropy[sl], m, log_s = lm.tile_stats(sl)
-            else:
-                z = lm.logits(sl)
-                logp[sl], entropy[sl], state = lm.stats(z, sl)
+            z = lm.logits(sl)
+            logp[sl], entropy[sl], state = lm.stats(z, sl)
             # this chunk's tokens in their rows' [rows, T] layout: its share of the loss and d loss / d (logp, H)
             flat = torch.arange(sl.start, sl.stop, device=hidden.device) if positions is None else positions[sl]
             local = flat - rows.start * T
@@ -621,10 +617,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             if grads:
                 g_lp = g[0].reshape(-1).index_select(0, local)
                 g_ent = g[1].reshape(-1).index_select(0, local) if len(g) > 1 else None
-                if lm.tiles:
-                    lm.tile_grads(sl, m, log_s, entropy[sl], g_lp, g_ent)
-                else:
-                    lm.add_grads(z, sl, state, entropy[sl], g_lp, g_ent)
+                lm.add_grads(z, sl, state, entropy[sl], g_lp, g_ent)
         logps, entropies = lm.scatter(logp), lm.scatter(entropy)
         ctx.lm = lm if grads else None
         ctx.mark_non_differentiable(logps, entropies)
@@ -657,7 +650,7 @@ def fused_linear_loss(
     positions = active_positions(mask)
     chunks = None
     if not use_fused_kernels(hidden):
-        chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device, weight.shape[1])
+        chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device)
     if chunks is not None:
         needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
         loss, logps, entropy = FusedLinearGRPOFunction.apply(
