@@ -106,10 +106,11 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
     --providers ours-triton ours-tiles ours-fused ours-vocab floor || fused=$?; }
   # other chunk budgets (MiB of fp32 logits) than the defaults (chunked 1,024, vocab blocks 128, tiles 64): tiles at
   # 128 MiB keep 64 MiB of bf16 logits and 2,048-token chunks (32 MiB of fp32 d_hidden rows) at H = 4,096, at 32 MiB
-  # 16 + 8 MiB; the default at 512 and 256 MiB keeps 256 and 128 MiB of bf16 logits (its d_weight product stays
-  # compute-bound at 1,024-token chunks); vocab blocks at 96 MiB keep 48 MiB
+  # 16 + 8 MiB; the default at 120 MiB keeps 60 MiB of bf16 logits (240-token chunks: three products, but each chunk
+  # rereads and rewrites d_weight), at 512 MiB 256 MiB (its d_weight product still compute-bound at 1,024-token
+  # chunks); vocab blocks at 96 MiB keep 48 MiB
   local run
-  for run in ours-tiles:128 ours-tiles:32 ours-triton:512 ours-triton:256 ours-vocab:96; do
+  for run in ours-tiles:128 ours-triton:120 ours-tiles:32 ours-triton:512 ours-vocab:96; do
     fits 40 "$run" || continue
     GRPO_KERNELS_CHUNK_MIB=${run#*:} timeout --kill-after=5 35 python3 -m benchmarks --device cuda --no-progress \
       --out "$scratch/fused/${run%:*}-${run#*:}-mib" --ops fused_linear --shapes 8x1024x4096x131072 \
