@@ -132,6 +132,31 @@ def _chunk_bytes(kind: str, strategy: str | None = None) -> int:
     return CHUNK_BYTES[kind]
 
 
+def workspace_bytes(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """At most the bytes one call's forward and backward allocate beyond the gradients they hand back, for `tokens`
+    tokens in the loss, under the strategy and chunk budget the environment sets now: the logits buffer (in the
+    inputs' dtype on CUDA, fp32 or fp64 on the CPU path), with tiles a chunk's fp32 `d_hidden` rows, with the fused
+    kernels their fp32 `d_hidden`, and `[N]`-sized vectors."""
+    strategy, budget = linear_schedule(device)
+    kind = _kind(device)
+    b = torch.finfo(dtype).bits // 8
+    # the logits: in the inputs' dtype on CUDA; on the CPU path in fp32 or fp64 with a temporary of the same size
+    # (their exponentials) and a bool one, and their gradient in the weight's dtype when that has 16 bits
+    per_logit = b if kind == "cuda" else 2 * max(b, 4) + 1 + (b if b < 4 else 0)
+    vectors = 128 * tokens  # [N]-sized vectors: logps, entropies, statistics, coefficients, positions, masks
+    if strategy == "fused" and kind == "cuda":
+        return 8 * tokens * hidden_size + vectors  # fp32 d_hidden, and its rows scattered to [B, T]
+    rows = min(tokens, chunk_tokens(vocab, device, budget))
+    buffer, extra = rows * vocab * per_logit, 2 * rows * hidden_size * b  # a chunk's gathered rows, its d_hidden rows
+    if strategy == "vocab-blocks":
+        buffer = max(buffer, tokens * max(1, min(vocab, budget // (4 * max(tokens, 1)))) * per_logit)
+    if strategy == "tiles":
+        c = min(tokens, tile_tokens(hidden_size, device, budget))
+        buffer = max(buffer, c * max(1, min(vocab, budget // (4 * max(c, 1)))) * per_logit)
+        extra = max(extra, c * hidden_size * (4 + 2 * b))  # fp32 d_hidden rows, their product, the gathered rows
+    return buffer + extra + vectors
+
+
 def linear_schedule(device: torch.device) -> tuple[str, int]:
     """`(strategy, chunk budget in bytes)` as the environment sets them now: a call reads them once, in its forward."""
     strategy = linear_strategy()

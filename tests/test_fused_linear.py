@@ -318,6 +318,31 @@ def test_the_backward_keeps_the_strategy_and_budget_of_its_forward(top_entropy_q
 
 
 @pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks", "tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("masked", "top_entropy_quantile"), [(False, 1.0), (True, 0.5)])
+def test_workspace_bytes_bounds_what_a_call_allocates(strategy, dtype, masked, top_entropy_quantile, monkeypatch):
+    """`workspace_bytes` (the trainer's memory estimate uses it) is at least what forward + backward allocate beyond
+    the gradients on the CPU path, and not far above it: 1 MiB chunks at N = 2,048, V = 8,192."""
+    from grpo_kernels.memory import MemoryMeter
+
+    B, T, H, V = 8, 256, 64, 8192
+    monkeypatch.setitem(fl.CHUNK_BYTES, "cpu", 1 << 20)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, "cpu", 1)
+    monkeypatch.setenv("GRPO_KERNELS_LINEAR", strategy)
+    hidden = torch.randn(B, T, H, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(V, H) / 8).to(dtype).requires_grad_()
+    ids = torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) > 0.3 if masked else None
+    config = GRPOLossConfig(loss_type="dapo", entropy_coef=0.01, top_entropy_quantile=top_entropy_quantile)
+    with backend("torch"), MemoryMeter() as meter:
+        fused_linear_grpo_loss(hidden, weight, ids, torch.randn(B), mask, config=config).loss.backward()
+    beyond = meter.peak_bytes - (hidden.numel() + weight.numel()) * hidden.element_size()
+    tokens = B * T if mask is None else int(mask.sum())
+    estimate = fl.workspace_bytes(tokens, H, V, dtype, torch.device("cpu"))
+    assert 0.6 * estimate <= beyond <= estimate, f"{beyond / 2**20:.3f} MiB allocated, {estimate / 2**20:.3f} estimated"
+
+
+@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks", "tiles"])
 def test_a_million_tokens_in_one_call(strategy, monkeypatch):
     """N = 1,000,000 tokens (B = T = 1,000, a tenth masked) in one call on the CPU path: loss and gradients equal the
     fp64 reference's, the gradients to 1e-5 of their largest entry (fp32 sums over a million tokens)."""

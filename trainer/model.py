@@ -385,14 +385,15 @@ def estimate_memory(cfg: TrainerConfig, config, num_processes: int = 1) -> list[
     (embeddings, head and two decoder layers) are added."""
     from transformers import AutoModelForCausalLM
 
-    from grpo_kernels.fused_linear import chunk_tokens
+    from grpo_kernels.fused_linear import linear_strategy, workspace_bytes
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in meta.parameters())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    b = torch.finfo(resolve_dtype(cfg.dtype, device)).bits // 8
+    dtype = resolve_dtype(cfg.dtype, device)
+    b = torch.finfo(dtype).bits // 8
     H, L, V = text.hidden_size, text.num_hidden_layers, text.vocab_size
     inter = getattr(text, "intermediate_size", None) or 4 * H
     heads = text.num_attention_heads
@@ -410,9 +411,9 @@ def estimate_memory(cfg: TrainerConfig, config, num_processes: int = 1) -> list[
     tokens = cfg.max_tokens_per_microbatch
     layer = (10 * H + 4 * inter) * b  # one layer's activations per token: projections, norms, MLP
     per_token = L * H * b + layer if cfg.gradient_checkpointing else L * layer
-    chunk = min(tokens, chunk_tokens(V, device))
     d_weight = 0 if lora else V * H * b
-    loss = 2 * tokens * H * b + chunk * V * 4 + d_weight  # gathered hidden states and their gradient, logits, dW
+    # gathered hidden states and their gradient, the loss's own workspace (its chunk of logits above all), dW
+    loss = 2 * tokens * H * b + workspace_bytes(tokens, H, V, dtype, device) + d_weight
     rows = cfg.num_prompts * cfg.num_generations // num_processes
     context = cfg.max_prompt_length + cfg.max_completion_length
     generation = 2 * L * kv_heads * head_dim * b * rows * context + rows * V * 4  # KV cache, one step's logits
@@ -434,8 +435,8 @@ def estimate_memory(cfg: TrainerConfig, config, num_processes: int = 1) -> list[
         (f"optimizer ({cfg.optimizer})", optimizer // shards, OPTIMIZER_STATE[cfg.optimizer] + split),
         ("activations", tokens * per_token, f"{tokens} tokens x {per_token / 1024:.1f} KiB/token"
          + (" (checkpointed)" if cfg.gradient_checkpointing else "")),
-        ("loss workspace", loss, f"{chunk} x {V} fp32 logits chunk, hidden states of {tokens} tokens and their "
-         "gradient" + ("" if lora else ", LM-head gradient")),
+        ("loss workspace", loss, f"the {linear_strategy()} schedule's chunk of logits, hidden states of {tokens} "
+         "tokens and their gradient" + ("" if lora else ", LM-head gradient")),
         ("generation", generation, f"KV cache of {rows} sequences x {context} tokens, one step's logits"),
     ]  # fmt: skip
     if cfg.fsdp:
