@@ -414,47 +414,19 @@ def test_fused_kernels_are_deterministic(impl, device):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("strategy", ["vocab-blocks", "tiles"])
 @pytest.mark.parametrize("name", ["triton", "torch"])
 @pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])  # the single-pass and the two-pass schedule
-def test_vocab_blocks_form_the_weight_gradients_block_by_block(name, top_entropy_quantile, device, monkeypatch):
-    """With GRPO_KERNELS_LINEAR=vocab-blocks, d_weight and d_bias come from several vocabulary blocks, each written
-    once, and match the chunked strategy's gradients and the reference."""
-    dev = "cpu" if name == "torch" else device
-    kind = "cuda" if dev == "cuda" else "cpu"
-    V = 300
-    monkeypatch.setitem(fl.CHUNK_BYTES, kind, 7 * 4 * V)  # 7-token chunks; blocks of 7 * 300 / (4 * 9) columns
-    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
-    hidden, weight, bias, ids, adv, mask, extra = make_inputs(4, 9, 40, V, torch.float32, dev)
-    config = GRPOLossConfig(loss_type="dapo", beta=0.1, entropy_coef=0.05, top_entropy_quantile=top_entropy_quantile)
-    ops = fl._row_ops(hidden) if name == "triton" else fl.cpu
-    blocks = []
-    real = ops.block_grad
-    monkeypatch.setattr(
-        ops, "block_grad", lambda z, ids, start, *a: blocks.append((start, z.shape)) or real(z, ids, start, *a)
-    )
-    with backend(name):
-        monkeypatch.setenv("GRPO_KERNELS_LINEAR", "chunked")
-        _, chunked = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
-        assert not blocks
-        monkeypatch.setenv("GRPO_KERNELS_LINEAR", "vocab-blocks")
-        check_against_reference(name, hidden, weight, bias, ids, adv, mask, config=config, **extra)
-        assert [start for start, _ in blocks] == list(range(0, V, 58)) and all(shape[0] == 36 for _, shape in blocks)
-        _, blocked = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
-    for a, b, what in zip(blocked, chunked, ("d_hidden", "d_weight", "d_bias"), strict=True):
-        assert_close(a, b, atol=1e-6, rtol=1e-5, name=f"{what}: vocab blocks vs chunks")
-
-
-@pytest.mark.parametrize("name", ["triton", "torch"])
-@pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])  # the single-pass and the two-pass schedule
-def test_tiles_form_the_gradients_block_by_block(name, top_entropy_quantile, device, monkeypatch):
-    """With GRPO_KERNELS_LINEAR=tiles, each chunk of tokens (sized by H) forms its gradients from several blocks of
-    vocabulary columns, and the results match the chunked strategy's and the reference; gradient filtering is refused
-    with a clear error."""
+def test_block_strategies_form_the_gradients_block_by_block(strategy, name, top_entropy_quantile, device, monkeypatch):
+    """With GRPO_KERNELS_LINEAR=vocab-blocks, d_weight and d_bias come from several vocabulary blocks of every token,
+    each written once; with tiles, each chunk of tokens (sized by H) forms its gradients from several blocks of
+    vocabulary columns (and refuses gradient filtering with a clear error). Both match the chunked strategy's
+    gradients and the reference."""
     dev = "cpu" if name == "torch" else device
     kind = "cuda" if dev == "cuda" else "cpu"
     B, T, H, V = 4, 9, 40, 300
-    budget = 7 * 4 * V  # statistics from 7-token chunks; 13-token chunks (budget / (16 H)) of 161-column blocks
-    monkeypatch.setitem(fl.CHUNK_BYTES, kind, budget)
+    budget = 7 * 4 * V  # 7-token chunks of statistics; vocab-blocks: blocks of budget / (4 * 36) columns; tiles:
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, budget)  # 13-token chunks (budget / (16 H)) of 161-column blocks
     monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
     hidden, weight, bias, ids, adv, mask, extra = make_inputs(B, T, H, V, torch.float32, dev)
     config = GRPOLossConfig(loss_type="dapo", beta=0.1, entropy_coef=0.05, top_entropy_quantile=top_entropy_quantile)
@@ -464,24 +436,26 @@ def test_tiles_form_the_gradients_block_by_block(name, top_entropy_quantile, dev
     monkeypatch.setattr(
         ops, "block_grad", lambda z, ids, start, *a: blocks.append((start, z.shape)) or real(z, ids, start, *a)
     )
+    if strategy == "vocab-blocks":  # every token of the batch, masked ones too, in each block
+        expected = [(start, (B * T, min(58, V - start))) for start in range(0, V, 58)]
+    else:  # the active tokens, in chunks of 13
+        n = int(mask.sum())
+        rows = [min(13, n - s) for s in range(0, n, 13)]
+        expected = [(s, (r, min(budget // (4 * r), V - s))) for r in rows for s in range(0, V, budget // (4 * r))]
     with backend(name):
         monkeypatch.setenv("GRPO_KERNELS_LINEAR", "chunked")
         _, chunked = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
         assert not blocks
-        monkeypatch.setenv("GRPO_KERNELS_LINEAR", "tiles")
+        monkeypatch.setenv("GRPO_KERNELS_LINEAR", strategy)
         check_against_reference(name, hidden, weight, bias, ids, adv, mask, config=config, **extra)
-        n = int(mask.sum())  # the active tokens, in chunks of 13
-        rows = [min(13, n - s) for s in range(0, n, 13)]
-        expected = [
-            (start, (r, min(budget // (4 * r), V - start))) for r in rows for start in range(0, V, budget // (4 * r))
-        ]
         assert [(start, tuple(shape)) for start, shape in blocks] == expected
-        _, tiled = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
-        with pytest.raises(ValueError, match="grad_filter_eps is not supported with GRPO_KERNELS_LINEAR=tiles"):
-            run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, grad_filter_eps=0.01,
-                **extra)  # fmt: skip
-    for a, b, what in zip(tiled, chunked, ("d_hidden", "d_weight", "d_bias"), strict=True):
-        assert_close(a, b, atol=1e-6, rtol=1e-5, name=f"{what}: tiles vs chunks")
+        _, blocked = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+        if strategy == "tiles":
+            with pytest.raises(ValueError, match="grad_filter_eps is not supported with GRPO_KERNELS_LINEAR=tiles"):
+                run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, grad_filter_eps=0.01,
+                    **extra)  # fmt: skip
+    for a, b, what in zip(blocked, chunked, ("d_hidden", "d_weight", "d_bias"), strict=True):
+        assert_close(a, b, atol=1e-6, rtol=1e-5, name=f"{what}: {strategy} vs chunks")
 
 
 @pytest.mark.parametrize("frozen", ["hidden", "weight", "bias"])
