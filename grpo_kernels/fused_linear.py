@@ -273,15 +273,14 @@ class _Head:
         if self.d_b is not None:
             self.d_b += dz.sum(0, dtype=self.d_b.dtype)
 
-    def tile_stats(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(logp, entropy, row max, log-sum)` `[c]` of the tokens `sl`, from the whole vocabulary's logits of a few
-        of them at a time (the tiles strategy)."""
-        n, dev = sl.stop - sl.start, self.flat.device
-        logp, entropy, m, log_s = (torch.empty(n, dtype=cpu.math_dtype(self.flat), device=dev) for _ in range(4))
-        for part in _token_ranges(n, chunk_tokens(self.weight.shape[0], dev, self.chunk_bytes)):
-            rows = slice(sl.start + part.start, sl.start + part.stop)
-            logp[part], entropy[part], state = self.stats(self.logits(rows), rows)
-            m[part], log_s[part] = self.ops.row_stats(state)
+    def tile_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(logp, entropy, row max, log-sum)` `[n]` of the active tokens, from the whole vocabulary's logits of a few
+        of them at a time (the tiles strategy's forward)."""
+        dev = self.flat.device
+        logp, entropy, m, log_s = (torch.empty(self.n, dtype=cpu.math_dtype(self.flat), device=dev) for _ in range(4))
+        for sl in _token_ranges(self.n, chunk_tokens(self.weight.shape[0], dev, self.chunk_bytes)):
+            logp[sl], entropy[sl], state = self.stats(self.logits(sl), sl)
+            m[sl], log_s[sl] = self.ops.row_stats(state)
         return logp, entropy, m, log_s
 
     def tile_grads(self, sl, m, log_s, entropy, grad_logp, grad_entropy) -> None:
@@ -309,12 +308,10 @@ class _Head:
             dz = self.ops.block_grad(z, ids, start, m, log_s, entropy, grad_logp, grad_entropy, None, *self.args)
             dz = dz.to(self.weight.dtype)
             if acc is not None:
-                if rows_out is not None:
+                if rows_out is None and not (n == 1 and h.device.type == "cpu"):
+                    acc.addmm_(dz, self.weight[cols])  # fp32 (fp64) products sum in place
+                else:  # 16-bit products through a buffer; one CPU row as _rows_times multiplies it
                     acc += _rows_times(dz, self.weight[cols], out=rows_out)
-                elif n == 1 and h.device.type == "cpu":
-                    acc += _rows_times(dz, self.weight[cols])
-                else:
-                    acc.addmm_(dz, self.weight[cols])
             if self.d_w is not None:
                 self.d_w[cols].addmm_(dz.t(), h)
             if self.d_b is not None:
@@ -507,7 +504,7 @@ def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fuse
 
         logp, entropy, stats = linear_fwd(lm.flat, weight, bias, lm.ids, lm.positions, lm.args)
     elif lm.tiles:  # the rows' statistics are kept for the backward's blocks
-        logp, entropy, m, log_s = lm.tile_stats(slice(0, lm.n))
+        logp, entropy, m, log_s = lm.tile_stats()
         stats = torch.stack((m, log_s))
     else:
         logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
@@ -574,11 +571,7 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
 
 
 def single_pass_chunks(
-    positions: torch.Tensor | None,
-    inputs: LossInputs,
-    config: GRPOLossConfig,
-    vocab: int,
-    device: torch.device,
+    positions: torch.Tensor | None, inputs: LossInputs, config: GRPOLossConfig, vocab: int, device: torch.device
 ) -> list[tuple[slice, slice]] | None:
     """Chunks for the single-pass schedule as `(row slice, token slice)` over the active tokens, or None when it
     does not apply (the tiles strategy always takes two passes: its statistics pass is the product it does anyway)."""
