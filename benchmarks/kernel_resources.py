@@ -214,8 +214,14 @@ def building(arch: int, seen: dict, scenario: Callable[[], str]) -> Iterator[Non
 
 def scenarios(dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
     """(name, call) pairs that between them launch every kernel with each of its compile-time options."""
-    from benchmarks.providers import _linear_strategy
-    from grpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, group_advantages, grpo_loss, linear_logprobs
+    from grpo_kernels import (
+        GRPOLossConfig,
+        fused_linear,
+        fused_linear_grpo_loss,
+        group_advantages,
+        grpo_loss,
+        linear_logprobs,
+    )
 
     plain, rich = GRPOLossConfig(), GRPOLossConfig(loss_type="grpo", beta=0.04, temperature=0.7, entropy_coef=0.01)
     for scale in ("group", "batch", "none"):
@@ -242,7 +248,7 @@ def scenarios(dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
                     hidden = torch.randn(B, T, H, dtype=dtype, requires_grad=True)
                     weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
                     bias = torch.randn(V, dtype=dtype, requires_grad=True) if extra else None
-                    with _linear_strategy(strategy):
+                    with fused_linear.schedule(strategy):
                         out = fused_linear_grpo_loss(hidden, weight, ids, adv, mask, bias=bias, config=config, **refs,
                                                      final_logit_softcapping=30.0 if extra else None,
                                                      grad_filter_eps=1e-6 if extra else None)  # fmt: skip

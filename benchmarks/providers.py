@@ -23,11 +23,9 @@ the completion tokens are sampled from that softmax, as a policy's own samples a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,20 +272,6 @@ class Provider:
 # --- fused_linear --------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _linear_strategy(strategy: str) -> Iterator[None]:
-    """`GRPO_KERNELS_LINEAR=strategy` inside the block (read by the forward, which picks the backward too)."""
-    before = os.environ.get("GRPO_KERNELS_LINEAR")
-    os.environ["GRPO_KERNELS_LINEAR"] = strategy
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["GRPO_KERNELS_LINEAR"]
-        else:
-            os.environ["GRPO_KERNELS_LINEAR"] = before
-
-
 def _ours_linear(
     name: str, strategy: str = "chunked", grad_filter_eps: float | None = None
 ) -> Callable[[Case, dict], Bound]:
@@ -297,7 +281,7 @@ def _ours_linear(
         extra = {} if grad_filter_eps is None else {"grad_filter_eps": grad_filter_eps}
 
         def forward() -> torch.Tensor:
-            with backend(name), _linear_strategy(strategy):
+            with backend(name), fused_linear.schedule(strategy):
                 return fused_linear_grpo_loss(*(x[k] for k in LINEAR_ARGS), config=CONFIG, **extra).loss
 
         return Bound(forward, grads=(x["hidden"], x["weight"]))
@@ -389,7 +373,7 @@ def _eager_linear_memory(case: Case) -> int:
 def _ours_logprobs(name: str, strategy: str = "chunked") -> Callable[[Case, dict], Bound]:
     def bind(case: Case, x: dict) -> Bound:
         def forward() -> torch.Tensor:
-            with torch.no_grad(), backend(name), _linear_strategy(strategy):
+            with torch.no_grad(), backend(name), fused_linear.schedule(strategy):
                 return linear_logprobs(x["hidden"], x["weight"], x["ids"])
 
         return Bound(forward, backward=None)

@@ -42,7 +42,9 @@ softmax is peaked a chunk keeps a few percent of the vocabulary, and two of the 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -155,6 +157,27 @@ def workspace_bytes(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtyp
         buffer = max(buffer, c * max(1, min(vocab, budget // (4 * max(c, 1)))) * per_logit)
         extra = max(extra, c * hidden_size * (4 + 2 * b))  # fp32 d_hidden rows, their product, the gathered rows
     return buffer + extra + vectors
+
+
+@contextlib.contextmanager
+def schedule(strategy: str | None = None, chunk_mib: float | None = None) -> Iterator[None]:
+    """Within the block, `GRPO_KERNELS_LINEAR=strategy` and `GRPO_KERNELS_CHUNK_MIB=chunk_mib` where given (None
+    leaves a variable as it is). A call whose forward runs inside keeps them for its backward, wherever that runs."""
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if chunk_mib is not None and not (isinstance(chunk_mib, (int, float)) and chunk_mib > 0):
+        raise ValueError(f"chunk_mib must be a positive number of MiB; got {chunk_mib!r}")
+    values = {"GRPO_KERNELS_LINEAR": strategy, "GRPO_KERNELS_CHUNK_MIB": None if chunk_mib is None else str(chunk_mib)}
+    before = {name: os.environ.get(name) for name, value in values.items() if value is not None}
+    os.environ.update({name: value for name, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def linear_schedule(device: torch.device) -> tuple[str, int]:

@@ -3,6 +3,8 @@ materialises the logits (same dtype and fp64), against TRL 1.16 on a tiny Llama,
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import assert_close, assert_within_pytorch_error, filtering_bound
@@ -371,6 +373,26 @@ def test_chunk_budget_from_the_environment(monkeypatch):
         monkeypatch.setenv("GRPO_KERNELS_CHUNK_MIB", bad)
         with pytest.raises(ValueError, match="GRPO_KERNELS_CHUNK_MIB must be a positive number"):
             fl.chunk_tokens(1024, cpu)
+
+
+def test_schedule_sets_the_strategy_and_budget_for_a_block(monkeypatch):
+    """`fused_linear.schedule` sets GRPO_KERNELS_LINEAR and GRPO_KERNELS_CHUNK_MIB inside its block (None leaves one
+    as it is), restores them after, even on an error, and names a bad value."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("GRPO_KERNELS_LINEAR", "vocab-blocks")
+    monkeypatch.delenv("GRPO_KERNELS_CHUNK_MIB", raising=False)
+    with fl.schedule("tiles", chunk_mib=2):
+        assert fl.linear_schedule(cpu) == ("tiles", 2 << 20)
+        with fl.schedule(chunk_mib=0.5):
+            assert fl.linear_schedule(cpu) == ("tiles", 1 << 19)
+        assert fl.linear_schedule(cpu) == ("tiles", 2 << 20)
+    with pytest.raises(RuntimeError), fl.schedule("chunked"):
+        raise RuntimeError
+    assert os.environ["GRPO_KERNELS_LINEAR"] == "vocab-blocks" and "GRPO_KERNELS_CHUNK_MIB" not in os.environ
+    with pytest.raises(ValueError, match="strategy must be one of chunked, fused, vocab-blocks, tiles"):
+        fl.schedule("blocks").__enter__()
+    with pytest.raises(ValueError, match="chunk_mib must be a positive number of MiB"):
+        fl.schedule(chunk_mib=0).__enter__()
 
 
 def test_head_options_from_transformers_configs():

@@ -128,6 +128,34 @@ def test_grad_filter_eps_reaches_the_loss(tmp_path):
         TrainerConfig(grad_filter_eps=1.5)
 
 
+def test_loss_strategy_and_chunk_budget_reach_the_loss(tmp_path, monkeypatch):
+    """--loss-strategy and --loss-chunk-mib pick the fused loss's schedule for the policy's loss (its backward
+    included): tiles with a 64 KiB budget forms its gradients in vocabulary blocks, and the step's loss and gradients
+    equal the default schedule's; --dry-run-memory's loss workspace follows the budget."""
+    import grpo_kernels.fused_linear as fl
+
+    blocks = []
+    real = fl.cpu.block_grad
+    monkeypatch.setattr(fl.cpu, "block_grad", lambda z, *a: blocks.append(z.shape) or real(z, *a))
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, "cpu", 1)
+    results = []
+    for options in ({}, {"loss_strategy": "tiles", "loss_chunk_mib": 1 / 16}):
+        trainer = Trainer(small(tmp_path / str(len(options)), **options))
+        sums = trainer.accumulate(rollout(trainer), list(range(12)))
+        results.append((sums.loss, gradients(trainer)))
+        assert bool(blocks) == bool(options)
+        assert all(rows * cols * 4 <= 1 << 16 for rows, cols in blocks)
+    (loss, grads), (tiled_loss, tiled) = results
+    assert_close(torch.tensor(tiled_loss), torch.tensor(loss), atol=1e-6, rtol=1e-5, name="loss")
+    for name in grads:
+        assert_close(tiled[name], grads[name], atol=1e-6, rtol=1e-4, name=name)
+    workspace = {}
+    for mib in (1.0, 4.0):
+        cfg = small(tmp_path, loss_chunk_mib=mib, max_tokens_per_microbatch=1 << 14)
+        workspace[mib] = {name: n for name, n, _ in estimate_memory(cfg, model_config(cfg))}["loss workspace"]
+    assert workspace[4.0] - workspace[1.0] >= 2 << 20  # at least 3 MiB more of fp32 logits (and their temporaries)
+
+
 def test_old_and_reference_logprobs_come_from_hidden_states(tmp_path):
     trainer = Trainer(small(tmp_path, beta=0.04, num_iterations=2))
     r = rollout(trainer)
@@ -468,6 +496,9 @@ def test_command_line_yaml_and_help(tmp_path, capsys):
         ({"loss_type": "dr_grpo", "epsilon": -1.0}, "epsilon must be >= 0"),
         ({"lr_scheduler": "step"}, "lr_scheduler must be one of"),
         ({"optimizer": "adam8bit"}, "optimizer must be one of adamw, adafactor, sgd"),
+        ({"loss_strategy": "blocks"}, "loss_strategy must be one of chunked, fused, vocab-blocks, tiles"),
+        ({"loss_chunk_mib": 0.0}, "loss_chunk_mib must be a positive number"),
+        ({"loss_strategy": "tiles", "grad_filter_eps": 0.001}, "loss_strategy tiles does not filter gradients"),
     ],
 )
 def test_bad_options_fail_clearly(overrides, message):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from grpo_kernels import GRPOLossConfig
+from grpo_kernels.fused_linear import STRATEGIES
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
@@ -145,6 +146,20 @@ class TrainerConfig:
             "2**-12 for bf16); none: exact"
         ),
     )
+    loss_strategy: str | None = field(
+        default=None,
+        metadata=_help(
+            "the fused loss's schedule: chunked (the fastest), tiles or vocab-blocks (the least memory beyond the "
+            "gradients), fused (Triton kernels, CUDA); none: GRPO_KERNELS_LINEAR, else chunked"
+        ),
+    )
+    loss_chunk_mib: float | None = field(
+        default=None,
+        metadata=_help(
+            "the fused loss's chunk budget in MiB of fp32 logits; none: GRPO_KERNELS_CHUNK_MIB, else the "
+            "strategy's (chunked 1024, vocab-blocks 128, tiles 64 on CUDA)"
+        ),
+    )
 
     # optimisation
     optimizer: str = field(
@@ -266,6 +281,12 @@ class TrainerConfig:
             raise ValueError(f"top_p must lie in (0, 1]; got {self.top_p}")
         if self.grad_filter_eps is not None and not 0.0 <= self.grad_filter_eps < 1.0:
             raise ValueError(f"grad_filter_eps must lie in [0, 1) or be none; got {self.grad_filter_eps}")
+        if self.loss_strategy is not None and self.loss_strategy not in STRATEGIES:
+            raise ValueError(f"loss_strategy must be one of {', '.join(STRATEGIES)}; got {self.loss_strategy!r}")
+        if self.loss_chunk_mib is not None and not self.loss_chunk_mib > 0:
+            raise ValueError(f"loss_chunk_mib must be a positive number of MiB or none; got {self.loss_chunk_mib}")
+        if self.loss_strategy == "tiles" and self.grad_filter_eps is not None:
+            raise ValueError("loss_strategy tiles does not filter gradients: leave grad_filter_eps unset")
         if self.learning_rate <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("learning_rate must be > 0, weight_decay and max_grad_norm >= 0; got "
                              f"{self.learning_rate}, {self.weight_decay}, {self.max_grad_norm}")  # fmt: skip

@@ -256,7 +256,7 @@ class Trainer:
         if checkpoint is not None:
             load_weights(model, checkpoint)  # the full weights, before DDP or FSDP distributes them
         attn = packed_attention(self.device) if cfg.packing else None
-        policy = Policy(model, attn, cfg.grad_filter_eps)
+        policy = Policy(model, attn, cfg.grad_filter_eps, cfg.loss_strategy, cfg.loss_chunk_mib)
         self.ref_policy = None if ref is None else Policy(ref, attn)
         if cfg.fsdp:
             if self.world < 2:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from grpo_kernels import GRPOLossConfig, GRPOLossOutput, backend, fused_linear_grpo_loss, linear_logprobs
+from grpo_kernels.fused_linear import linear_strategy, schedule, workspace_bytes
 from grpo_kernels.integrations.models import backbone_and_head, head_kwargs, unwrap_peft
 from trainer.config import TrainerConfig
 from trainer.data import ByteTokenizer, Example, HFTokenizer, noisy_sums
@@ -251,11 +252,13 @@ class Policy(nn.Module):
     The loss is formed inside `forward` so that DDP and FSDP see every parameter use, the LM head's included.
     """
 
-    def __init__(self, model: nn.Module, packed_attention: str | None = None, grad_filter_eps: float | None = None):
+    def __init__(self, model: nn.Module, packed_attention: str | None = None, grad_filter_eps: float | None = None,
+                 loss_strategy: str | None = None, loss_chunk_mib: float | None = None):  # fmt: skip
         super().__init__()
         self.model = model
         self.packed_attention = packed_attention
         self.grad_filter_eps = grad_filter_eps  # the loss's backward only
+        self.schedule = (loss_strategy, loss_chunk_mib)  # the fused loss's (None: the environment's)
         backbone_and_head(model)  # fails early, naming the model, for an architecture it does not know
         self.head = head_kwargs(model)
 
@@ -277,7 +280,7 @@ class Policy(nn.Module):
         hidden = self.hidden_states(mb)
         _, head = backbone_and_head(self.model)
         kernels = backend("torch") if hidden.device.type == "cpu" else contextlib.nullcontext()
-        with kernels:
+        with kernels, schedule(*self.schedule):  # the loss's backward keeps what its forward read
             if loss is None:
                 return linear_logprobs(
                     hidden, head.weight, mb.completion_ids, bias=head.bias, mask=mb.completion_mask,
@@ -385,8 +388,6 @@ def estimate_memory(cfg: TrainerConfig, config, num_processes: int = 1) -> list[
     (embeddings, head and two decoder layers) are added."""
     from transformers import AutoModelForCausalLM
 
-    from grpo_kernels.fused_linear import linear_strategy, workspace_bytes
-
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
@@ -413,7 +414,9 @@ def estimate_memory(cfg: TrainerConfig, config, num_processes: int = 1) -> list[
     per_token = L * H * b + layer if cfg.gradient_checkpointing else L * layer
     d_weight = 0 if lora else V * H * b
     # gathered hidden states and their gradient, the loss's own workspace (its chunk of logits above all), dW
-    loss = 2 * tokens * H * b + workspace_bytes(tokens, H, V, dtype, device) + d_weight
+    with schedule(cfg.loss_strategy, cfg.loss_chunk_mib):
+        workspace, strategy = workspace_bytes(tokens, H, V, dtype, device), linear_strategy()
+    loss = 2 * tokens * H * b + workspace + d_weight
     rows = cfg.num_prompts * cfg.num_generations // num_processes
     context = cfg.max_prompt_length + cfg.max_completion_length
     generation = 2 * L * kv_heads * head_dim * b * rows * context + rows * V * 4  # KV cache, one step's logits
@@ -435,7 +438,7 @@ def estimate_memory(cfg: TrainerConfig, config, num_processes: int = 1) -> list[
         (f"optimizer ({cfg.optimizer})", optimizer // shards, OPTIMIZER_STATE[cfg.optimizer] + split),
         ("activations", tokens * per_token, f"{tokens} tokens x {per_token / 1024:.1f} KiB/token"
          + (" (checkpointed)" if cfg.gradient_checkpointing else "")),
-        ("loss workspace", loss, f"the {linear_strategy()} schedule's chunk of logits, hidden states of {tokens} "
+        ("loss workspace", loss, f"the {strategy} schedule's chunk of logits, hidden states of {tokens} "
          "tokens and their gradient" + ("" if lora else ", LM-head gradient")),
         ("generation", generation, f"KV cache of {rows} sequences x {context} tokens, one step's logits"),
     ]  # fmt: skip
