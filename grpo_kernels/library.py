@@ -150,7 +150,8 @@ def _(hidden, weight, bias, ids, mask, temperature, logit_scale, softcap, grad_f
       chunk_bytes):  # fmt: skip
     B, T, _ = hidden.shape
     fused = _fused(backend, strategy)
-    dtype = torch.float32 if fused else _math_dtype(hidden, backend)
+    # the chunked schedules keep fp64 for fp64 inputs on either backend (the row kernels' fp32 results, widened)
+    dtype = torch.float32 if fused else _math_dtype(hidden, "torch")
     n = torch.library.get_ctx().new_dynamic_size() if mask is not None else B * T
     kept = fused or strategy == "tiles"  # the rows' statistics, for the backward
     stats = hidden.new_empty(2, n, dtype=dtype) if kept else hidden.new_empty(0, dtype=dtype)

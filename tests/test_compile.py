@@ -129,14 +129,15 @@ def test_linear_logprobs_compiles(strategy, grad_filter_eps, monkeypatch):
     assert (results[0][3] == 0).all(1).any() == (grad_filter_eps is not None)  # whole rows of d_weight left out
 
 
-def test_custom_ops_pass_opcheck():
+def test_custom_ops_pass_opcheck(device):
     """torch.library's own checks: schema, fake implementation, autograd registration."""
     logits, ids = torch.randn(2, 3, 20, dtype=torch.float64), torch.randint(0, 20, (2, 3))
     torch.library.opcheck(library.logprobs_entropy, (logits, ids, None, 0.8, 1.0, None, "torch"))
     hidden, weight = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
-    for strategy in ("chunked", "tiles", "vocab-blocks"):
-        torch.library.opcheck(library.linear_logprobs_entropy, (hidden, weight, None, ids, None, 1.0, 1.0, None, None,
-                                                                "torch", strategy, 1 << 10))  # fmt: skip
+    for name, dev in (("torch", "cpu"), ("triton", device)):  # fp64 inputs: fp64 log-probs from either backend
+        args = (hidden.to(dev), weight.to(dev), None, ids.to(dev), None, 1.0, 1.0, None, None, name)
+        for strategy in ("chunked", "tiles", "vocab-blocks"):
+            torch.library.opcheck(library.linear_logprobs_entropy, (*args, strategy, 1 << 10))
     logps, entropy = torch.randn(2, 3, dtype=torch.float64) - 2, torch.rand(2, 3, dtype=torch.float64)
     args = (logps, entropy, torch.randn(2, 1, dtype=torch.float64), torch.ones(2, 3, dtype=torch.bool), None, None,
             None, None, None, library.encode(GRPOLossConfig(loss_type="grpo")))  # fmt: skip
