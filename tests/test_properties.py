@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 from helpers import filtering_bound
@@ -23,6 +22,7 @@ from hypothesis import strategies as st
 from grpo_kernels import (
     GRPOLossConfig,
     backend,
+    fused_linear,
     fused_linear_grpo_loss,
     group_advantages,
     grpo_loss,
@@ -121,19 +121,11 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
 
 @contextlib.contextmanager
 def _implementation(impl: str):
-    """`impl` is "torch", "triton-chunked" or "triton-fused": the backend, and for Triton the linear strategy.
+    """`impl` is "torch" or "triton", then optionally "-" and a linear strategy ("chunked" by default).
     Yields the device its inputs go to (Triton: the GPU when there is one, else the interpreter on the CPU)."""
     name, _, strategy = impl.partition("-")
-    before = os.environ.get("GRPO_KERNELS_LINEAR")
-    os.environ["GRPO_KERNELS_LINEAR"] = strategy or "chunked"
-    try:
-        with backend(name):
-            yield "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
-    finally:
-        if before is None:
-            del os.environ["GRPO_KERNELS_LINEAR"]
-        else:
-            os.environ["GRPO_KERNELS_LINEAR"] = before
+    with backend(name), fused_linear.schedule(strategy or "chunked"):
+        yield "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def _reference_inputs(batch, config, logits64, ids):
@@ -185,7 +177,8 @@ def test_fused_linear_grpo_loss(config, batch, H, use_bias, head):
     expected = reference.linear_grpo_loss(leaves[0], leaves[1], ids, adv, mask, bias=leaves[2] if use_bias else None,
                                           config=config, **head, **extra)  # fmt: skip
     d_expected = torch.autograd.grad(expected.loss, leaves)
-    for impl in ("triton-fused", "triton-chunked", "triton-vocab-blocks", "torch", "torch-vocab-blocks"):
+    for impl in ("triton-fused", "triton-chunked", "triton-vocab-blocks", "triton-tiles", "torch", "torch-vocab-blocks",
+                 "torch-tiles"):  # fmt: skip
         with _implementation(impl) as dev:
             got = [t.float().to(dev).requires_grad_() for t in leaves]
             out = fused_linear_grpo_loss(got[0], got[1], ids.to(dev), adv.float().to(dev), mask.to(dev),
@@ -237,7 +230,7 @@ def test_linear_logprobs(batch, H, temperature):
     logps, entropy = reference.logprobs_and_entropy(reference.linear_logits(*x), ids, temperature)
     weights = torch.randn(2, B, T, generator=g, dtype=torch.float64) * mask
     expected = torch.autograd.grad((logps * weights[0] + entropy * weights[1]).sum(), x)
-    for impl in ("triton-fused", "triton-chunked", "torch"):
+    for impl in ("triton-fused", "triton-chunked", "triton-tiles", "torch", "torch-tiles"):
         with _implementation(impl) as dev:
             y = [t.float().to(dev).requires_grad_() for t in x]
             lp, ent = linear_logprobs(y[0], y[1], ids.to(dev), temperature=temperature, return_entropy=True,
