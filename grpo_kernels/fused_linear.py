@@ -159,14 +159,19 @@ def workspace_bytes(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtyp
     return buffer + extra + vectors
 
 
-@contextlib.contextmanager
-def schedule(strategy: str | None = None, chunk_mib: float | None = None) -> Iterator[None]:
-    """Within the block, `GRPO_KERNELS_LINEAR=strategy` and `GRPO_KERNELS_CHUNK_MIB=chunk_mib` where given (None
-    leaves a variable as it is). A call whose forward runs inside keeps them for its backward, wherever that runs."""
+def check_schedule(strategy: str | None, chunk_mib: float | None) -> None:
+    """A clear error for a strategy or chunk budget that `schedule` would not take."""
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if chunk_mib is not None and not (isinstance(chunk_mib, (int, float)) and chunk_mib > 0):
         raise ValueError(f"chunk_mib must be a positive number of MiB; got {chunk_mib!r}")
+
+
+@contextlib.contextmanager
+def schedule(strategy: str | None = None, chunk_mib: float | None = None) -> Iterator[None]:
+    """Within the block, `GRPO_KERNELS_LINEAR=strategy` and `GRPO_KERNELS_CHUNK_MIB=chunk_mib` where given (None
+    leaves a variable as it is). A call whose forward runs inside keeps them for its backward, wherever that runs."""
+    check_schedule(strategy, chunk_mib)
     values = {"GRPO_KERNELS_LINEAR": strategy, "GRPO_KERNELS_CHUNK_MIB": None if chunk_mib is None else str(chunk_mib)}
     before = {name: os.environ.get(name) for name, value in values.items() if value is not None}
     os.environ.update({name: value for name, value in values.items() if value is not None})

@@ -206,6 +206,30 @@ def test_module_no_grad_and_scaled_backward():
     assert_close(g3, 3 * g1, atol=1e-7, rtol=1e-6, name="scaled d_hidden")
 
 
+def test_module_schedule(monkeypatch):
+    """`LinearGRPOLoss(strategy=..., chunk_mib=...)` runs its calls under that schedule (the backward included) and
+    leaves the environment as it was; a bad value fails at construction."""
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(3, 4, 10, 50, torch.float32, "cpu")
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, "cpu", 1)
+    monkeypatch.delenv("GRPO_KERNELS_LINEAR", raising=False)
+    blocks = []
+    real = fl.cpu.block_grad
+    monkeypatch.setattr(fl.cpu, "block_grad", lambda z, *a: blocks.append(z.shape) or real(z, *a))
+    config = GRPOLossConfig(loss_type="grpo", beta=0.1)
+    results = []
+    with backend("torch"):
+        for options in ({}, {"strategy": "tiles", "chunk_mib": 2 * 4 * 50 / 2**20}):  # 2-token statistics chunks
+            h = hidden.clone().requires_grad_()
+            out = LinearGRPOLoss(config, **options)(h, weight, ids, adv, mask, bias=bias, ref_logps=extra["ref_logps"])
+            results.append((out.loss, *torch.autograd.grad(out.loss, h)))
+            assert bool(blocks) == bool(options)
+    assert "GRPO_KERNELS_LINEAR" not in os.environ
+    for a, b, name in zip(*results, ("loss", "d_hidden"), strict=True):
+        assert_close(a, b, atol=1e-6, rtol=1e-5, name=name)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        LinearGRPOLoss(strategy="blocks")
+
+
 def test_matches_trl_on_a_tiny_llama():
     """TRL takes the model's logits; we take its last hidden state and `lm_head.weight`. Same loss, same gradients for
     every parameter of the model."""
