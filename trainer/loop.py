@@ -257,7 +257,7 @@ class Trainer:
             load_weights(model, checkpoint)  # the full weights, before DDP or FSDP distributes them
         attn = packed_attention(self.device) if cfg.packing else None
         policy = Policy(model, attn, cfg.grad_filter_eps, cfg.loss_strategy, cfg.loss_chunk_mib)
-        self.ref_policy = None if ref is None else Policy(ref, attn)
+        self.ref_policy = None if ref is None else Policy(ref, attn, None, cfg.loss_strategy, cfg.loss_chunk_mib)
         if cfg.fsdp:
             if self.world < 2:
                 raise ValueError("--fsdp shards the model over processes, but this is the only one: launch with "
