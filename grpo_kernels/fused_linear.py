@@ -579,8 +579,9 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, mask, head: HeadOptions):
-        ctx.ops, ctx.fused, ctx.head = _row_ops(hidden), use_fused_kernels(hidden), head
         ctx.strategy, ctx.chunk_bytes = linear_schedule(hidden.device)  # read once: the backward keeps them
+        ctx.ops, ctx.head = _row_ops(hidden), head
+        ctx.fused = ctx.strategy == "fused" and use_triton(hidden)  # use_fused_kernels, from the strategy read above
         logp, entropy, (saved_entropy, stats) = linear_forward(hidden, weight, bias, ids, mask, head, ctx.ops,
                                                                ctx.fused, ctx.chunk_bytes, ctx.strategy)  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, ids, mask, saved_entropy, stats)
