@@ -160,6 +160,50 @@ def chunk_stats(
     return logp, entropy, (m, log_s, s)
 
 
+def block_stats(
+    z: torch.Tensor,  # [n, v] raw logits of vocabulary entries col_offset, col_offset + 1, ..., in math_dtype, owned
+    ids: torch.Tensor,  # [n]
+    col_offset: int,
+    state: torch.Tensor,  # [4, n] in math_dtype: running (m, s, u, target's z); only written when `first`
+    first: bool,
+    last: bool,
+    temperature: float,
+    logit_scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Fold a block of columns of the raw logits into the rows' running statistics `state`, the blocks of a row in
+    order, as the Triton kernel does: `m` the running max, `s = sum exp(z - m)`, `u = sum exp(z - m) * (z - m)`.
+    After the `last` block `state` holds `(logp, entropy, row max, log-sum)`."""
+    if first:
+        state[0].fill_(float("-inf"))
+        state[1:].zero_()
+    m, s, u, z_y = state
+    y = ids.long() - col_offset
+    target = (y >= 0) & (y < z.shape[1])
+    y = y.clamp(0, z.shape[1] - 1).unsqueeze(-1)
+    for r in _blocks(z.shape[0], z.shape[1]):
+        zb = z[r]
+        if softcap is None:
+            zb.mul_(logit_scale / temperature)
+        else:
+            zb.mul_(logit_scale / softcap).tanh_().mul_(softcap / temperature)
+        z_y[r] = torch.where(target[r], zb.gather(-1, y[r]).squeeze(-1), z_y[r])
+        m_new = torch.maximum(m[r], zb.amax(-1))
+        m_ref = m_new.masked_fill(m_new == float("-inf"), 0.0)  # all -inf so far: any finite reference works
+        shift = torch.where(s[r] > 0, m[r] - m_ref, 0.0)
+        alpha = shift.exp()
+        e = zb.sub_(m_ref.unsqueeze(-1)).exp()
+        u_b = e.mul(zb.masked_fill_(e == 0, 0.0)).sum(-1)
+        u[r] = alpha * (u[r] + shift * s[r]) + u_b
+        s[r] = alpha * s[r] + e.sum(-1)
+        m[r] = m_new
+    if last:
+        m = m.masked_fill(m == float("-inf"), 0.0)
+        log_s = s.log()
+        state.copy_(torch.stack(((z_y - m) - log_s, log_s - u / s, m, log_s)))
+    return state
+
+
 def row_stats(state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """`(row max, log-sum)` `[c]` from the `state` of `chunk_stats`."""
     return state[0].squeeze(-1), state[1].squeeze(-1)

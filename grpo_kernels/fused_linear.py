@@ -301,15 +301,32 @@ class _Head:
         if self.d_b is not None:
             self.d_b += dz.sum(0, dtype=self.d_b.dtype)
 
-    def tile_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(logp, entropy, row max, log-sum)` `[n]` of the active tokens, from the whole vocabulary's logits of a few
-        of them at a time (the tiles strategy's forward)."""
-        dev = self.flat.device
-        logp, entropy, m, log_s = (torch.empty(self.n, dtype=cpu.math_dtype(self.flat), device=dev) for _ in range(4))
-        for sl in _token_ranges(self.n, chunk_tokens(self.weight.shape[0], dev, self.chunk_bytes)):
-            logp[sl], entropy[sl], state = self.stats(self.logits(sl), sl)
-            m[sl], log_s[sl] = self.ops.row_stats(state)
-        return logp, entropy, m, log_s
+    def tile_chunks(self) -> list[slice]:
+        """The tiles strategy's chunks of active tokens: as many as `tile_tokens` needs, of near-equal sizes."""
+        return _token_ranges(self.n, tile_tokens(self.flat.shape[1], self.flat.device, self.chunk_bytes), even=True)
+
+    def tile_width(self, n: int) -> int:
+        """Vocabulary columns per block of a chunk of `n` tokens: blocks of near-equal widths, as few as keep a block
+        of fp32 logits within the chunk budget."""
+        V = self.weight.shape[0]
+        blocks = -(-V // max(1, min(V, self.chunk_bytes // (4 * max(n, 1)))))
+        return -(-V // blocks)
+
+    def tile_stats(self) -> torch.Tensor:
+        """`[4, n]`: `(logp, entropy, row max, log-sum)` of the active tokens (the tiles strategy's forward), a chunk of
+        tokens and a block of vocabulary columns at a time, each block folded into the rows' running statistics."""
+        V = self.weight.shape[0]
+        out = torch.empty(4, self.n, dtype=cpu.math_dtype(self.flat), device=self.flat.device)
+        for sl in self.tile_chunks():
+            h = self.rows(sl)
+            n, width = h.shape[0], self.tile_width(h.shape[0])
+            buffer, state, ids = self._scratch(n * width), torch.empty_like(out[:, sl]), self.ids[sl]
+            for start in range(0, V, width):
+                cols = slice(start, min(start + width, V))
+                z = self.project(h, cols, buffer[: n * (cols.stop - start)].view(n, cols.stop - start))
+                self.ops.block_stats(z, ids, start, state, start == 0, cols.stop == V, *self.args)
+            out[:, sl] = state
+        return out
 
     def tile_grads(self, sl, m, log_s, entropy, grad_logp, grad_entropy) -> None:
         """The tokens `sl`'s share of the gradients (the tiles strategy), one block of vocabulary columns at a time:
@@ -319,7 +336,7 @@ class _Head:
         h = self.rows(sl)
         n, H = h.shape
         V = self.weight.shape[0]
-        width = max(1, min(V, self.chunk_bytes // (4 * max(n, 1))))
+        width = self.tile_width(n)
         buffer = self._scratch(n * width)
         acc = rows_out = None
         if self.d_h is not None:
@@ -347,8 +364,8 @@ class _Head:
         if acc is not None and not direct:
             if self.positions is None:
                 self.d_h[sl] = acc
-            else:
-                self.d_h.index_copy_(0, self.positions[sl], acc.to(self.d_h.dtype))
+            else:  # 16-bit rows through the products' buffer
+                self.d_h.index_copy_(0, self.positions[sl], acc if rows_out is None else rows_out.copy_(acc))
 
     def _kept_columns(self, dz: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None):
         """Gradient filtering: the vocabulary columns of the chunk's logits gradient `dz` `[c, V]` with an entry above
@@ -483,8 +500,11 @@ def _rows_times(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None
 
 
 def active_positions(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Flat indices `b * T + t` of the tokens in the loss (None when all are)."""
-    return None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+    """Flat indices `b * T + t` of the tokens in the loss (None when all are: no rows are gathered then)."""
+    if mask is None:
+        return None
+    positions = mask.reshape(-1).nonzero().squeeze(1)
+    return None if positions.numel() == mask.numel() else positions
 
 
 def _row_ops(t: torch.Tensor):
@@ -495,7 +515,11 @@ def _row_ops(t: torch.Tensor):
     return cpu
 
 
-def _token_ranges(n: int, size: int) -> list[slice]:
+def _token_ranges(n: int, size: int, even: bool = False) -> list[slice]:
+    """Consecutive slices of at most `size` of `range(n)`; `even`: as few as that allows, of near-equal sizes."""
+    if even and n > 0:
+        count = -(-n // size)
+        return [slice(i * n // count, (i + 1) * n // count) for i in range(count)]
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
@@ -532,8 +556,8 @@ def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fuse
 
         logp, entropy, stats = linear_fwd(lm.flat, weight, bias, lm.ids, lm.positions, lm.args)
     elif lm.tiles:  # the rows' statistics are kept for the backward's blocks
-        logp, entropy, m, log_s = lm.tile_stats()
-        stats = torch.stack((m, log_s))
+        logp, entropy, *_ = out = lm.tile_stats()
+        stats = out[2:]
     else:
         logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
         entropy = torch.empty_like(logp)
@@ -561,7 +585,7 @@ def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fus
         return d_h, d_w, None if d_b is None else d_b.to(bias.dtype)
     lm.start_grads(needs)
     if lm.tiles:
-        for sl in _token_ranges(lm.n, tile_tokens(weight.shape[1], hidden.device, lm.chunk_bytes)):
+        for sl in lm.tile_chunks():
             lm.tile_grads(sl, stats[0, sl], stats[1, sl], entropy[sl], g_lp[sl], None if g_ent is None else g_ent[sl])
         return lm.finish_grads()
     for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device, lm.chunk_bytes)):

@@ -472,29 +472,37 @@ def test_block_strategies_form_the_gradients_block_by_block(strategy, name, top_
     kind = "cuda" if dev == "cuda" else "cpu"
     B, T, H, V = 4, 9, 40, 300
     budget = 7 * 4 * V  # 7-token chunks of statistics; vocab-blocks: blocks of budget / (4 * 36) columns; tiles:
-    monkeypatch.setitem(fl.CHUNK_BYTES, kind, budget)  # 13-token chunks (budget / (16 H)) of 161-column blocks
-    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, budget)  # chunks of at most 13 tokens (budget / (16 H)), blocks of at
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)  # most budget / (4 * tokens) columns, both of even sizes
     hidden, weight, bias, ids, adv, mask, extra = make_inputs(B, T, H, V, torch.float32, dev)
+    mask.fill_(True)
+    mask[0], mask[3, 5:] = False, False  # 23 tokens in the loss
     config = GRPOLossConfig(loss_type="dapo", beta=0.1, entropy_coef=0.05, top_entropy_quantile=top_entropy_quantile)
     ops = fl._row_ops(hidden) if name == "triton" else fl.cpu
-    blocks = []
-    real = ops.block_grad
+    blocks, stat_blocks = [], []
+    real, real_stats = ops.block_grad, ops.block_stats
     monkeypatch.setattr(
         ops, "block_grad", lambda z, ids, start, *a: blocks.append((start, z.shape)) or real(z, ids, start, *a)
     )
+    monkeypatch.setattr(  # the tiles forward: (first column, shape, first block, last block)
+        ops, "block_stats", lambda z, ids, start, state, first, last, *a: stat_blocks.append(
+            (start, tuple(z.shape), first, last)) or real_stats(z, ids, start, state, first, last, *a)
+    )  # fmt: skip
     if strategy == "vocab-blocks":  # every token of the batch, masked ones too, in each block
         expected = [(start, (B * T, min(58, V - start))) for start in range(0, V, 58)]
-    else:  # the active tokens, in chunks of 13
-        n = int(mask.sum())
-        rows = [min(13, n - s) for s in range(0, n, 13)]
-        expected = [(s, (r, min(budget // (4 * r), V - s))) for r in rows for s in range(0, V, budget // (4 * r))]
+    else:  # the 23 active tokens in 2 chunks, of 11 and 12; 300 columns in blocks of 150 (at most 190 or 175)
+        expected = [(s, (r, 150)) for r in (11, 12) for s in (0, 150)]
     with backend(name):
         monkeypatch.setenv("GRPO_KERNELS_LINEAR", "chunked")
         _, chunked = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
-        assert not blocks
+        assert not blocks and not stat_blocks
         monkeypatch.setenv("GRPO_KERNELS_LINEAR", strategy)
         check_against_reference(name, hidden, weight, bias, ids, adv, mask, config=config, **extra)
         assert [(start, tuple(shape)) for start, shape in blocks] == expected
+        if strategy == "tiles":  # the forward's blocks are the backward's
+            assert stat_blocks == [(s, shape, s == 0, s + shape[1] == V) for s, shape in expected]
+        else:
+            assert not stat_blocks
         _, blocked = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
         if strategy == "tiles":
             with pytest.raises(ValueError, match="grad_filter_eps is not supported with GRPO_KERNELS_LINEAR=tiles"):

@@ -3,6 +3,8 @@ upcast fp64 reference: values and gradients, odd vocabularies, T = 1, masked row
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from helpers import assert_within_pytorch_error
@@ -130,3 +132,35 @@ def test_selective_log_softmax_any_leading_shape(impl, device):
     expected = reference.selective_log_softmax(logits.double(), ids, 0.9)
     assert got.shape == ids.shape and got.dtype == torch.float32
     assert torch.allclose(got.double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dtype", _dtypes())
+def test_block_stats_fold_blocks_into_whole_rows(impl, dtype, device):
+    """`block_stats` (the tiles strategy's forward), folding uneven blocks of columns in order, gives each row's
+    log-prob and entropy as one pass over the whole row does, and the row max and log-sum that make its
+    log-sum-exp; the target may sit in any block, and a row's first blocks may be all -inf."""
+    from grpo_kernels import cpu
+    from grpo_kernels.ops import logprobs as triton_ops
+
+    dev = device if impl == "triton" else "cpu"
+    ops = triton_ops if impl == "triton" else cpu
+    n, V, edges = 6, 1000, [0, 7, 300, 301, 1000]
+    logits = (torch.randn(n, V) * 3).to(dtype).to(dev)
+    logits[0, :301] = float("-inf")  # row 0: its first three blocks hold nothing
+    ids = torch.tensor([999, 3, 150, 300, 700, 0], device=dev)
+    head = (0.7, 2.0, 10.0)  # temperature, logit scale, soft-cap
+    state = torch.empty(4, n, dtype=torch.float32, device=dev)
+    for start, stop in itertools.pairwise(edges):
+        z = logits[:, start:stop].clone()
+        z = z if impl == "triton" else z.float()  # the CPU path's logits are fp32
+        ops.block_stats(z, ids, start, state, start == 0, stop == V, *head)
+    grads = (torch.zeros(n, device=dev), torch.zeros(n, device=dev))
+    args = (None, head[0], grads)
+    same = run_reference(logits[None], ids[None], *args, logit_scale=head[1], softcap=head[2])
+    exact = run_reference(logits[None], ids[None], *args, torch.float64, logit_scale=head[1], softcap=head[2])
+    for name, a, s, u in zip(("logp", "entropy"), state[:2], same, exact, strict=False):
+        assert_within_pytorch_error(a, s[0], u[0], name=f"{impl} {name}", input_dtype=dtype)
+    z = reference.scale_and_cap(logits.double(), head[1], head[2]) / head[0]
+    assert torch.allclose(state[2].double(), z.amax(-1), atol=0, rtol=1e-6)  # the row max, in fp32 math
+    assert torch.allclose(state[2].double() + state[3].double(), torch.logsumexp(z, -1), atol=1e-5, rtol=0)

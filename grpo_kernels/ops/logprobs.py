@@ -44,15 +44,19 @@ def _logprobs_fwd_kernel(
     logp_ptr,  # [B * T] fp32 out
     entropy_ptr,  # [B * T] fp32 out
     stats_ptr,  # [2, B * T] fp32 out: row max, log-sum
+    state_ptr,  # [4, B * T] fp32 (read unless FIRST, written unless LAST): running m, s, u and the target's z
     N,
     T,
     V,
+    col_offset,  # vocabulary index of the first column (a block of columns, in `block_stats`)
     inv_temperature,
     logit_scale,
     softcap,
     HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     PRECISE: tl.constexpr,
+    FIRST: tl.constexpr,  # the row's first block of columns: the running statistics start empty
+    LAST: tl.constexpr,  # its last: logp, entropy and stats are written; otherwise the running state is
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -62,9 +66,16 @@ def _logprobs_fwd_kernel(
     if active:
         row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
         cols = tl.arange(0, BLOCK_V)
-        m = tl.full([], float("-inf"), tl.float32)
-        s = tl.zeros([], dtype=tl.float32)
-        u = tl.zeros([], dtype=tl.float32)
+        if FIRST:
+            m = tl.full([], float("-inf"), tl.float32)
+            s = tl.zeros([], dtype=tl.float32)
+            u = tl.zeros([], dtype=tl.float32)
+            z_y = tl.zeros([], dtype=tl.float32)
+        else:
+            m = tl.load(state_ptr + row)
+            s = tl.load(state_ptr + N + row)
+            u = tl.load(state_ptr + 2 * N + row)
+            z_y = tl.load(state_ptr + 3 * N + row)
         for start in range(0, V, BLOCK_V):
             x = tl.load(row_ptr + start + cols, mask=start + cols < V, other=float("-inf"))
             z = _transform(x, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
@@ -78,14 +89,21 @@ def _logprobs_fwd_kernel(
             u = alpha * (u + shift * s) + tl.sum(e * zc, axis=0)
             s = alpha * s + tl.sum(e, axis=0)
             m = m_new
-        m = tl.where(m == float("-inf"), 0.0, m)
-        log_s = tl.log(s)
-        y = tl.load(ids_ptr + row).to(tl.int64)
-        z_y = _transform(tl.load(row_ptr + y), logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-        tl.store(logp_ptr + row, (z_y - m) - log_s)
-        tl.store(entropy_ptr + row, log_s - div(u, s, PRECISE))
-        tl.store(stats_ptr + row, m)
-        tl.store(stats_ptr + N + row, log_s)
+        y = tl.load(ids_ptr + row).to(tl.int64) - col_offset
+        if (y >= 0) & (y < V):  # the target's column is in this block
+            z_y = _transform(tl.load(row_ptr + y), logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+        if LAST:
+            m = tl.where(m == float("-inf"), 0.0, m)
+            log_s = tl.log(s)
+            tl.store(logp_ptr + row, (z_y - m) - log_s)
+            tl.store(entropy_ptr + row, log_s - div(u, s, PRECISE))
+            tl.store(stats_ptr + row, m)
+            tl.store(stats_ptr + N + row, log_s)
+        else:
+            tl.store(state_ptr + row, m)
+            tl.store(state_ptr + N + row, s)
+            tl.store(state_ptr + 2 * N + row, u)
+            tl.store(state_ptr + 3 * N + row, z_y)
     else:
         tl.store(logp_ptr + row, 0.0)
         tl.store(entropy_ptr + row, 0.0)
@@ -181,14 +199,18 @@ def logprobs_fwd(
         out[0],
         out[1],
         out[2:],
+        out,  # no running state: the whole row is one block
         B * T,
         T,
         V,
+        0,
         1.0 / temperature,
         float(logit_scale),
         float(softcap or 1.0),
         HAS_MASK=mask is not None,
         HAS_SOFTCAP=softcap is not None,
+        FIRST=True,
+        LAST=True,
         BLOCK_V=block,
         num_warps=num_warps_for(block),
         **math_options(logits.dtype),
@@ -250,6 +272,25 @@ def chunk_stats(z, ids, temperature, logit_scale, softcap):
     """`(logp [c], entropy [c], stats)` of an owned chunk of raw logits `z` `[c, V]` (read, not modified)."""
     logp, entropy, stats = logprobs_fwd(z.unsqueeze(0), ids.unsqueeze(0), None, temperature, logit_scale, softcap)
     return logp[0], entropy[0], stats
+
+
+def block_stats(z, ids, col_offset, state, first, last, temperature, logit_scale, softcap):
+    """Fold a block of columns `z` `[n, v]` (vocabulary entries `col_offset` on) of the raw logits into the rows'
+    running statistics `state`, fp32 `[4, n]`: the blocks of a row in order, `first` for its first (`state` is then
+    only written) and `last` for its last, after which `state` holds `(logp, entropy, row max, log-sum)` as
+    `chunk_stats` gives them for the whole row."""
+    n, v = z.shape
+    if n == 0:
+        return state
+    if not state.is_contiguous():
+        raise ValueError("block_stats: state must be contiguous [4, n]")
+    block = row_block(v)
+    _logprobs_fwd_kernel[(n,)](
+        z, 0, z.stride(0), ids, ids, state[0], state[1], state[2:], state, n, n, v, col_offset, 1.0 / temperature,
+        float(logit_scale), float(softcap or 1.0), HAS_MASK=False, HAS_SOFTCAP=softcap is not None, FIRST=first,
+        LAST=last, BLOCK_V=block, num_warps=num_warps_for(block), **math_options(z.dtype),
+    )  # fmt: skip
+    return state
 
 
 def row_stats(state) -> tuple[torch.Tensor, torch.Tensor]:
