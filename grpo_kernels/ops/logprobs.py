@@ -6,7 +6,9 @@ log-sum-exp (`m`, `s = sum exp(z - m)`) and `u = sum exp(z - m) * (z - m)`, so t
 
     logp = (z[y] - m) - log s,     entropy = log s - u / s,
 
-and keeps `(m, log s)` for the backward (one fp32 log-sum-exp would lose |lse| * 2**-24 of every log-prob).
+and keeps `(m, log s)` for the backward (one fp32 log-sum-exp would lose |lse| * 2**-24 of every log-prob). A row
+may also come as blocks of columns, one launch each (`block_stats`): `(m, s, u)` and the target's `z` are then carried
+from block to block.
 
 Backward, with upstream gradients `g` (of logp) and `h` (of the entropy), the row is read once more and written once
 (into a new tensor, or over the logits themselves when the caller owns them):
@@ -56,7 +58,7 @@ def _logprobs_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     PRECISE: tl.constexpr,
     FIRST: tl.constexpr,  # the row's first block of columns: the running statistics start empty
-    LAST: tl.constexpr,  # its last: logp, entropy and stats are written; otherwise the running state is
+    LAST: tl.constexpr,  # its last: logp, entropy and stats are written; before it, the running state
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
