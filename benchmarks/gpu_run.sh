@@ -2,9 +2,9 @@
 # The GPU run on a machine with no network: the kernel tests on CUDA (compiled Triton, bf16), the full benchmark sweep,
 # then the opt-in strategies of the fused linear loss (tiles, fused kernels, vocab blocks, other chunk budgets,
 # gradient filtering on peaked inputs; profiled kernel by kernel) on the issue-3 target shape in processes of their own
-# (a fault there cannot take the sweep with it), with the fused kernels' tile tuner. Under 10 minutes: tests not
-# started 90 s in are skipped with that reason, no new shape is started 170 s into the sweep, and no later stage starts
-# that could end past 585 s.
+# (a fault there cannot take the sweep with it), the default at a small N (profiled), with the fused kernels' tile
+# tuner. Under 10 minutes: tests not started 90 s in are skipped with that reason, no new shape is started 170 s into
+# the sweep, and no later stage starts that could end past 585 s.
 #
 #   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
 #   SWEEP_RESUME=benchmarks/results/h200/results.json OUT=DIR bash benchmarks/gpu_run.sh
@@ -120,6 +120,10 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   fits 80 "peaked inputs" && { timeout --kill-after=10 70 python3 -m benchmarks --device cuda --no-progress \
     --out "$scratch/fused/peaked" --ops fused_linear --shapes 8x1024x4096x131072 --inputs peaked \
     --providers ours-triton ours-filter cce floor || fused=$?; }
+  # small N, where the default is bound by the host (the objective's small ops per chunk): profiled next to TRL
+  fits 50 "small N" && { timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress --profile \
+    --out "$scratch/fused/small-n" --ops fused_linear --shapes 4x1024x896x151936 --providers ours-triton trl floor \
+    || fused=$?; }
   # the old/reference log-prob pass with the fused forward kernel (no logits chunk at all) next to the default
   fits 55 "fused log-probs" && { timeout --kill-after=10 45 python3 -m benchmarks --device cuda --no-progress \
     --out "$scratch/fused/logprobs" --ops linear_logprobs --shapes 8x1024x4096x131072 \
