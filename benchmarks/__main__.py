@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     providers = [p for p in PROVIDERS if p.name in args.providers]
     every_case = cases
     previous: list[dict] = []
+    earlier: list[dict] = []
     if args.resume and (args.out / "results.json").exists():
-        cases, previous = _resumed(args.out / "results.json", cases, providers, device)
+        cases, previous, earlier = _resumed(args.out / "results.json", cases, providers, device)
         print(f"--resume: {len(every_case) - len(cases)} of {len(every_case)} shapes already measured")
     meta = {
         "command": shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]),
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "load_average": [round(os.getloadavg()[0], 2)],  # 1-minute load of the host, at the start and the end
         "cpu_threads": torch.get_num_threads(),
+        "earlier": earlier,  # the runs whose rows --resume kept: their command, date, versions and shapes
     }
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -162,9 +164,10 @@ def _case_key(x: Case | dict) -> tuple:
     return x.op, x.B, x.T, x.H, x.V, x.dtype, x.inputs
 
 
-def _resumed(path: Path, cases: list[Case], providers: list, device: str) -> tuple[list[Case], list[dict]]:
-    """`(cases still to measure, rows kept)`: a case is kept when the file has rows of it for each chosen provider
-    of its op; its rows are kept, those of the other cases dropped (they are measured again)."""
+def _resumed(path: Path, cases: list[Case], providers: list, device: str) -> tuple[list[Case], list[dict], list[dict]]:
+    """`(cases still to measure, rows kept, the runs they came from)`: a case is kept when the file has rows of it for
+    each chosen provider of its op; its rows are kept, those of the other cases dropped (they are measured again). The
+    runs: the file's own (its command, date, versions and the number of shapes kept) after those it had kept."""
     meta, rows = report.load(path)
     if meta.get("device") != device_name(device):
         raise SystemExit(f"--resume: {path} was measured on {meta.get('device')!r}, not on {device_name(device)!r}")
@@ -172,7 +175,10 @@ def _resumed(path: Path, cases: list[Case], providers: list, device: str) -> tup
     for r in rows:
         seen.setdefault(_case_key(r), set()).add(r["provider"])
     done = {_case_key(c) for c in cases if {p.name for p in providers if p.op == c.op} <= seen.get(_case_key(c), set())}
-    return [c for c in cases if _case_key(c) not in done], [r for r in rows if _case_key(r) in done]
+    kept = [r for r in rows if _case_key(r) in done]
+    own = {k: meta.get(k) for k in ("command", "date", "versions")}
+    earlier = [*meta.get("earlier", []), {**own, "shapes_kept": len(done)}] if kept else []
+    return [c for c in cases if _case_key(c) not in done], kept, earlier
 
 
 if __name__ == "__main__":

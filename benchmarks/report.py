@@ -147,8 +147,12 @@ def _always_skipped(rows: list[dict]) -> set[str]:
 
 
 def _run_lines(meta: dict[str, Any]) -> list[str]:
-    """The host's load, and the shapes a time limit left out."""
+    """The runs whose rows a resumed sweep kept, the host's load, and the shapes a time limit left out."""
     lines = []
+    for run in meta.get("earlier") or []:
+        versions = ", ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items() if v is not None)
+        lines += [f"Resumed: the rows of {run['shapes_kept']} shapes come from `{run['command']}` ({run['date']}). "
+                  f"{versions}.", ""]  # fmt: skip
     if meta.get("load_average"):
         load = " and ".join(str(x) for x in meta["load_average"])
         lines += [f"Host load (1-minute average) at the start and the end: {load}.", ""]

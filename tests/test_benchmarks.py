@@ -497,9 +497,14 @@ def test_resume_measures_only_what_is_missing(tmp_path, capsys):
     assert {r["N"] for r in first} == {1024}
     assert main([*base, "--resume"]) == 0
     assert "--resume: 1 of" in capsys.readouterr().out
+    first_meta = meta
     meta, rows = report.load(out / "results.json")
     assert meta["not_measured"] == [] and len({r["N"] for r in rows}) > 1
     assert [r for r in rows if r["N"] == first[0]["N"]] == first  # kept as they were
+    # where the kept rows came from, in the meta and in results.md
+    assert meta["earlier"] == [{"command": first_meta["command"], "date": first_meta["date"],
+                                "versions": first_meta["versions"], "shapes_kept": 1}]  # fmt: skip
+    assert f"Resumed: the rows of 1 shapes come from `{first_meta['command']}`" in (out / "results.md").read_text()
     data = json.loads((out / "results.json").read_text())
     data["meta"]["device"] = "another GPU"
     (out / "results.json").write_text(json.dumps(data))
