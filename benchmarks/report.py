@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 # 2: rows carry "inputs" (random or peaked); rows of schema 1 are random. 3: rows carry "profile" and "profile_file"
-# (None unless profiled), and profiled rows "peak_detail" (where the memory live at the peak was allocated)
-SCHEMA = 3
+# (None unless profiled), and profiled rows "peak_detail" (where the memory live at the peak was allocated). 4: rows
+# carry "profile_busy" (a profiled GPU run's span and the device's busy time in it; None otherwise)
+SCHEMA = 4
 MODE_ORDER = ("forward+backward", "forward", "backward")
 FORWARD_ONLY = ("linear_logprobs", "advantages")  # ops with no backward: plotted from their forward rows
 OP_TITLES = {
@@ -233,6 +234,11 @@ def _profiles(rows: list[dict]) -> list[str]:
             name = name.replace("|", "\\|")
             lines.append(f"| `{name}` | {_num(e['ms'])} | {e['calls']:,} | {e['fraction']:.0%} |")
         lines.append("")
+        busy = r.get("profile_busy")
+        if busy:
+            span, on = busy["span_ms"], busy["device_busy_ms"]
+            lines += [f"The device was busy {_num(on)} ms of the profiled run's {_num(span)} ms ({on / span:.0%}); "
+                      "the rest it sat idle, waiting for the host (which the profiler slows down).", ""]  # fmt: skip
         if r.get("peak_detail"):
             lines += [f"Live at the peak ({_num(r['peak_mib'])} MiB beyond the inputs), by where it was allocated:", "",
                       "| allocated at | MiB |", "|---|---|"]  # fmt: skip

@@ -120,10 +120,29 @@ def peak_bytes(bound: Bound, mode: str, device: str, detail: bool = False) -> tu
     return meter.peak_bytes, [{"mib": n / MIB, "where": w} for n, w in meter.peak_detail[:PROFILE_TOP]]
 
 
-def profile_run(bound: Bound, mode: str, device: str, path: Path) -> list[dict[str, Any]]:
+def busy_span(host: list[tuple[float, float]], device: list[tuple[float, float]]) -> dict[str, float] | None:
+    """`{"span_ms", "device_busy_ms"}` of a profiled run from its events' `(start, end)` in microseconds: the span from
+    the first host op's start to the last event's end, and the time within it when some device event (a kernel, a copy,
+    a fill) ran, overlapping events counted once. None without device events. The span less the busy time is when
+    the device waited: for the host to queue work, or for a host read."""
+    if not device or not host:
+        return None
+    start = min(s for s, _ in host)
+    end = max(e for _, e in [*host, *device])
+    busy, reach = 0.0, start
+    for s, e in sorted(device):
+        s = max(s, reach)
+        if e > s:
+            busy += e - s
+            reach = e
+    return {"span_ms": (end - start) / 1e3, "device_busy_ms": busy / 1e3}
+
+
+def profile_run(bound: Bound, mode: str, device: str, path: Path) -> tuple[list[dict[str, Any]], dict | None]:
     """One run of `mode` under `torch.profiler`: writes the table of its kernels (CUDA, by self device time) or ops
     (CPU, or where the profiler sees no kernels: by self CPU time) to `path`, and returns the top `PROFILE_TOP` as
-    `{"name", "ms", "calls", "fraction", "clock"}` (fraction of the run's total self time; clock "device" or "cpu")."""
+    `{"name", "ms", "calls", "fraction", "clock"}` (fraction of the run's total self time; clock "device" or "cpu"),
+    and on a GPU how long the device was busy in the run's span (`busy_span`; None on a CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     setup, run = steps(bound, mode)
@@ -153,7 +172,14 @@ def profile_run(bound: Bound, mode: str, device: str, path: Path) -> list[dict[s
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(averages.table(sort_by=key, row_limit=40, max_name_column_width=100) + "\n")
-    return [
+    timeline = None
+    if key == "self_device_time_total":
+        spans = {DeviceType.CPU: [], DeviceType.CUDA: []}
+        for e in prof.events():
+            if e.device_type in spans and not getattr(e, "is_user_annotation", False):
+                spans[e.device_type].append((e.time_range.start, e.time_range.end))
+        timeline = busy_span(spans[DeviceType.CPU], spans[DeviceType.CUDA])
+    top = [
         {
             "name": e.key,
             "ms": getattr(e, key) / 1e3,
@@ -163,6 +189,7 @@ def profile_run(bound: Bound, mode: str, device: str, path: Path) -> list[dict[s
         }
         for e in events[:PROFILE_TOP]
     ]
+    return top, timeline
 
 
 def profile_name(row: dict) -> str:
@@ -265,6 +292,7 @@ def _row(case: Case, provider: Provider, mode: str, env: dict) -> dict[str, Any]
         "skipped": None,
         "profile": None,
         "profile_file": None,
+        "profile_busy": None,
         "versions": env["versions"],
     }
 
@@ -294,7 +322,7 @@ def measure(
     if profiles is not None:  # a profiler that fails costs the row its profile, not its times
         name = profile_name(row)
         try:
-            row["profile"] = profile_run(bound, mode, case.device, profiles / name)
+            row["profile"], row["profile_busy"] = profile_run(bound, mode, case.device, profiles / name)
             row["profile_file"] = name
         except Exception as err:
             print(f"no profile for {provider.name} ({case.label()}, {mode}): {_reason(err)}")

@@ -15,12 +15,13 @@ import torch
 from benchmarks import report
 from benchmarks.__main__ import main, parse_shape
 from benchmarks.providers import OP_MODES, PROVIDERS, Bound, Case, Provider, make_inputs
-from benchmarks.runner import run_sweep
+from benchmarks.runner import busy_span, run_sweep
 
 ROW_KEYS = {
     "op", "provider", "label", "role", "mode", "B", "T", "N", "H", "V", "dtype", "device_type", "inputs", "device",
     "time_ms", "time_p20_ms", "time_p80_ms", "time_min_ms", "time_max_ms", "repeats", "peak_mib", "grads_mib",
-    "tflops", "gb_per_s", "floor_fraction", "speedup_vs", "skipped", "profile", "profile_file", "versions",
+    "tflops", "gb_per_s", "floor_fraction", "speedup_vs", "skipped", "profile", "profile_file", "profile_busy",
+    "versions",
 }  # fmt: skip
 
 
@@ -221,6 +222,8 @@ def test_profile_says_where_the_time_goes(tmp_path, capsys):
         table = (out / "profiles" / row["profile_file"]).read_text()
         assert top[0]["name"] in table and "Self CPU" in table
         assert f"### {row['label']}: Fused linear GRPO loss, {row['mode']}, float32, N = 16, H = 16, V = 256" in text
+        assert row["profile_busy"] is None  # no device: no device busy time
+    assert "The device was busy" not in text
     floor_ops = {e["name"] for r in rows if r["provider"] == "floor" for e in r["profile"]}
     assert "aten::mm" in floor_ops  # the floor is matrix products
     broken = tmp_path / "broken"
@@ -235,6 +238,19 @@ def test_profile_says_where_the_time_goes(tmp_path, capsys):
     assert main([*args[:-3], "--out", str(plain)]) == 0
     assert all(r["profile"] is None for r in json.loads((plain / "results.json").read_text())["rows"])
     assert "Where the time goes" not in (plain / "results.md").read_text() and not (plain / "profiles").exists()
+
+
+def test_busy_span_counts_overlapping_device_events_once():
+    """The device's busy time in a profiled run: the union of its events' intervals, within the span from the first
+    host op to the last event; a report line says it for each profiled GPU row."""
+    host = [(100.0, 400.0), (150.0, 160.0)]
+    device = [(200.0, 300.0), (250.0, 350.0), (1000.0, 1500.0), (1100.0, 1200.0)]  # 150 + 500 us busy
+    assert busy_span(host, device) == {"span_ms": 1.4, "device_busy_ms": 0.65}
+    assert busy_span(host, []) is None
+    row = {"op": "fused_linear", "mode": "forward", "dtype": "bfloat16", "N": 8, "H": 4, "V": 16, "label": "x",
+           "profile": [{"name": "k", "ms": 0.5, "calls": 1, "fraction": 1.0, "clock": "device"}],
+           "profile_busy": {"span_ms": 1.4, "device_busy_ms": 0.65}}  # fmt: skip
+    assert "The device was busy 0.65 ms of the profiled run's 1.4 ms (46%)" in "\n".join(report._profiles([row]))
 
 
 def test_bad_shapes_are_refused_with_the_expected_form():
@@ -261,6 +277,7 @@ def test_the_sweep_runs_on_cuda(capsys, tmp_path):
             if provider.name == "ours-triton":  # its Triton kernels, seen on the device's clock, not the ops
                 assert any(e["clock"] == "device" and "kernel" in e["name"] for r in mine for e in r["profile"]), mine
                 assert not any(e["name"].startswith("aten::") for r in mine for e in r["profile"]), mine
+                assert all(0 < r["profile_busy"]["device_busy_ms"] <= r["profile_busy"]["span_ms"] for r in mine)
     with capsys.disabled():
         print(capsys.readouterr().out)
 
