@@ -320,7 +320,8 @@ class _Head:
         for sl in self.tile_chunks():
             h = self.rows(sl)
             n, width = h.shape[0], self.tile_width(h.shape[0])
-            buffer, state, ids = self._scratch(n * width), torch.empty_like(out[:, sl]), self.ids[sl]
+            buffer, ids = self._scratch(n * width), self.ids[sl]
+            state = torch.empty(4, n, dtype=out.dtype, device=out.device)  # contiguous: the kernel reads it so
             for start in range(0, V, width):
                 cols = slice(start, min(start + width, V))
                 z = self.project(h, cols, buffer[: n * (cols.stop - start)].view(n, cols.stop - start))
