@@ -139,10 +139,11 @@ def busy_span(host: list[tuple[float, float]], device: list[tuple[float, float]]
 
 
 def profile_run(bound: Bound, mode: str, device: str, path: Path) -> tuple[list[dict[str, Any]], dict | None]:
-    """One run of `mode` under `torch.profiler`: writes the table of its kernels (CUDA, by self device time) or ops
-    (CPU, or where the profiler sees no kernels: by self CPU time) to `path`, and returns the top `PROFILE_TOP` as
-    `{"name", "ms", "calls", "fraction", "clock"}` (fraction of the run's total self time; clock "device" or "cpu"),
-    and on a GPU how long the device was busy in the run's span (`busy_span`; None on a CPU)."""
+    """One run of `mode` under `torch.profiler`: writes the table of its kernels (CUDA, by self device time, then the
+    ops by self CPU time) or ops (CPU, or where the profiler sees no kernels: by self CPU time) to `path`, and returns
+    the top `PROFILE_TOP` as `{"name", "ms", "calls", "fraction", "clock"}` (fraction of the run's total self time;
+    clock "device" or "cpu"), and on a GPU how long the device was busy in the run's span (`busy_span`; None on a
+    CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     setup, run = steps(bound, mode)
@@ -171,7 +172,11 @@ def profile_run(bound: Bound, mode: str, device: str, path: Path) -> tuple[list[
     total = sum(getattr(e, key) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(averages.table(sort_by=key, row_limit=40, max_name_column_width=100) + "\n")
+    text = averages.table(sort_by=key, row_limit=40, max_name_column_width=100) + "\n"
+    if key == "self_device_time_total":  # and where the host's time went (launches, Python-side ops, waits)
+        text += "\nBy self CPU time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=25,
+                                                        max_name_column_width=100) + "\n"  # fmt: skip
+    path.write_text(text)
     timeline = None
     if key == "self_device_time_total":
         spans = {DeviceType.CPU: [], DeviceType.CUDA: []}
