@@ -75,11 +75,18 @@ run() {
   python3 -c "import xdist" 2>/dev/null && extra+=(-n 8)
   python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 60)
   export GRPO_KERNELS_TEST_FAILURES="$out/failures.txt" GRPO_KERNELS_TEST_DEADLINE=$(($(date +%s) + test_seconds))
-  timeout --kill-after=10 $((test_seconds + 30)) \
+  # in a process group of its own, killed whole at the end: xdist workers left running by the time limit would share
+  # the GPU with the benchmarks below
+  local group=()
+  command -v setsid > /dev/null && group=(setsid)
+  ${group[@]+"${group[@]}"} timeout --kill-after=10 $((test_seconds + 30)) \
     python3 -m pytest tests/test_fused_linear.py tests/test_logprobs.py tests/test_grpo_loss.py \
     tests/test_advantages.py tests/test_compile.py tests/test_memory.py tests/test_benchmarks.py \
     tests/test_edge_cases.py tests/test_validation.py tests/test_properties.py tests/test_loss_vs_trl.py \
-    "${extra[@]}" -q -rfE --tb=short -p no:cacheprovider || tests=$?
+    "${extra[@]}" -q -rfE --tb=short -p no:cacheprovider &
+  local pid=$!
+  wait "$pid" || tests=$?
+  [ ${#group[@]} -gt 0 ] && kill -9 -- -"$pid" 2> /dev/null
   unset GRPO_KERNELS_TEST_FAILURES GRPO_KERNELS_TEST_DEADLINE
 
   echo "== benchmark sweep (the opt-in strategies apart, below)"
