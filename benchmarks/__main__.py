@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": [round(os.getloadavg()[0], 2)],  # 1-minute load of the host, at the start and the end
         "cpu_threads": torch.get_num_threads(),
         "earlier": earlier,  # the runs whose rows --resume kept: their command, date, versions and shapes
+        # the package's settings from the environment (a chunk budget, say), which the command line does not show
+        "environment": {k: v for k, v in sorted(os.environ.items()) if _package_setting(k)},
     }
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -156,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown(shown, meta))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _package_setting(name: str) -> bool:
+    """An environment variable of the package (`GRPO_KERNELS_*`), not of its test harness (`GRPO_KERNELS_TEST_*`)."""
+    return name.startswith("GRPO_KERNELS_") and not name.startswith("GRPO_KERNELS_TEST_")
 
 
 def _case_key(x: Case | dict) -> tuple:

@@ -147,6 +147,14 @@ def _always_skipped(rows: list[dict]) -> set[str]:
     return {p for p, why in reasons.items() if len(why) == 1 and None not in why}
 
 
+def _environment_lines(meta: dict[str, Any]) -> list[str]:
+    """The package's settings from the environment the run had (a chunk budget, a strategy), if any."""
+    settings = meta.get("environment") or {}
+    if not settings:
+        return []
+    return [f"Environment: {' '.join(f'{k}={v}' for k, v in settings.items())}.", ""]
+
+
 def _run_lines(meta: dict[str, Any]) -> list[str]:
     """The runs whose rows a resumed sweep kept, the host's load, and the shapes a time limit left out."""
     lines = []
@@ -178,6 +186,7 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
         "",
         f"`{meta['command']}` ({meta['sweep']} sweep, {meta['date']}). {versions}.",
         "",
+        *_environment_lines(meta),
         f"Timing: {meta['timing']}",
         "",
         *_run_lines(meta),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -500,6 +501,23 @@ def test_live_at_peak_replays_allocator_events():
     assert peak == 150
     assert places == [(150, "providers.py:40 (run)")]
     assert live_at_peak(events[:1]) == (100, [(100, "providers.py:40 (run)")])
+
+
+def test_results_say_the_package_settings_of_the_environment(tmp_path, monkeypatch):
+    """A run under GRPO_KERNELS_CHUNK_MIB (or another of the package's settings) says so in its meta and results.md;
+    a run with none says nothing."""
+    for key in [k for k in os.environ if k.startswith("GRPO_KERNELS_")]:
+        monkeypatch.delenv(key)
+    args = ["--device", "cpu", "--ops", "advantages", "--providers", "eager", "--shapes", "1024", "--repeats", "1",
+            "--no-progress", "--no-memory", "--out"]  # fmt: skip
+    assert main([*args, str(tmp_path / "plain")]) == 0
+    assert report.load(tmp_path / "plain" / "results.json")[0]["environment"] == {}
+    assert "Environment:" not in (tmp_path / "plain" / "results.md").read_text()
+    monkeypatch.setenv("GRPO_KERNELS_CHUNK_MIB", "48")
+    monkeypatch.setenv("GRPO_KERNELS_TEST_DEADLINE", "1")  # the test harness's, not the package's
+    assert main([*args, str(tmp_path / "budget")]) == 0
+    assert report.load(tmp_path / "budget" / "results.json")[0]["environment"] == {"GRPO_KERNELS_CHUNK_MIB": "48"}
+    assert "Environment: GRPO_KERNELS_CHUNK_MIB=48." in (tmp_path / "budget" / "results.md").read_text()
 
 
 def test_resume_measures_only_what_is_missing(tmp_path, capsys):
