@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -433,6 +434,10 @@ def test_every_kernel_builds_for_hopper_and_ada(tmp_path):
             assert {b["kernel"] for b in builds if b["arch"] == arch and b["dtype"] == dtype} >= {
                 "_linear_fwd_kernel", "_linear_bwd_kernel", "_logprobs_fwd_kernel", "_logprobs_bwd_kernel"}  # fmt: skip
     assert all(b["registers"] > 0 and b["problems"] == [] for b in builds)
+    # the tiles forward's blocks of columns: a row's first, middle and last block are variants of the forward kernel
+    forward = [b["options"] for b in builds if b["kernel"] == "_logprobs_fwd_kernel"]
+    folds = {re.search(r"FIRST=\d LAST=\d", options).group() for options in forward}
+    assert {"FIRST=1 LAST=0", "FIRST=0 LAST=0", "FIRST=0 LAST=1", "FIRST=1 LAST=1"} <= folds, folds
     # fp32 inputs: no multiply-add fused by the compiler (it breaks the cancellation of a row's maximum; see
     # `ops._common.math_options`), and libdevice's exp
     for b in builds:
