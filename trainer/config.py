@@ -149,8 +149,9 @@ class TrainerConfig:
     loss_strategy: str | None = field(
         default=None,
         metadata=_help(
-            "the fused loss's schedule: chunked (the fastest), tiles or vocab-blocks (the least memory beyond the "
-            "gradients), fused (Triton kernels, CUDA); none: GRPO_KERNELS_LINEAR, else chunked"
+            "the fused loss's schedule: chunked (the fastest), tiles (small memory beyond the gradients for a fourth "
+            "matrix product: 56 MiB against 512 at 1.3x the time on an H100), vocab-blocks, fused (Triton kernels, "
+            "CUDA); none: GRPO_KERNELS_LINEAR, else chunked"
         ),
     )
     loss_chunk_mib: float | None = field(
