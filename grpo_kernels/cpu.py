@@ -164,7 +164,7 @@ def block_stats(
     z: torch.Tensor,  # [n, v] raw logits of vocabulary entries col_offset, col_offset + 1, ..., in math_dtype, owned
     ids: torch.Tensor,  # [n]
     col_offset: int,
-    state: torch.Tensor,  # [4, n] in math_dtype: running (m, s, u, target's z); only written when `first`
+    state: torch.Tensor,  # [4, n] in math_dtype: running (m, s, u, target's z), read unless `first`
     first: bool,
     last: bool,
     temperature: float,
