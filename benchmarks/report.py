@@ -147,6 +147,11 @@ def _always_skipped(rows: list[dict]) -> set[str]:
     return {p for p, why in reasons.items() if len(why) == 1 and None not in why}
 
 
+def _versions(versions: dict[str, str | None]) -> str:
+    """`torch 2.11.0, triton 3.6.0, ...`: the packages a run found (those it did not are left out)."""
+    return ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)
+
+
 def _environment_lines(meta: dict[str, Any]) -> list[str]:
     """The package's settings from the environment the run had (a chunk budget, a strategy), if any."""
     settings = meta.get("environment") or {}
@@ -159,9 +164,8 @@ def _run_lines(meta: dict[str, Any]) -> list[str]:
     """The runs whose rows a resumed sweep kept, the host's load, and the shapes a time limit left out."""
     lines = []
     for run in meta.get("earlier") or []:
-        versions = ", ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items() if v is not None)
         lines += [f"Resumed: the rows of {run['shapes_kept']} shapes come from `{run['command']}` ({run['date']}). "
-                  f"{versions}.", ""]  # fmt: skip
+                  f"{_versions(run.get('versions') or {})}.", ""]  # fmt: skip
     if meta.get("load_average"):
         load = " and ".join(str(x) for x in meta["load_average"])
         lines += [f"Host load (1-minute average) at the start and the end: {load}.", ""]
@@ -180,7 +184,7 @@ def _run_lines(meta: dict[str, Any]) -> list[str]:
 
 def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
     """results.md: per op, one time table and one memory table per (mode, dtype, V, H)."""
-    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v is not None)
+    versions = _versions(meta["versions"])
     lines = [
         f"# GRPO loss benchmarks: {meta['device']}",
         "",
