@@ -26,12 +26,12 @@ weights each chunk's product is added in bf16, as chunked losses usually do). Ea
   coefficients (`[N]` vectors); `d_weight` and `d_bias` are then formed one block of vocabulary columns at a time, from
   that block's logits recomputed for every token: one more matrix product, but `d_weight` is written once, never
   accumulated, and chunks and blocks are small (128 MiB of fp32 logits on CUDA at most: 64 MiB in bf16).
-- `tiles`: always two passes. The forward takes each token's log-sum-exp statistics from whole-vocabulary logits of
-  a few tokens at a time; the backward forms, for each chunk of tokens (sized by the hidden size: its fp32 `d_hidden`
-  rows are the one other buffer), its gradients a block of vocabulary columns at a time, each block's logits
-  recomputed: four products, like `vocab-blocks`, but large ones in few chunks, with little beyond the gradients (64
-  MiB of fp32 logits on CUDA at most: 32 MiB in bf16, plus the chunk's `d_hidden` rows, 24 MiB at H = 4,096 in bf16).
-  No gradient filtering.
+- `tiles`: always two passes over the same chunks of tokens (sized by the hidden size: their fp32 `d_hidden` rows are
+  the one other buffer), a block of vocabulary columns at a time: the forward folds each block's logits into the
+  tokens' running log-sum-exp statistics (`block_stats`); the backward recomputes each block's logits and forms its
+  share of the gradients. Four products, like `vocab-blocks`, but large ones in few chunks, with little beyond the
+  gradients (64 MiB of fp32 logits on CUDA at most: 32 MiB in bf16, plus the chunk's `d_hidden` rows, 24 MiB at
+  H = 4,096 in bf16). No gradient filtering.
 - `fused`: the Triton kernels of `ops/linear.py` (CUDA), which keep each logits tile in registers.
 
 Gradient filtering (`HeadOptions.grad_filter_eps`, approximate, off by default): once a chunk's logits gradient is
