@@ -51,7 +51,7 @@ import torch
 from grpo_kernels import cpu
 from grpo_kernels.backend import use_triton
 from grpo_kernels.config import GRPOLossConfig, HeadOptions
-from grpo_kernels.objective import LossInputs, LossPlan, grpo_objective, row_terms
+from grpo_kernels.objective import LossInputs, LossPlan, TokenGrads, grpo_objective, row_terms, token_local
 
 # Bytes of one chunk of logits. On CPU, 24 MiB (96 tokens at V = 65,536) keeps the three matrix products within a few
 # percent of their speed at 256 MiB chunks, measured on 2 cores at N = 8,192, H = 512; fewer than 64 tokens a chunk
@@ -632,12 +632,7 @@ def single_pass_chunks(
     if config.top_entropy_quantile < 1.0 or linear_strategy() == "tiles":
         return None
     size = chunk_tokens(vocab, device)
-    token_local = (
-        config.importance_sampling_level == "token"
-        and config.off_policy_mask_threshold is None
-        and config.loss_type != "vespo"
-    )
-    if not token_local:
+    if not token_local(config):
         return _row_ranges(inputs.mask.sum(-1).tolist(), size)
     T = inputs.mask.shape[1]
     n = inputs.mask.numel() if positions is None else positions.numel()
@@ -651,49 +646,34 @@ def single_pass_chunks(
 
 class FusedLinearGRPOFunction(torch.autograd.Function):
     """The single-pass schedule: `(hidden, weight, bias, ids, positions, LossInputs, GRPOLossConfig, HeadOptions,
-    chunks, num_items_in_batch, needs) -> (loss, logps, entropy)`; the gradients are formed in the forward for the
-    inputs `needs` flags (hidden, weight, bias), none when autograd is off."""
+    chunks, num_items_in_batch, needs) -> (anchor, logps, entropy)`; the gradients are formed in the forward for the
+    inputs `needs` flags (hidden, weight, bias), none when autograd is off. `anchor` is a zero whose gradient is the
+    loss's: the caller adds it to the loss it forms from the log-probs, once for the batch."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, positions, inputs, config, head, chunks, num_items_in_batch, needs):
         lm = _Head(hidden, weight, bias, ids, positions, head)
         grads = any(needs)
-        if grads:
-            lm.start_grads(needs)
-        plan = LossPlan.build(inputs.mask, config, None, num_items_in_batch)
-        lengths = inputs.mask.sum(-1, keepdim=True)
         logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
         entropy = torch.empty_like(logp)
-        loss = torch.zeros((), dtype=logp.dtype, device=hidden.device)
-        T = inputs.mask.shape[1]
+        token_grads = row_grads = None
+        if grads:
+            lm.start_grads(needs)
+            plan = LossPlan.build(inputs.mask, config, None, num_items_in_batch)
+            if token_local(config):  # closed form, token by token
+                token_grads = TokenGrads.build(inputs, config, plan, positions, logp.dtype)
+            else:  # autograd through the objective of each chunk's whole rows
+                row_grads = _RowGrads(inputs, config, plan, positions, logp, entropy)
         for rows, sl in chunks:
             z = lm.logits(sl)
             logp[sl], entropy[sl], state = lm.stats(z, sl)
-            # this chunk's tokens in their rows' [rows, T] layout: its share of the loss and d loss / d (logp, H)
-            flat = torch.arange(sl.start, sl.stop, device=hidden.device) if positions is None else positions[sl]
-            local = flat - rows.start * T
-            n_rows = rows.stop - rows.start
-            lp = logp.new_zeros(n_rows * T).index_copy_(0, local, logp[sl]).view(n_rows, T)
-            ent = logp.new_zeros(n_rows * T).index_copy_(0, local, entropy[sl]).view(n_rows, T)
-            part = inputs.rows(rows)
-            part.mask = torch.zeros(n_rows * T, dtype=torch.bool, device=hidden.device).index_fill_(0, local, True)
-            part.mask = part.mask.view(n_rows, T)
-            part.lengths = lengths[rows]
-            with torch.enable_grad():
-                lp.requires_grad_(grads)
-                ent.requires_grad_(grads and config.entropy_coef != 0.0)
-                share, _ = row_terms(lp, ent, part, config, plan, metrics=False)  # formed once, after
-                if grads:
-                    g = torch.autograd.grad(share, (lp, ent) if ent.requires_grad else (lp,))
-            loss += share.detach()
             if grads:
-                g_lp = g[0].reshape(-1).index_select(0, local)
-                g_ent = g[1].reshape(-1).index_select(0, local) if len(g) > 1 else None
+                g_lp, g_ent = token_grads(logp[sl], sl) if row_grads is None else row_grads(rows, sl)
                 lm.add_grads(z, sl, state, entropy[sl], g_lp, g_ent)
         logps, entropies = lm.scatter(logp), lm.scatter(entropy)
         ctx.lm = lm if grads else None
         ctx.mark_non_differentiable(logps, entropies)
-        return loss, logps, entropies
+        return torch.zeros((), dtype=logp.dtype, device=hidden.device), logps, entropies
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps, _grad_entropy):
@@ -704,6 +684,37 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             )
         d_hidden, d_weight, d_bias = ctx.lm.finish_grads(grad_loss)
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None
+
+
+class _RowGrads:
+    """`dL/dlogp` and `dL/dentropy` of a chunk of whole rows, by autograd through their share of the objective (for
+    the losses that are not `token_local`: sequence-level ratios and masks, VESPO)."""
+
+    def __init__(self, inputs: LossInputs, config: GRPOLossConfig, plan: LossPlan, positions, logp, entropy) -> None:
+        self.inputs, self.config, self.plan, self.positions = inputs, config, plan, positions
+        self.logp, self.entropy = logp, entropy  # [N], filled chunk by chunk
+        self.lengths = inputs.mask.sum(-1, keepdim=True)
+
+    def __call__(self, rows: slice, sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        inputs, config = self.inputs, self.config
+        T, device = inputs.mask.shape[1], self.logp.device
+        # this chunk's tokens in their rows' [rows, T] layout
+        flat = torch.arange(sl.start, sl.stop, device=device) if self.positions is None else self.positions[sl]
+        local = flat - rows.start * T
+        n_rows = rows.stop - rows.start
+        lp = self.logp.new_zeros(n_rows * T).index_copy_(0, local, self.logp[sl]).view(n_rows, T)
+        ent = self.logp.new_zeros(n_rows * T).index_copy_(0, local, self.entropy[sl]).view(n_rows, T)
+        part = inputs.rows(rows)
+        part.mask = torch.zeros(n_rows * T, dtype=torch.bool, device=device).index_fill_(0, local, True)
+        part.mask = part.mask.view(n_rows, T)
+        part.lengths = self.lengths[rows]
+        with torch.enable_grad():
+            lp.requires_grad_(True)
+            ent.requires_grad_(config.entropy_coef != 0.0)
+            share, _ = row_terms(lp, ent, part, config, self.plan, metrics=False)
+            g = torch.autograd.grad(share, (lp, ent) if ent.requires_grad else (lp,))
+        g_lp = g[0].reshape(-1).index_select(0, local)
+        return g_lp, g[1].reshape(-1).index_select(0, local) if len(g) > 1 else None
 
 
 def fused_linear_loss(
@@ -725,12 +736,12 @@ def fused_linear_loss(
         chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device)
     if chunks is not None:
         needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
-        loss, logps, entropy = FusedLinearGRPOFunction.apply(
+        anchor, logps, entropy = FusedLinearGRPOFunction.apply(
             hidden, weight, bias, ids, positions, inputs, config, head, chunks, num_items_in_batch, needs
         )
         with torch.no_grad():
-            _, metrics = grpo_objective(logps, entropy, inputs, config, num_items_in_batch)
-        return loss, logps, entropy, metrics
+            loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items_in_batch)
+        return loss + anchor, logps, entropy, metrics
     logps, entropy = LinearLogProbEntropyFunction.apply(hidden, weight, bias, ids, mask, head)
     loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items_in_batch)
     return loss, logps.detach(), entropy.detach(), metrics

@@ -227,6 +227,97 @@ def row_terms(
     return loss, sums
 
 
+def token_local(config: GRPOLossConfig) -> bool:
+    """True when each token's term of the loss depends on its own log-prob alone, with weights the mask fixes: token-
+    level ratios, no off-policy mask, no VESPO weights, no entropy quantile. `TokenGrads` then differentiates it."""
+    return (
+        config.importance_sampling_level == "token"
+        and config.off_policy_mask_threshold is None
+        and config.loss_type != "vespo"
+        and config.top_entropy_quantile == 1.0
+    )
+
+
+@dataclass
+class TokenGrads:
+    """`dL/dlogp` and `dL/dentropy` of a `token_local` loss, token by token, by the closed-form derivative of
+    `row_terms` (what autograd through it gives, without a graph: a fused op asks for them a chunk at a time).
+
+    The per-token inputs are flattened once, in the order of the tokens the caller visits (`positions`: flat indices
+    `b * T + t` of the active tokens; None: every token of `[B, T]`).
+    """
+
+    config: GRPOLossConfig
+    advantages: torch.Tensor  # [N]
+    old_logps: torch.Tensor | None  # [N]
+    ref_logps: torch.Tensor | None  # [N]
+    importance_sampling_ratio: torch.Tensor | None  # [N]
+    weight: torch.Tensor  # [N] or a scalar: d loss / d (a token's term)
+    entropy_grad: torch.Tensor | None  # [N]
+
+    @staticmethod
+    def build(inputs: LossInputs, config: GRPOLossConfig, plan: LossPlan, positions: torch.Tensor | None,
+              dtype: torch.dtype) -> TokenGrads:  # fmt: skip
+        if not token_local(config):
+            raise ValueError(f"TokenGrads needs a token-local loss (see token_local); got {config}")
+        B, T = inputs.mask.shape
+        n = B * T if positions is None else positions.numel()
+
+        def flat(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            x = x.to(dtype).expand(B, T).reshape(-1)
+            return x if positions is None else x.index_select(0, positions)
+
+        if plan.policy_norm is not None:
+            weight = 1.0 / plan.policy_norm.to(dtype)
+        elif config.loss_type == "luspo":
+            weight = torch.tensor(1.0 / plan.num_rows, dtype=dtype, device=inputs.mask.device)
+        else:  # grpo, sapo: the mean over sequences of each sequence's mean
+            lengths = inputs.mask.sum(-1, keepdim=True) if inputs.lengths is None else inputs.lengths
+            weight = flat(1.0 / lengths.to(dtype).clamp(min=1.0) / plan.num_rows)
+        entropy_grad = None
+        if plan.entropy_norm is not None:
+            entropy_grad = (-config.entropy_coef / plan.entropy_norm.to(dtype)).expand(n).contiguous()
+        return TokenGrads(config, flat(inputs.advantages), flat(inputs.old_logps), flat(inputs.ref_logps),
+                          flat(inputs.importance_sampling_ratio), weight, entropy_grad)  # fmt: skip
+
+    def __call__(self, logps: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(dL/dlogp, dL/dentropy | None)` `[c]` of the tokens `sl` (of the visiting order), from their `logps`."""
+        cfg = self.config
+        adv = self.advantages[sl]
+        old = logps if self.old_logps is None else self.old_logps[sl]
+        ratio = torch.exp(logps - old)  # d ratio / d logp = ratio, also when old is logp itself (detached)
+        if cfg.loss_type == "cispo":
+            grad = -torch.clamp(ratio, max=cfg.epsilon_high_value) * adv
+        elif cfg.uses_clipping:
+            # -min(u * adv, c * adv): autograd's minimum sends the gradient to the smaller side, half to each on a tie
+            eps_low, eps_high = cfg.epsilon_low, cfg.epsilon_high_value
+            clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+            d_clipped = ((ratio >= 1 - eps_low) & (ratio <= 1 + eps_high)).to(ratio.dtype)
+            unclipped, d_unclipped = ratio, 1.0
+            if cfg.delta is not None:
+                unclipped, d_unclipped = torch.clamp(ratio, max=cfg.delta), (ratio <= cfg.delta).to(ratio.dtype)
+            a, b = unclipped * adv, clipped * adv
+            to_a = torch.where(a == b, 0.5, (a <= b).to(ratio.dtype))
+            grad = -adv * ratio * (to_a * d_unclipped + (1 - to_a) * d_clipped)
+        else:  # sapo: -sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+            tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(ratio.dtype)
+            s = torch.sigmoid(tau * (ratio - 1))
+            grad = -4 * adv * ratio * s * (1 - s)
+        if self.importance_sampling_ratio is not None:
+            grad = grad * self.importance_sampling_ratio[sl]
+        if cfg.beta != 0.0:
+            d = self.ref_logps[sl] - logps
+            e = torch.exp(d)
+            d_kl = 1 - e  # of kl = exp(d) - d - 1
+            if cfg.use_bias_correction_kl:  # kl * ratio
+                d_kl = (d_kl + (e - d - 1)) * ratio
+            grad = grad + cfg.beta * d_kl
+        weight = self.weight if self.weight.dim() == 0 else self.weight[sl]
+        return grad * weight, None if self.entropy_grad is None else self.entropy_grad[sl]
+
+
 def _nan_reduce(x: torch.Tensor, op) -> torch.Tensor:
     """`op` (`torch.amin` or `torch.amax`) over the entries of `x` that are not NaN, NaN when none is. No boolean
     indexing: its data-dependent shape would wait for the device, once per chunk of the fused linear loss."""
