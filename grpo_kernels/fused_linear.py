@@ -10,7 +10,9 @@ Two schedules:
 - single pass (`FusedLinearGRPOFunction`): when every token's gradient coefficient `dL/dlogp` is known once the
   chunk's own log-probs are (token-level ratios; or whole sequences per chunk for the sequence-level options GSPO,
   VESPO and the off-policy mask), the forward forms the gradients right away: three matrix products in all, and the
-  backward only scales them by the incoming gradient.
+  backward only scales them by the incoming gradient. Token-level losses get `dL/dlogp` in closed form
+  (`objective.TokenGrads`, a few ops a chunk); the others by autograd through their rows' share of the objective. The
+  loss itself is formed once, for the whole batch, with the metrics.
 - two passes (`LinearLogProbEntropyFunction` + the objective): when the loss needs statistics of the whole batch first
   (`top_entropy_quantile < 1`), or a sequence does not fit in one chunk, the forward keeps only `[N]`-sized statistics
   and the backward recomputes each chunk's logits: four products.

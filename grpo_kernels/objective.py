@@ -244,7 +244,8 @@ class TokenGrads:
     `row_terms` (what autograd through it gives, without a graph: a fused op asks for them a chunk at a time).
 
     The per-token inputs are flattened once, in the order of the tokens the caller visits (`positions`: flat indices
-    `b * T + t` of the active tokens; None: every token of `[B, T]`).
+    `b * T + t` of the active tokens; None: every token of `[B, T]`). On-policy (no `old_logps`) every ratio is 1, so
+    the policy term's gradient does not depend on the log-probs: it is formed once, for all tokens.
     """
 
     config: GRPOLossConfig
@@ -254,6 +255,7 @@ class TokenGrads:
     importance_sampling_ratio: torch.Tensor | None  # [N]
     weight: torch.Tensor  # [N] or a scalar: d loss / d (a token's term)
     entropy_grad: torch.Tensor | None  # [N]
+    on_policy_grad: torch.Tensor | None = None  # [N]: the policy term's weighted gradient when every ratio is 1
 
     @staticmethod
     def build(inputs: LossInputs, config: GRPOLossConfig, plan: LossPlan, positions: torch.Tensor | None,
@@ -279,15 +281,37 @@ class TokenGrads:
         entropy_grad = None
         if plan.entropy_norm is not None:
             entropy_grad = (-config.entropy_coef / plan.entropy_norm.to(dtype)).expand(n).contiguous()
-        return TokenGrads(config, flat(inputs.advantages), flat(inputs.old_logps), flat(inputs.ref_logps),
-                          flat(inputs.importance_sampling_ratio), weight, entropy_grad)  # fmt: skip
+        grads = TokenGrads(config, flat(inputs.advantages), flat(inputs.old_logps), flat(inputs.ref_logps),
+                           flat(inputs.importance_sampling_ratio), weight, entropy_grad)  # fmt: skip
+        if grads.old_logps is None:
+            ones = torch.ones(n, dtype=dtype, device=inputs.mask.device)
+            grads.on_policy_grad = grads._policy_grad(ones, grads.advantages, grads.importance_sampling_ratio) * weight
+        return grads
 
     def __call__(self, logps: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(dL/dlogp, dL/dentropy | None)` `[c]` of the tokens `sl` (of the visiting order), from their `logps`."""
         cfg = self.config
-        adv = self.advantages[sl]
-        old = logps if self.old_logps is None else self.old_logps[sl]
-        ratio = torch.exp(logps - old)  # d ratio / d logp = ratio, also when old is logp itself (detached)
+        weight = self.weight if self.weight.dim() == 0 else self.weight[sl]
+        if self.on_policy_grad is not None:
+            ratio = 1.0
+            grad = self.on_policy_grad[sl]
+        else:
+            # d ratio / d logp = ratio
+            ratio = torch.exp(logps - self.old_logps[sl])
+            is_ratio = None if self.importance_sampling_ratio is None else self.importance_sampling_ratio[sl]
+            grad = self._policy_grad(ratio, self.advantages[sl], is_ratio) * weight
+        if cfg.beta != 0.0:
+            d = self.ref_logps[sl] - logps
+            e = torch.exp(d)
+            d_kl = 1 - e  # of kl = exp(d) - d - 1
+            if cfg.use_bias_correction_kl:  # kl * ratio
+                d_kl = (d_kl + (e - d - 1)) * ratio
+            grad = grad + cfg.beta * d_kl * weight
+        return grad, None if self.entropy_grad is None else self.entropy_grad[sl]
+
+    def _policy_grad(self, ratio: torch.Tensor, adv: torch.Tensor, is_ratio: torch.Tensor | None) -> torch.Tensor:
+        """d (the policy term) / d logp, unweighted, at these ratios."""
+        cfg = self.config
         if cfg.loss_type == "cispo":
             grad = -torch.clamp(ratio, max=cfg.epsilon_high_value) * adv
         elif cfg.uses_clipping:
@@ -305,17 +329,7 @@ class TokenGrads:
             tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(ratio.dtype)
             s = torch.sigmoid(tau * (ratio - 1))
             grad = -4 * adv * ratio * s * (1 - s)
-        if self.importance_sampling_ratio is not None:
-            grad = grad * self.importance_sampling_ratio[sl]
-        if cfg.beta != 0.0:
-            d = self.ref_logps[sl] - logps
-            e = torch.exp(d)
-            d_kl = 1 - e  # of kl = exp(d) - d - 1
-            if cfg.use_bias_correction_kl:  # kl * ratio
-                d_kl = (d_kl + (e - d - 1)) * ratio
-            grad = grad + cfg.beta * d_kl
-        weight = self.weight if self.weight.dim() == 0 else self.weight[sl]
-        return grad * weight, None if self.entropy_grad is None else self.entropy_grad[sl]
+        return grad if is_ratio is None else grad * is_ratio
 
 
 def _nan_reduce(x: torch.Tensor, op) -> torch.Tensor:
