@@ -10,9 +10,9 @@ Two schedules:
 - single pass (`FusedLinearGRPOFunction`): when every token's gradient coefficient `dL/dlogp` is known once the
   chunk's own log-probs are (token-level ratios; or whole sequences per chunk for the sequence-level options GSPO,
   VESPO and the off-policy mask), the forward forms the gradients right away: three matrix products in all, and the
-  backward only scales them by the incoming gradient. Token-level losses get `dL/dlogp` in closed form
-  (`objective.TokenGrads`, a few ops a chunk); the others by autograd through their rows' share of the objective. The
-  loss itself is formed once, for the whole batch, with the metrics.
+  backward only scales them by the incoming gradient. `dL/dlogp` comes in closed form, not by autograd:
+  token by token for token-level losses (`objective.TokenGrads`, a few ops a chunk), row by row for the others
+  (`objective.row_grads`). The loss itself is formed once, for the whole batch, with the metrics.
 - two passes (`LinearLogProbEntropyFunction` + the objective): when the loss needs statistics of the whole batch first
   (`top_entropy_quantile < 1`), or a sequence does not fit in one chunk, the forward keeps only `[N]`-sized statistics
   and the backward recomputes each chunk's logits: four products.
@@ -53,7 +53,7 @@ import torch
 from grpo_kernels import cpu
 from grpo_kernels.backend import use_triton
 from grpo_kernels.config import GRPOLossConfig, HeadOptions
-from grpo_kernels.objective import LossInputs, LossPlan, TokenGrads, grpo_objective, row_terms, token_local
+from grpo_kernels.objective import LossInputs, LossPlan, TokenGrads, grpo_objective, row_grads, token_local
 
 # Bytes of one chunk of logits. On CPU, 24 MiB (96 tokens at V = 65,536) keeps the three matrix products within a few
 # percent of their speed at 256 MiB chunks, measured on 2 cores at N = 8,192, H = 512; fewer than 64 tokens a chunk
@@ -664,8 +664,8 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             plan = LossPlan.build(inputs.mask, config, None, num_items_in_batch)
             if token_local(config):  # closed form, token by token
                 token_grads = TokenGrads.build(inputs, config, plan, positions, logp.dtype)
-            else:  # autograd through the objective of each chunk's whole rows
-                row_grads = _RowGrads(inputs, config, plan, positions, logp, entropy)
+            else:  # each chunk's whole rows
+                row_grads = _RowGrads(inputs, config, plan, positions, logp)
         for rows, sl in chunks:
             z = lm.logits(sl)
             logp[sl], entropy[sl], state = lm.stats(z, sl)
@@ -689,34 +689,28 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
 
 
 class _RowGrads:
-    """`dL/dlogp` and `dL/dentropy` of a chunk of whole rows, by autograd through their share of the objective (for
-    the losses that are not `token_local`: sequence-level ratios and masks, VESPO)."""
+    """`dL/dlogp` and `dL/dentropy` of a chunk of whole rows (`objective.row_grads`, for the losses that are not
+    `token_local`: sequence-level ratios and masks, VESPO), in the order of the chunk's tokens."""
 
-    def __init__(self, inputs: LossInputs, config: GRPOLossConfig, plan: LossPlan, positions, logp, entropy) -> None:
+    def __init__(self, inputs: LossInputs, config: GRPOLossConfig, plan: LossPlan, positions, logp) -> None:
         self.inputs, self.config, self.plan, self.positions = inputs, config, plan, positions
-        self.logp, self.entropy = logp, entropy  # [N], filled chunk by chunk
+        self.logp = logp  # [N], filled chunk by chunk
         self.lengths = inputs.mask.sum(-1, keepdim=True)
 
     def __call__(self, rows: slice, sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-        inputs, config = self.inputs, self.config
-        T, device = inputs.mask.shape[1], self.logp.device
+        T, device = self.inputs.mask.shape[1], self.logp.device
         # this chunk's tokens in their rows' [rows, T] layout
         flat = torch.arange(sl.start, sl.stop, device=device) if self.positions is None else self.positions[sl]
         local = flat - rows.start * T
         n_rows = rows.stop - rows.start
         lp = self.logp.new_zeros(n_rows * T).index_copy_(0, local, self.logp[sl]).view(n_rows, T)
-        ent = self.logp.new_zeros(n_rows * T).index_copy_(0, local, self.entropy[sl]).view(n_rows, T)
-        part = inputs.rows(rows)
+        part = self.inputs.rows(rows)
         part.mask = torch.zeros(n_rows * T, dtype=torch.bool, device=device).index_fill_(0, local, True)
         part.mask = part.mask.view(n_rows, T)
         part.lengths = self.lengths[rows]
-        with torch.enable_grad():
-            lp.requires_grad_(True)
-            ent.requires_grad_(config.entropy_coef != 0.0)
-            share, _ = row_terms(lp, ent, part, config, self.plan, metrics=False)
-            g = torch.autograd.grad(share, (lp, ent) if ent.requires_grad else (lp,))
-        g_lp = g[0].reshape(-1).index_select(0, local)
-        return g_lp, g[1].reshape(-1).index_select(0, local) if len(g) > 1 else None
+        grads = row_grads(lp, part, self.config, self.plan)
+        g_lp, g_ent = (None if g is None else g.reshape(-1).index_select(0, local) for g in grads)
+        return g_lp, g_ent
 
 
 def fused_linear_loss(

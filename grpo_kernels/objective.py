@@ -311,25 +311,89 @@ class TokenGrads:
 
     def _policy_grad(self, ratio: torch.Tensor, adv: torch.Tensor, is_ratio: torch.Tensor | None) -> torch.Tensor:
         """d (the policy term) / d logp, unweighted, at these ratios."""
-        cfg = self.config
-        if cfg.loss_type == "cispo":
-            grad = -torch.clamp(ratio, max=cfg.epsilon_high_value) * adv
-        elif cfg.uses_clipping:
-            # -min(u * adv, c * adv): autograd's minimum sends the gradient to the smaller side, half to each on a tie
-            eps_low, eps_high = cfg.epsilon_low, cfg.epsilon_high_value
-            clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-            d_clipped = ((ratio >= 1 - eps_low) & (ratio <= 1 + eps_high)).to(ratio.dtype)
-            unclipped, d_unclipped = ratio, 1.0
-            if cfg.delta is not None:
-                unclipped, d_unclipped = torch.clamp(ratio, max=cfg.delta), (ratio <= cfg.delta).to(ratio.dtype)
-            a, b = unclipped * adv, clipped * adv
-            to_a = torch.where(a == b, 0.5, (a <= b).to(ratio.dtype))
-            grad = -adv * ratio * (to_a * d_unclipped + (1 - to_a) * d_clipped)
-        else:  # sapo: -sigmoid(tau * (ratio - 1)) * 4 / tau * adv
-            tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(ratio.dtype)
-            s = torch.sigmoid(tau * (ratio - 1))
-            grad = -4 * adv * ratio * s * (1 - s)
+        d_ratio, d_logp = _policy_term_grads(self.config, ratio, adv)
+        grad = d_logp if d_ratio is None else d_ratio * ratio
         return grad if is_ratio is None else grad * is_ratio
+
+
+def _policy_term_grads(cfg: GRPOLossConfig, ratio: torch.Tensor, adv: torch.Tensor):
+    """`(d/d ratio, d/d logp)` of the policy term of `row_terms` (not VESPO's), one of them None: cispo's term reaches
+    the log-prob directly (its ratio is detached), the others' through the ratio."""
+    if cfg.loss_type == "cispo":
+        return None, -torch.clamp(ratio, max=cfg.epsilon_high_value) * adv
+    if cfg.uses_clipping:
+        # -min(u * adv, c * adv): autograd's minimum sends the gradient to the smaller side, half to each on a tie
+        eps_low, eps_high = cfg.epsilon_low, cfg.epsilon_high_value
+        clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+        d_clipped = ((ratio >= 1 - eps_low) & (ratio <= 1 + eps_high)).to(ratio.dtype)
+        unclipped, d_unclipped = ratio, 1.0
+        if cfg.delta is not None:
+            unclipped, d_unclipped = torch.clamp(ratio, max=cfg.delta), (ratio <= cfg.delta).to(ratio.dtype)
+        a, b = unclipped * adv, clipped * adv
+        to_a = torch.where(a == b, 0.5, (a <= b).to(ratio.dtype))
+        return -adv * (to_a * d_unclipped + (1 - to_a) * d_clipped), None
+    # sapo: -sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(ratio.dtype)
+    s = torch.sigmoid(tau * (ratio - 1))
+    return -4 * adv * s * (1 - s), None
+
+
+def row_grads(
+    logps: torch.Tensor,  # [rows, T]
+    inputs: LossInputs,  # the same rows, whole
+    config: GRPOLossConfig,
+    plan: LossPlan,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(dL/dlogp [rows, T], dL/dentropy [rows, T] | None)` of these whole rows' share of the loss (`row_terms`), in
+    closed form, for any option but `top_entropy_quantile < 1`: sequence-level ratios (each token's log-prob reaches
+    its row's ratio), the off-policy mask and VESPO's weights (both detached, as TRL has them)."""
+    cfg = config
+    if cfg.top_entropy_quantile < 1.0:
+        raise ValueError("row_grads needs top_entropy_quantile == 1: the entropy mask depends on the whole batch")
+    active = inputs.mask
+    mask = active.to(logps.dtype)
+    adv = inputs.advantages.to(logps.dtype)
+    old = logps if inputs.old_logps is None else inputs.old_logps
+    log_ratio = torch.where(active, logps - old, 0.0)
+    lengths = mask.sum(-1, keepdim=True) if inputs.lengths is None else inputs.lengths.to(logps.dtype)
+    count = lengths.clamp(min=1.0)
+    token_level = cfg.importance_sampling_level == "token"
+    ratio = torch.exp(log_ratio if token_level else log_ratio.sum(-1, keepdim=True) / count)
+
+    if plan.policy_norm is not None:
+        weight = mask / plan.policy_norm.to(logps.dtype)
+    elif cfg.loss_type == "luspo":
+        weight = mask / plan.num_rows
+    else:  # grpo, sapo: the mean over sequences of each sequence's mean
+        weight = mask / count / plan.num_rows
+    policy = weight  # d loss / d (the policy term), per token
+    if cfg.off_policy_mask_threshold is not None:
+        sampler = old if inputs.sampling_logps is None else inputs.sampling_logps
+        kl_sampler = torch.where(active, torch.nan_to_num(sampler - logps, nan=0.0), 0.0)
+        mean_kl = kl_sampler.sum(-1, keepdim=True) / count
+        policy = policy * ((adv >= 0) | (mean_kl <= cfg.off_policy_mask_threshold)).to(logps.dtype)
+    if cfg.loss_type == "vespo":  # -phi * adv * logp, phi detached
+        d_ratio = None
+        d_logp = -vespo_weights(adv, log_ratio, mask, inputs.importance_sampling_ratio, cfg) * adv
+    else:
+        if inputs.importance_sampling_ratio is not None:
+            policy = policy * inputs.importance_sampling_ratio.to(logps.dtype)
+        d_ratio, d_logp = _policy_term_grads(cfg, ratio, adv)
+    g_ratio = None if d_ratio is None else policy * d_ratio  # d loss / d ratio, per token
+    g_logp = torch.zeros_like(logps) if d_logp is None else policy * d_logp
+    if cfg.beta != 0.0:
+        d = torch.where(active, inputs.ref_logps.to(logps.dtype) - logps, 0.0)
+        e = torch.exp(d)
+        d_kl = 1 - e  # of kl = exp(d) - d - 1
+        if cfg.use_bias_correction_kl:  # kl * ratio
+            d_kl = d_kl * ratio
+            g_kl = cfg.beta * weight * (e - d - 1)
+            g_ratio = g_kl if g_ratio is None else g_ratio + g_kl
+        g_logp = g_logp + cfg.beta * weight * d_kl
+    if g_ratio is not None:  # d ratio / d logp: ratio per token, or ratio / length for each token of its row
+        g_logp = g_logp + (g_ratio * ratio if token_level else g_ratio.sum(-1, keepdim=True) * ratio / count * mask)
+    g_ent = None if plan.entropy_norm is None else mask * (-cfg.entropy_coef / plan.entropy_norm.to(logps.dtype))
+    return g_logp, g_ent
 
 
 def _nan_reduce(x: torch.Tensor, op) -> torch.Tensor:
