@@ -271,13 +271,9 @@ class TokenGrads:
             x = x.to(dtype).expand(B, T).reshape(-1)
             return x if positions is None else x.index_select(0, positions)
 
-        if plan.policy_norm is not None:
-            weight = 1.0 / plan.policy_norm.to(dtype)
-        elif config.loss_type == "luspo":
-            weight = torch.tensor(1.0 / plan.num_rows, dtype=dtype, device=inputs.mask.device)
-        else:  # grpo, sapo: the mean over sequences of each sequence's mean
-            lengths = inputs.mask.sum(-1, keepdim=True) if inputs.lengths is None else inputs.lengths
-            weight = flat(1.0 / lengths.to(dtype).clamp(min=1.0) / plan.num_rows)
+        lengths = inputs.mask.sum(-1, keepdim=True) if inputs.lengths is None else inputs.lengths
+        weight = _term_weight(config, plan, lengths.to(dtype).clamp(min=1.0))
+        weight = weight if weight.dim() == 0 else flat(weight)
         entropy_grad = None
         if plan.entropy_norm is not None:
             entropy_grad = (-config.entropy_coef / plan.entropy_norm.to(dtype)).expand(n).contiguous()
@@ -314,6 +310,16 @@ class TokenGrads:
         d_ratio, d_logp = _policy_term_grads(self.config, ratio, adv)
         grad = d_logp if d_ratio is None else d_ratio * ratio
         return grad if is_ratio is None else grad * is_ratio
+
+
+def _term_weight(cfg: GRPOLossConfig, plan: LossPlan, count: torch.Tensor) -> torch.Tensor:
+    """d loss / d (a token's term) of `row_terms`: a scalar, or `[rows, 1]` from the rows' token counts `count`
+    (clamped to 1) for grpo and sapo, the mean over sequences of each sequence's mean."""
+    if plan.policy_norm is not None:
+        return 1.0 / plan.policy_norm.to(count.dtype)
+    if cfg.loss_type == "luspo":
+        return torch.tensor(1.0 / plan.num_rows, dtype=count.dtype, device=count.device)
+    return 1.0 / count / plan.num_rows
 
 
 def _policy_term_grads(cfg: GRPOLossConfig, ratio: torch.Tensor, adv: torch.Tensor):
@@ -360,12 +366,7 @@ def row_grads(
     token_level = cfg.importance_sampling_level == "token"
     ratio = torch.exp(log_ratio if token_level else log_ratio.sum(-1, keepdim=True) / count)
 
-    if plan.policy_norm is not None:
-        weight = mask / plan.policy_norm.to(logps.dtype)
-    elif cfg.loss_type == "luspo":
-        weight = mask / plan.num_rows
-    else:  # grpo, sapo: the mean over sequences of each sequence's mean
-        weight = mask / count / plan.num_rows
+    weight = mask * _term_weight(cfg, plan, count)
     policy = weight  # d loss / d (the policy term), per token
     if cfg.off_policy_mask_threshold is not None:
         sampler = old if inputs.sampling_logps is None else inputs.sampling_logps
