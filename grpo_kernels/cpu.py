@@ -297,3 +297,18 @@ def chunk_grad(
         if factor is not None:
             zb.mul_(factor)
     return z
+
+
+def scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
+    """Multiply each of `tensors` in place by the 0-dim `scale`, as `ops/scale.py` does: nothing to do when it is 1,
+    else in fp32 math for 16-bit tensors, rounded once. A CPU `scale` is read on the host. On a GPU (the PyTorch path
+    there) it stays on the device, so that the host does not wait for the queued work, and is rounded to each
+    tensor's dtype before the multiply."""
+    if scale.device.type != "cpu":
+        for x in tensors:
+            x.mul_(scale.to(x.dtype))
+        return
+    s = scale.item()
+    if s != 1.0:
+        for x in tensors:
+            x.mul_(s)

@@ -10,9 +10,10 @@ Two schedules:
 - single pass (`FusedLinearGRPOFunction`): when every token's gradient coefficient `dL/dlogp` is known once the
   chunk's own log-probs are (token-level ratios; or whole sequences per chunk for the sequence-level options GSPO,
   VESPO and the off-policy mask), the forward forms the gradients right away: three matrix products in all, and the
-  backward only scales them by the incoming gradient. `dL/dlogp` comes in closed form, not by autograd:
-  token by token for token-level losses (`objective.TokenGrads`, a few ops a chunk), row by row for the others
-  (`objective.row_grads`). The loss itself is formed once, for the whole batch, with the metrics.
+  backward only scales them by the incoming gradient (`ops/scale.py`: nothing to do when it is 1). `dL/dlogp`
+  comes in closed form, not by autograd: token by token for token-level losses (`objective.TokenGrads`, a few ops a
+  chunk), row by row for the others (`objective.row_grads`). The loss itself is formed once, for the whole batch,
+  with the metrics. `d_weight` is not zeroed first: the first chunk's product writes it.
 - two passes (`LinearLogProbEntropyFunction` + the objective): when the loss needs statistics of the whole batch first
   (`top_entropy_quantile < 1`), or a sequence does not fit in one chunk, the forward keeps only `[N]`-sized statistics
   and the backward recomputes each chunk's logits: four products.
@@ -224,6 +225,7 @@ class _Head:
         self._rows: dict[str, torch.Tensor] | None = None
         self.ops = _row_ops(hidden) if ops is None else ops  # the backward reuses the forward's choice
         self._buffer: torch.Tensor | None = None
+        self.d_w_written = False
         self.args = (head.temperature, head.logit_scale, head.final_logit_softcapping)
         self.filter_eps = head.grad_filter_eps
         if self.tiles and self.filter_eps is not None:
@@ -272,7 +274,9 @@ class _Head:
         self.d_h = None
         if needs[0]:
             self.d_h = torch.empty_like(self.flat) if self.positions is None else torch.zeros_like(self.flat)
-        self.d_w = torch.zeros_like(self.weight) if needs[1] else None
+        # d_weight is not zeroed: the first product written to each of its rows writes, later ones add
+        self.d_w = torch.empty_like(self.weight) if needs[1] else None
+        self.d_w_written = False
         self.d_b = torch.zeros(V, dtype=cpu.math_dtype(self.flat), device=dev) if needs[2] else None
         if self.vocab_blocks and (needs[1] or needs[2]):
             self._rows = {}
@@ -299,7 +303,8 @@ class _Head:
         if self._rows is not None:
             return
         if self.d_w is not None:
-            self.d_w.addmm_(dz.t(), self.rows(sl))
+            _add_product(self.d_w, dz.t(), self.rows(sl), accumulate=self.d_w_written)
+            self.d_w_written = True
         if self.d_b is not None:
             self.d_b += dz.sum(0, dtype=self.d_b.dtype)
 
@@ -349,7 +354,7 @@ class _Head:
             acc.zero_()
             if self.weight.dtype != math:
                 rows_out = torch.empty(n, H, dtype=self.weight.dtype, device=h.device)
-        ids = self.ids[sl]
+        ids, accumulate = self.ids[sl], self.d_w_written
         for start in range(0, V, width):
             cols = slice(start, min(start + width, V))
             z = self.project(h, cols, buffer[: n * (cols.stop - start)].view(n, cols.stop - start))
@@ -361,7 +366,8 @@ class _Head:
                 else:  # 16-bit products through a buffer; one CPU row as _rows_times multiplies it
                     acc += _rows_times(dz, self.weight[cols], out=rows_out)
             if self.d_w is not None:
-                self.d_w[cols].addmm_(dz.t(), h)
+                _add_product(self.d_w[cols], dz.t(), h, accumulate=accumulate)
+                self.d_w_written = True
             if self.d_b is not None:
                 self.d_b[cols] += dz.sum(0, dtype=self.d_b.dtype)
         if acc is not None and not direct:
@@ -404,6 +410,9 @@ class _Head:
         n, H = dz.shape[0], self.flat.shape[1]
         weights = self._rows is None  # with vocabulary blocks the weights' gradients come later, unfiltered
         rows = self.rows(sl) if weights and self.d_w is not None else None
+        if rows is not None and not self.d_w_written:  # index_add_ adds to every row
+            self.d_w.zero_()
+            self.d_w_written = True
         d_h = None
         if self.d_h is not None:
             d_h = self.d_h[sl] if self.positions is None else dz.new_empty(n, H, dtype=self.d_h.dtype)
@@ -460,6 +469,7 @@ class _Head:
             dz = dz.to(self.weight.dtype)
             if self.d_w is not None:
                 torch.mm(dz.t(), flat, out=self.d_w[cols])
+                self.d_w_written = True
             if self.d_b is not None:
                 self.d_b[cols] = dz.sum(0, dtype=self.d_b.dtype)
 
@@ -471,10 +481,16 @@ class _Head:
             self._vocab_block_grads()
         d_h, d_w, d_b = self.d_h, self.d_w, self.d_b
         self.d_h = self.d_w = self.d_b = None
+        if d_w is not None and not self.d_w_written:  # no token in the loss: nothing was written
+            d_w.zero_()
         if scale is not None:
-            for g in (d_h, d_w, d_b):
-                if g is not None:
-                    g.mul_(scale.to(g.dtype))
+            grads = [g for g in (d_h, d_w, d_b) if g is not None]
+            if self.ops is cpu or not all(g.is_contiguous() for g in grads):
+                cpu.scale_(grads, scale)
+            else:
+                from grpo_kernels.ops.scale import scale_
+
+                scale_(grads, scale)
         return None if d_h is None else d_h.view(B, T, H), d_w, None if d_b is None else d_b.to(self.bias.dtype)
 
     def scatter_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -490,6 +506,14 @@ class _Head:
         if self.positions is None:
             return x.view(B, T)
         return x.new_zeros(B * T).index_copy_(0, self.positions, x).view(B, T)
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """`out += a @ b`, or `out = a @ b` (no read of `out`) for the first product written to it."""
+    if accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
 
 
 def _rows_times(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -66,6 +66,13 @@ def scale_and_cap(logits: torch.Tensor, logit_scale: float = 1.0, softcap: float
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`x * scale` (a 0-dim `scale`) in the wider of the two dtypes, rounded once to `x`'s: how the fused linear loss's
+    backward scales the gradients its forward formed by the loss's incoming gradient (`ops/scale.py`)."""
+    wide = torch.promote_types(x.dtype, scale.dtype)
+    return (x.to(wide) * scale.to(wide)).to(x.dtype)
+
+
 def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
     """Bessel-corrected standard deviation ignoring NaNs; NaN where fewer than two values are present."""
     dims = dim if dim is not None else tuple(range(x.dim()))

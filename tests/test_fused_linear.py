@@ -206,6 +206,61 @@ def test_module_no_grad_and_scaled_backward():
     assert_close(g3, 3 * g1, atol=1e-7, rtol=1e-6, name="scaled d_hidden")
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.37, -2.5, 0.0])
+def test_backward_scales_the_gradients_by_the_incoming_one(impl, scale, device):
+    """`(loss * s).backward()` hands over `s` times the gradients of `loss.backward()`. The single-pass schedule forms
+    them in the forward and multiplies them by `s` in the backward (`ops/scale.py`, skipped when `s` is 1): bit for bit
+    the product of the unscaled gradients and `s`, rounded once. The two-pass schedules carry `s` through the
+    objective's backward, where it meets other factors first: within a few units in the last place of the largest
+    entry."""
+    dev = "cpu" if impl.startswith("torch") else device
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(3, 5, 12, 40, torch.float32, dev)
+    config = GRPOLossConfig(loss_type="grpo", beta=0.1)
+    grads = []
+    for s in (1.0, scale):
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+        out = fused_linear_grpo_loss(*leaves[:2], ids, adv, mask, bias=leaves[2], config=config, **extra)
+        grad = torch.full((), s, dtype=out.loss.dtype, device=dev)
+        grads.append(torch.autograd.grad(out.loss, leaves, grad))
+    single_pass = impl in ("triton-chunked", "torch")
+    for name, g1, gs in zip(("d_hidden", "d_weight", "d_bias"), *grads, strict=True):
+        expected = reference.scaled(g1, torch.tensor(scale, device=dev))
+        if single_pass:
+            assert torch.equal(gs, expected), f"{name}: {(gs - expected).abs().max().item()} off"
+        else:  # rounded elsewhere: a few units in the last place of the gradient's largest entry
+            atol = 8 * torch.finfo(torch.float32).eps * expected.abs().max().item()
+            assert_close(gs, expected, atol=atol, rtol=0, name=name)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16,
+                                   pytest.param(torch.bfloat16, marks=pytest.mark.bf16)])  # fmt: skip
+@pytest.mark.parametrize("scale", [1.0, 0.37, -3.0, 0.0])
+def test_scale_op_rounds_each_product_once(impl, dtype, scale, device):
+    """`scale_` (Triton, and the PyTorch path's) multiplies in place by a 0-dim tensor, in the wider of the two dtypes
+    (fp32 math for 16-bit tensors), and rounds once. Sizes around the kernel's blocks, and an empty tensor."""
+    from grpo_kernels import cpu
+    from grpo_kernels.ops.scale import scale_
+
+    dev = "cpu" if impl == "torch" else device
+    s_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    s = torch.tensor(scale, dtype=s_dtype, device=dev)
+    tensors = [(torch.randn(n) * 3).to(dtype).to(dev) for n in (1, 1000, 4097, 70000, 0)]
+    expected = [reference.scaled(x, s) for x in tensors]
+    (cpu.scale_ if impl == "torch" else scale_)(tensors, s)
+    for x, e in zip(tensors, expected, strict=True):
+        assert torch.equal(x, e), f"{x.numel()} elements: {(x.double() - e.double()).abs().max().item()} off"
+
+
+def test_scale_op_bad_input():
+    from grpo_kernels.ops.scale import scale_
+
+    with pytest.raises(ValueError, match="scale must be a 0-dim floating-point tensor"):
+        scale_([torch.ones(3)], torch.ones(1))
+    with pytest.raises(ValueError, match=r"tensors\[1\] must be a contiguous floating-point tensor"):
+        scale_([torch.ones(3), torch.ones(4, 3).t()], torch.tensor(2.0))
+
+
 def test_module_schedule(monkeypatch):
     """`LinearGRPOLoss(strategy=..., chunk_mib=...)` runs its calls under that schedule (the backward included) and
     leaves the environment as it was; a bad value fails at construction."""
