@@ -181,7 +181,7 @@ def building(arch: int, seen: dict, scenario: Callable[[], str]) -> Iterator[Non
             return None
         names = self.arg_names
         const = {names[i[0]]: v for i, v in k.src.constants.items() if i[0] in self.constexprs}
-        ptrs = sorted({t.lstrip("*") for n, t in k.src.signature.items() if n in ("hidden_ptr", "logits_ptr")})
+        ptrs = sorted({t.lstrip("*") for n, t in k.src.signature.items() if n in ("hidden_ptr", "logits_ptr", "x_ptr")})
         maxnreg = getattr(k.metadata, "maxnreg", None)
         fusion = getattr(k.metadata, "enable_fp_fusion", True)
         key = (arch, name, json.dumps(k.src.signature), repr(sorted(k.src.constants.items())), repr(k.src.attrs),
