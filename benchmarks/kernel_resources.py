@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ class Build:
     registers: int = 0
     spill_bytes: int = 0  # ptxas' stack frame per thread: registers spilled to local memory
     shared_bytes: int = 0
+    loop_instructions: int = 0  # SASS instructions in its longest loop (`_loop_instructions`)
     error: str = ""
 
     @property
@@ -133,6 +135,27 @@ def _resources(cubin: bytes) -> tuple[int, int]:
                               text=True, check=True).stdout  # fmt: skip
     fields = dict(part.split(":", 1) for line in text.splitlines() if "REG:" in line for part in line.split())
     return int(fields["REG"]), int(fields["STACK"])
+
+
+def _loop_instructions(cubin: bytes) -> int:
+    """SASS instructions in the kernel's longest loop, from its head to its back edge (branches inside it that run
+    rarely included), from nvdisasm; 0 for a kernel without a loop."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(_tool("nvdisasm")), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    labels, longest, count = {}, 0, 0
+    for line in text.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = count
+        elif re.match(r"\s+/\*[0-9a-f]{4,}\*/", line):
+            branch = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", line)
+            if branch and labels.get(branch.group(1), count + 1) <= count:  # back to a label already passed
+                longest = max(longest, count + 1 - labels[branch.group(1)])
+            count += 1
+    return longest
 
 
 class _FakeDriver:
@@ -192,7 +215,8 @@ def building(arch: int, seen: dict, scenario: Callable[[], str]) -> Iterator[Non
             options += f" maxnreg={maxnreg}" if maxnreg else ""
             options += "" if fusion else " enable_fp_fusion=0"
             seen[key] = Build(arch, scenario(), name, ",".join(ptrs) or "fp32", options, k.metadata.num_warps,
-                              k.metadata.num_stages, regs, stack, k.metadata.shared)  # fmt: skip
+                              k.metadata.num_stages, regs, stack, k.metadata.shared,
+                              _loop_instructions(k.asm["cubin"]))  # fmt: skip
         return None
 
     saved = (_common.interpreting, linear.interpreting, backend_module._interpreting, torch.cuda.get_device_properties)
@@ -265,6 +289,21 @@ def scenarios(dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
                 yield f"{name} bias softcap filter entropy_coef", lambda f=linear_loss: f(rich, True)
 
 
+def row_kernels_at(V: int, dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
+    """The log-prob row kernels as the chunked schedule launches them on a chunk of logits with `V` columns (their
+    blocks are wider than at the small shapes above)."""
+    from grpo_kernels.ops import logprobs
+
+    for dname in dtypes:
+
+        def launch(dtype=DTYPES[dname]):
+            z, ids, g = torch.empty(4, V, dtype=dtype), torch.zeros(4, dtype=torch.int64), torch.zeros(4)
+            _, entropy, stats = logprobs.chunk_stats(z, ids, 1.0, 1.0, None)
+            logprobs.chunk_grad(z, ids, stats, entropy, g, None, 1.0, 1.0, None)
+
+        yield f"logprobs rows V={V} {dname}", launch
+
+
 def tile_candidates() -> Iterator[tuple[str, Callable[[], None]]]:
     """The tuner's tile configurations, each launched once in bf16 at `TARGET` on CPU tensors of that size (nothing
     runs; the backward's launcher allocates its gradients, about 1.2 GiB)."""
@@ -295,7 +334,8 @@ def tile_candidates() -> Iterator[tuple[str, Callable[[], None]]]:
 
 def collect(archs: list[int], dtypes: list[str], tiles: bool, progress: bool = True) -> list[Build]:
     seen: dict = {}
-    cases = list(scenarios(dtypes)) + (list(tile_candidates()) if tiles else [])
+    cases = list(scenarios(dtypes)) + list(row_kernels_at(TARGET[3], dtypes))
+    cases += list(tile_candidates()) if tiles else []
     bar = tqdm(total=len(archs) * len(cases), desc="building kernels", unit="case", disable=not progress,
                file=sys.stderr)  # fmt: skip
     current = [""]
@@ -319,26 +359,29 @@ def markdown(builds: list[Build], command: str) -> str:
         f"torch {torch.__version__}.",
         "",
         "Registers per thread, bytes spilled to local memory per thread (ptxas' stack frame; 0 is what a fast kernel "
-        "wants) and shared memory per block, as ptxas reports them, and the blocks one SM can hold at once (the "
-        "fewest its registers, shared memory and warps allow); one row per kernel variant (the compile-time options "
-        "and the first scenario that launched it).",
+        "wants) and shared memory per block, as ptxas reports them, the blocks one SM can hold at once (the "
+        "fewest its registers, shared memory and warps allow), and the SASS instructions in the kernel's longest "
+        "loop, head to back edge (nvdisasm; branches in it that run rarely included); one row per kernel variant "
+        "(the compile-time options and the first scenario that launched it). The row kernels' loop streams BLOCK_V "
+        "columns of a row: 16 a thread at BLOCK_V = 4,096 with 8 warps.",
         "",
     ]
     for arch in sorted({b.arch for b in builds}):
         spec = ARCHS[arch]
         lines += [f"## sm_{arch} ({spec.name}; {spec.shared_per_block // 1024} KiB of shared memory per block)", "",
-                  "| kernel | dtype | warps | stages | registers | spilled B | shared KiB | blocks/SM | options "
-                  "| scenario | problems |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| kernel | dtype | warps | stages | registers | spilled B | shared KiB | blocks/SM | loop SASS "
+                  "| options | scenario | problems |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         shown = set()  # variants that differ only in specialisation details this table does not show, shown once
         for b in sorted((b for b in builds if b.arch == arch), key=lambda b: (b.kernel, b.dtype, b.options)):
             key = (b.kernel, b.dtype, b.num_warps, b.num_stages, b.registers, b.spill_bytes, b.shared_bytes, b.options,
-                   b.error)  # fmt: skip
+                   b.loop_instructions, b.error)  # fmt: skip
             if key in shown:
                 continue
             shown.add(key)
             lines.append(
                 f"| {b.kernel} | {b.dtype} | {b.num_warps} | {b.num_stages} | {b.registers} | {b.spill_bytes} | "
-                f"{b.shared_bytes / 1024:.0f} | {b.blocks_per_sm} | {b.options} | {b.scenario} | "
+                f"{b.shared_bytes / 1024:.0f} | {b.blocks_per_sm} | {b.loop_instructions or '-'} | {b.options} | "
+                f"{b.scenario} | "
                 f"{'; '.join(b.problems)} |"
             )
         lines.append("")

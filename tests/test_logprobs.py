@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import assert_within_pytorch_error
+from helpers import assert_close, assert_within_pytorch_error
 
 from grpo_kernels import backend, reference, selective_log_softmax
 from grpo_kernels.config import HeadOptions
@@ -120,6 +120,67 @@ def test_minus_infinity_logits(impl, device):
     assert torch.allclose(got[1].double(), finite[1], atol=1e-5)
     assert torch.all(got[2][..., 30:] == 0)
     assert torch.allclose(got[2][..., :30].double(), finite[2], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("V", [64, 100])
+@pytest.mark.parametrize("head", [(1.0, 1.0, None), (0.7, 2.0, None), (0.8, 1.0, 5.0)])
+def test_rows_of_many_blocks(dtype, V, head, device, monkeypatch):
+    """The Triton kernels stream a row in blocks of columns: whole blocks unmasked, then a masked tail. With 16-column
+    blocks (on a GPU a row of 131,072 has 32 of 4,096), rows whose max sits in the last block (the running sums
+    rescaled at every block), in the first, or anywhere, give the values and gradients of one pass over the row: a
+    multiple of the block (64) and a tail of 4 (100); temperature, logit scale and soft-cap."""
+    from grpo_kernels.ops import logprobs as triton_ops
+
+    monkeypatch.setattr(triton_ops, "row_block", lambda n: 16)
+    temperature, logit_scale, softcap = head
+    B, T = 2, 4
+    logits = torch.randn(B, T, V) * 3
+    logits[0, 0] = torch.linspace(-8, 8, V)  # increasing: a new max in every block
+    logits[0, 1] = torch.linspace(8, -8, V)  # decreasing: the max in the first
+    logits[1, 0, V - 1] = 12.0  # a lone max in the last column
+    logits = logits.to(dtype).to(device)
+    ids = torch.randint(0, V, (B, T), device=device)
+    ids[0, 0], ids[1, 1] = V - 1, 0
+    grads = (torch.randn(B, T, device=device), torch.randn(B, T, device=device))
+    options = {"logit_scale": logit_scale, "softcap": softcap}
+    with backend("triton"):
+        got = run_op(logits, ids, None, temperature, grads, **options)
+    same = run_reference(logits, ids, None, temperature, (grads[0].to(dtype), grads[1].to(dtype)), **options)
+    exact = run_reference(logits, ids, None, temperature, (grads[0].double(), grads[1].double()), torch.float64,
+                          **options)  # fmt: skip
+    for name, a, s, u in zip(("logp", "entropy", "dlogits"), got, same, exact, strict=True):
+        assert_within_pytorch_error(a, s, u, name=name, input_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", _dtypes())
+def test_minus_infinity_in_whole_blocks(dtype, device, monkeypatch):
+    """-inf logits in the unmasked blocks: a row whose first blocks are all -inf, -inf scattered through whole blocks
+    and the tail. They get probability 0 and gradient 0; the rest match the row without them."""
+    from grpo_kernels.ops import logprobs as triton_ops
+
+    monkeypatch.setattr(triton_ops, "row_block", lambda n: 16)
+    V = 100
+    logits = torch.randn(3, V) * 3
+    logits[0, :48] = float("-inf")  # its first three blocks
+    logits[1, torch.randperm(V)[:40]] = float("-inf")
+    logits = logits.to(dtype).to(device)
+    finite = torch.isfinite(logits)
+    ids = torch.stack([torch.nonzero(finite[r])[-1, 0] for r in range(3)])  # a finite target in each row
+    grads = (torch.randn(3, device=device), torch.randn(3, device=device))
+    with backend("triton"):
+        got = run_op(logits[None], ids[None], None, 1.0, (grads[0][None], grads[1][None]))
+    for r in range(3):
+        keep = finite[r]
+        row, target = logits[r, keep].double(), keep[: ids[r]].sum()
+        ref = run_reference(row[None, None], target.view(1, 1), None, 1.0,
+                            (grads[0][r].double().view(1, 1), grads[1][r].double().view(1, 1)))  # fmt: skip
+        # fp32 math on the same inputs: only the gradient's rounding to the logits' dtype is left
+        assert_close(got[0][0, r], ref[0][0, 0], atol=1e-5, rtol=1e-5, name=f"row {r} logp")
+        assert_close(got[1][0, r], ref[1][0, 0], atol=1e-5, rtol=1e-5, name=f"row {r} entropy")
+        rtol = torch.finfo(dtype).eps
+        assert_close(got[2][0, r, keep], ref[2][0, 0], atol=1e-5, rtol=rtol, name=f"row {r} dlogits")
+        assert torch.all(got[2][0, r, ~keep] == 0), f"row {r}: a nonzero gradient at a -inf logit"
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
