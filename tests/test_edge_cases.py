@@ -41,7 +41,7 @@ def _near(logps, sigma, dev, mask=None):
 # Extreme logits: +-1e4 in fp32, +-65,000 in fp16
 # --------------------------------------------------------------------------------------------------------------------
 
-EXTREMES = [(torch.float32, 1e4, 2.0), (torch.float16, 65000.0, 100.0)]
+EXTREMES = [(torch.float32, 1e4, 2.0), (torch.float16, 65000.0, 100.0), (torch.float16, 2000.0, 100.0)]
 
 
 def _extreme_logits(B, T, V, dtype, scale, noise, dev):

@@ -14,8 +14,8 @@ The loops are short so that a row streams at the memory's speed rather than the 
 its own `s` and `u` (one reduction a block, for `m`; the sums are rescaled only when `m` grows), whole blocks load
 without masks (a row's last, partial block apart), a head without scale or soft-cap is not multiplied, and 16-bit
 logits take their exponentials as powers of 2 (`_exp_k`). Built for sm_90 at V = 131,072 in bf16
-(`python -m benchmarks.kernel_resources`), the forward's loop over 16 columns a thread has 241 instructions, 84 of
-them in the rescale that runs only when `m` grows (350 before these changes); the backward's 140 (292).
+(`python -m benchmarks.kernel_resources`), the forward's loop over 16 columns a thread has 256 instructions, the
+rescale that runs only when `m` grows among them (350 before these changes); the backward's 156 (292).
 
 Backward, with upstream gradients `g` (of logp) and `h` (of the entropy), the row is read once more and written once
 (into a new tensor, or over the logits themselves when the caller owns them):
@@ -36,8 +36,9 @@ from grpo_kernels.ops._common import div, exp, math_options, num_warps_for, row_
 
 # Exponentials of 16-bit inputs (EXP2) are taken in "K units", t = K * x with K = log2(e), so that e^x = 2^t: one
 # instruction of the hardware (which flushes results below 2^-126 to zero; they add nothing to a sum whose largest
-# term is 1), and z * K - m * K one fused multiply-add. fp32 inputs keep K = 1, where a difference z - m near the row
-# max is exact, and `exp` (libdevice's when PRECISE).
+# term is 1). The difference from the row max is taken first, t = (z - m) * K, exact near the max: a fused
+# z * K - m * K rounds m * K, which shifts every exponent of the row alike (by up to 2^-8 at |m| = 65,000, a log-prob
+# error of 2.7e-3). fp32 inputs keep K = 1 and `exp` (libdevice's when PRECISE).
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -85,7 +86,7 @@ def _fold_block(row_ptr, start, cols, V, m, s_acc, u_acc, logit_scale, softcap, 
         s_acc = alpha * s_acc
         m = m_new
     m_ref = tl.where(m == float("-inf"), 0.0, m)  # all -inf so far: any finite reference works
-    t = z * K - m_ref * K if EXP2 else z - m_ref  # a fused multiply-add: z * K is not rounded
+    t = (z - m_ref) * K if EXP2 else z - m_ref
     e = _exp_k(t, EXP2, PRECISE)
     s_acc += e
     u_acc += e * tl.maximum(t, -3.0e38)  # 0, not NaN, where z = -inf (e = 0)
@@ -169,7 +170,7 @@ def _logprobs_fwd_kernel(
 
 
 @triton.jit
-def _grad_block(row_ptr, out_ptr, start, cols, V, y, m, log_s, c_k, g, h, entropy, logit_scale, softcap,
+def _grad_block(row_ptr, out_ptr, start, cols, V, y, m, log_s, log_s_k, g, h, entropy, logit_scale, softcap,
                 inv_temperature, K, HAS_DENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SCALED: tl.constexpr,
                 EXP2: tl.constexpr, PRECISE: tl.constexpr, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     """Write the logits gradient of the columns `start + cols` of a row. Only the last block of a row is `MASKED`."""
@@ -179,12 +180,13 @@ def _grad_block(row_ptr, out_ptr, start, cols, V, y, m, log_s, c_k, g, h, entrop
     else:
         x = tl.load(row_ptr + start + cols)
     z = _transform(x, logit_scale, softcap, inv_temperature, HAS_SOFTCAP, SCALED)
-    t = z * K - c_k if EXP2 else (z - m) - log_s  # log p * K, or log p with the row max cancelling exactly
+    zm = z - m  # exact near the row max
+    t = zm * K - log_s_k if EXP2 else zm - log_s  # log p in K units (a multiply-add: only log s * K is rounded)
     p = _exp_k(t, EXP2, PRECISE)
     target = tl.minimum(tl.maximum(y - start, -1), BLOCK_V).to(tl.int32)  # the target's lane (none: -1 or BLOCK_V)
     d = tl.where(cols == target, g, 0.0) - g * p
     if HAS_DENTROPY:
-        d -= tl.where(p > 0, h * p * (t / K + entropy), 0.0)
+        d -= tl.where(p > 0, h * p * ((zm - log_s) + entropy), 0.0)
     if HAS_SOFTCAP:
         c = 2.0 * tl.sigmoid(2.0 * x.to(tl.float32) * logit_scale / softcap) - 1.0
         d = d * (logit_scale * inv_temperature) * (1.0 - c * c)
@@ -234,7 +236,7 @@ def _logprobs_bwd_kernel(
         row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
         m = tl.load(stats_ptr + row)
         log_s = tl.load(stats_ptr + N + row)
-        c_k = (m + log_s) * K
+        log_s_k = log_s * K  # at most 18 (V = 262,144): rounded by 1e-6 at most, p by 7e-7 (relative)
         g = tl.load(dlogp_ptr + row)
         h = 0.0
         entropy = 0.0
@@ -244,11 +246,11 @@ def _logprobs_bwd_kernel(
         y = tl.load(ids_ptr + row).to(tl.int64) - col_offset
         v_full = V - V % BLOCK_V
         for start in range(0, v_full, BLOCK_V):
-            _grad_block(row_ptr, out_ptr, start, cols, V, y, m, log_s, c_k, g, h, entropy, logit_scale, softcap,
+            _grad_block(row_ptr, out_ptr, start, cols, V, y, m, log_s, log_s_k, g, h, entropy, logit_scale, softcap,
                         inv_temperature, K, HAS_DENTROPY, HAS_SOFTCAP, SCALED, EXP2, PRECISE, False,
                         BLOCK_V)  # fmt: skip
         if v_full < V:
-            _grad_block(row_ptr, out_ptr, v_full, cols, V, y, m, log_s, c_k, g, h, entropy, logit_scale, softcap,
+            _grad_block(row_ptr, out_ptr, v_full, cols, V, y, m, log_s, log_s_k, g, h, entropy, logit_scale, softcap,
                         inv_temperature, K, HAS_DENTROPY, HAS_SOFTCAP, SCALED, EXP2, PRECISE, True,
                         BLOCK_V)  # fmt: skip
     else:
