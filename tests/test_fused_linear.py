@@ -257,8 +257,10 @@ def test_scale_op_bad_input():
 
     with pytest.raises(ValueError, match="scale must be a 0-dim floating-point tensor"):
         scale_([torch.ones(3)], torch.ones(1))
+    first = torch.ones(3)
     with pytest.raises(ValueError, match=r"tensors\[1\] must be a contiguous floating-point tensor"):
-        scale_([torch.ones(3), torch.ones(4, 3).t()], torch.tensor(2.0))
+        scale_([first, torch.ones(4, 3).t()], torch.tensor(2.0))
+    assert torch.equal(first, torch.ones(3))  # checked before any is scaled
 
 
 def test_module_schedule(monkeypatch):

@@ -39,12 +39,13 @@ def scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
     """
     if scale.dim() != 0 or not scale.is_floating_point():
         raise ValueError(f"scale must be a 0-dim floating-point tensor; got shape {tuple(scale.shape)}, {scale.dtype}")
-    for i, x in enumerate(tensors):
+    for i, x in enumerate(tensors):  # all checked before any is scaled
         if x.device != scale.device or not x.is_floating_point() or not x.is_contiguous():
             raise ValueError(
                 f"tensors[{i}] must be a contiguous floating-point tensor on {scale.device}; got {x.dtype} on "
                 f"{x.device}, contiguous={x.is_contiguous()}"
             )
+    for x in tensors:
         n = x.numel()
         if n == 0:
             continue
