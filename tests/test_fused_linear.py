@@ -443,6 +443,28 @@ def test_a_million_tokens_in_one_call(strategy, monkeypatch):
         assert_close(g, e, atol=1e-5 * e.abs().max().item(), rtol=0, name=name)
 
 
+@pytest.mark.parametrize("even", [False, True])
+@pytest.mark.parametrize(("vocab", "most"), [(131_072, 16_384), (151_936, 16_384), (131_072, 8_956), (1000, 300),
+                                             (61, 20), (61, 100), (50, 10**6), (65_536, 4_793)])  # fmt: skip
+def test_vocabulary_blocks_are_aligned(vocab, most, even):
+    """A block of vocabulary columns holds at most the budget's columns, a whole multiple of BLOCK_COLUMNS where it
+    holds that many (the last block aside); `even`: as few blocks as that allows, of near-equal widths."""
+    width = fl.block_width(vocab, most, even)
+    cap = min(vocab, most)
+    aligned = cap if cap < fl.BLOCK_COLUMNS or cap == vocab else cap - cap % fl.BLOCK_COLUMNS
+    assert 1 <= width <= aligned
+    if cap >= fl.BLOCK_COLUMNS and width < vocab:
+        assert width % fl.BLOCK_COLUMNS == 0
+    if even:
+        assert -(-vocab // width) == -(-vocab // aligned)  # as few blocks as the aligned cap allows
+        blocks = -(-vocab // width)
+        assert vocab - (blocks - 1) * width > width - blocks * fl.BLOCK_COLUMNS  # the last block near the others
+    else:
+        assert width == aligned
+    expected = {(151_936, 16_384, True): 15_232, (131_072, 8_956, True): 8_768, (1000, 300, True): 256}
+    assert width == expected.get((vocab, most, even), width)
+
+
 def test_chunk_budget_from_the_environment(monkeypatch):
     """GRPO_KERNELS_CHUNK_MIB sets the chunk budget of every strategy; a bad value is a clear error."""
     cpu = torch.device("cpu")
@@ -547,8 +569,9 @@ def test_block_strategies_form_the_gradients_block_by_block(strategy, name, top_
     )  # fmt: skip
     if strategy == "vocab-blocks":  # every token of the batch, masked ones too, in each block
         expected = [(start, (B * T, min(58, V - start))) for start in range(0, V, 58)]
-    else:  # the 23 active tokens in 2 chunks, of 11 and 12; 300 columns in blocks of 150 (at most 190 or 175)
-        expected = [(s, (r, 150)) for r in (11, 12) for s in (0, 150)]
+    else:  # the 23 active tokens in 2 chunks, of 11 and 12; 300 columns in blocks of at most 190 or 175 columns,
+        # whole multiples of 64 (BLOCK_COLUMNS) but the last: 128, 128 and 44
+        expected = [(s, (r, min(128, V - s))) for r in (11, 12) for s in (0, 128, 256)]
     with backend(name):
         monkeypatch.setenv("GRPO_KERNELS_LINEAR", "chunked")
         _, chunked = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
