@@ -316,22 +316,27 @@ def test_peaked_inputs_for_gradient_filtering(tmp_path):
 
 def test_max_run_ms_skips_the_larger_shapes_of_a_slow_provider(capsys):
     """A provider whose run at the smaller N already takes longer than the budget is skipped at the larger N, with
-    the projection as the reason; a fast one is measured at both."""
+    the projection as the reason; a fast one is measured at both. (The fast one sums a few numbers, far inside the
+    budget on a loaded machine too, where a real provider's run may not be.)"""
     import time
 
-    def slow_bind(case: Case, inputs: dict) -> Bound:
-        def forward() -> torch.Tensor:
-            time.sleep(0.02)
-            return inputs["hidden"].sum()
+    def bind(seconds: float):
+        def bound(case: Case, inputs: dict) -> Bound:
+            def forward() -> torch.Tensor:
+                time.sleep(seconds)
+                return inputs["hidden"].sum()
 
-        return Bound(forward, grads=(inputs["hidden"],))
+            return Bound(forward, grads=(inputs["hidden"],))
+
+        return bound
 
     eager = next(p for p in PROVIDERS if p.name == "eager" and p.op == "fused_linear")
-    slow = dataclasses.replace(eager, name="slow", bind=slow_bind)
-    rows = run_sweep(tiny_cases("cpu")[:2], [slow, eager], modes=("forward",), repeats=1, memory=False,
-                     progress=False, max_run_ms=15.0)  # fmt: skip
+    slow = dataclasses.replace(eager, name="slow", bind=bind(0.05))
+    fast = dataclasses.replace(eager, name="fast", bind=bind(0.0))
+    rows = run_sweep(tiny_cases("cpu")[:2], [slow, fast], modes=("forward",), repeats=1, memory=False,
+                     progress=False, max_run_ms=40.0)  # fmt: skip
     got = {(r["provider"], r["N"]): r["skipped"] for r in rows}
-    assert got[("slow", 16)] is None and got[("eager", 16)] is None and got[("eager", 32)] is None
+    assert got[("slow", 16)] is None and got[("fast", 16)] is None and got[("fast", 32)] is None
     assert got[("slow", 32)].startswith("projected ") and got[("slow", 32)].endswith("over --max-run-ms")
     assert "skipped slow" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--max-run-ms must be a positive number"):
