@@ -443,6 +443,27 @@ def test_a_million_tokens_in_one_call(strategy, monkeypatch):
         assert_close(g, e, atol=1e-5 * e.abs().max().item(), rtol=0, name=name)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"loss_type": "dapo", "beta": 0.1}, {"loss_type": "grpo", "entropy_coef": 0.1, "top_entropy_quantile": 0.5}],
+)
+def test_logits_rows_padded_past_the_vocabulary(impl, options, device, monkeypatch):
+    """With the rows of a chunk's logits padded to a multiple of 64 elements (as CUDA pads them, for aligned rows),
+    an odd vocabulary's loss and gradients match the reference, in the single-pass and the two-pass schedule, and the
+    chunks' logits are views 64 elements a row apart."""
+    dev = "cpu" if impl.startswith("torch") else device
+    kind = "cuda" if dev == "cuda" else "cpu"
+    monkeypatch.setitem(fl.ROW_ALIGN, kind, 64)
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, 5 * 4 * 61)  # 5-token chunks
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    strides = []
+    real = fl._Head.logits
+    monkeypatch.setattr(fl._Head, "logits", lambda self, sl: strides.append(real(self, sl).stride()) or real(self, sl))
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(3, 5, 12, 61, torch.float32, dev)
+    check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=GRPOLossConfig(**options), **extra)
+    assert (not strides) == impl.endswith(("fused", "tiles")) and set(strides) <= {(64, 1)}
+
+
 @pytest.mark.parametrize("even", [False, True])
 @pytest.mark.parametrize(("vocab", "most"), [(131_072, 16_384), (151_936, 16_384), (131_072, 8_956), (1000, 300),
                                              (61, 20), (61, 100), (50, 10**6), (65_536, 4_793)])  # fmt: skip

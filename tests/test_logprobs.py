@@ -225,3 +225,24 @@ def test_block_stats_fold_blocks_into_whole_rows(impl, dtype, device):
     z = reference.scale_and_cap(logits.double(), head[1], head[2]) / head[0]
     assert torch.allclose(state[2].double(), z.amax(-1), atol=0, rtol=1e-6)  # the row max, in fp32 math
     assert torch.allclose(state[2].double() + state[3].double(), torch.logsumexp(z, -1), atol=1e-5, rtol=0)
+
+
+def test_backward_writes_rows_a_stride_apart(device):
+    """`logprobs_bwd` writes into an `out` whose rows are further apart than V (a padded buffer's view, as the fused
+    linear loss's chunks are) exactly what it writes into a contiguous one, leaving the padding alone; an `out` whose
+    rows are not equally spaced is refused with the reason."""
+    from grpo_kernels.ops.logprobs import logprobs_bwd, logprobs_fwd
+
+    B, T, V = 2, 3, 50
+    logits = (torch.randn(B, T, V) * 2).to(device)
+    ids = torch.randint(0, V, (B, T), device=device)
+    _, entropy, stats = logprobs_fwd(logits, ids, None, 1.0)
+    grad = torch.randn(B, T, device=device)
+    want = logprobs_bwd(logits, ids, None, stats, entropy, grad, grad, 1.0)
+    padded = torch.full((B, T, 64), 7.0, device=device)
+    got = logprobs_bwd(logits, ids, None, stats, entropy, grad, grad, 1.0, out=padded[..., :V])
+    assert got.data_ptr() == padded.data_ptr() and torch.equal(padded[..., :V], want)
+    assert torch.equal(padded[..., V:], torch.full((B, T, 64 - V), 7.0, device=device))
+    uneven = torch.empty(B, T + 1, V, device=device)[:, :T]  # rows of a sample 50 apart, samples 200 apart
+    with pytest.raises(ValueError, match="out must have equally spaced rows"):
+        logprobs_bwd(logits, ids, None, stats, entropy, grad, grad, 1.0, out=uneven)

@@ -203,7 +203,8 @@ def _logprobs_bwd_kernel(
     logits_ptr,  # [B, T, V], last dim contiguous
     stride_b,
     stride_t,
-    dlogits_ptr,  # [B * T, V] contiguous out (may be the logits themselves)
+    dlogits_ptr,  # [B * T, V] out, rows stride_out apart, last dim contiguous (may be the logits themselves)
+    stride_out,
     ids_ptr,
     mask_ptr,
     stats_ptr,  # [2, B * T] fp32: row max, log-sum
@@ -226,7 +227,7 @@ def _logprobs_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    out_ptr = dlogits_ptr + row * V
+    out_ptr = dlogits_ptr + row * stride_out
     cols = tl.arange(0, BLOCK_V)
     active = True
     if HAS_MASK:
@@ -328,7 +329,7 @@ def logprobs_bwd(
     temperature: float,
     logit_scale: float = 1.0,
     softcap: float | None = None,
-    out: torch.Tensor | None = None,  # [B, T, V] contiguous; may be `logits` itself
+    out: torch.Tensor | None = None,  # [B, T, V], rows equally spaced, last dim contiguous; may be `logits` itself
     col_offset: int = 0,  # `logits` holds the vocabulary's columns col_offset, col_offset + 1, ... (a block of them)
 ) -> torch.Tensor:
     """Return the gradient with respect to the logits, `[B, T, V]`, in `out` or a new tensor of the logits' dtype.
@@ -337,6 +338,8 @@ def logprobs_bwd(
     dlogits = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device) if out is None else out
     if B * T == 0:
         return dlogits
+    if dlogits.stride(2) != 1 or (B > 1 and dlogits.stride(0) != T * dlogits.stride(1)):
+        raise ValueError(f"out must have equally spaced rows, each contiguous; got strides {dlogits.stride()}")
     block = row_block(V)
     stats, entropy, grad_logp = stats.contiguous(), entropy.contiguous(), grad_logp.float().contiguous()
     _logprobs_bwd_kernel[(B * T,)](
@@ -344,6 +347,7 @@ def logprobs_bwd(
         logits.stride(0),
         logits.stride(1),
         dlogits,
+        dlogits.stride(1),
         ids.reshape(-1),
         _mask_arg(mask, ids),
         stats,
