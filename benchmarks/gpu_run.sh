@@ -2,8 +2,8 @@
 # The GPU run on a machine with no network: the kernel tests on CUDA (compiled Triton, bf16), the full benchmark sweep,
 # then the opt-in strategies of the fused linear loss (tiles, fused kernels, vocab blocks, other chunk budgets,
 # gradient filtering on peaked inputs; profiled kernel by kernel) on the issue-3 target shape in processes of their own
-# (a fault there cannot take the sweep with it), the default at a small N (profiled), with the fused kernels' tile
-# tuner. Under 10 minutes: tests not started 90 s in are skipped with that reason, no new shape is started 170 s into
+# (a fault there cannot take the sweep with it), the default at a small N (profiled), vocabularies whose logits rows
+# are not 16-byte aligned, with the fused kernels' tile tuner. Under 10 minutes: tests not started 90 s in are skipped with that reason, no new shape is started 170 s into
 # the sweep, and no later stage starts that could end past 585 s.
 #
 #   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
@@ -131,6 +131,14 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   fits 50 "small N" && { timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress --profile \
     --out "$scratch/fused/small-n" --ops fused_linear --shapes 4x1024x896x151936 --providers ours-triton trl floor \
     || fused=$?; }
+  # vocabularies whose rows of logits are not 16-byte aligned: GPT-2's (50,257) next to 50,304, for the default (its
+  # chunks' rows padded to 64 elements) and TRL; tiles at Qwen's (151,936: blocks of whole multiples of 64 columns)
+  fits 50 "unaligned vocabularies" && { timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress \
+    --out "$scratch/fused/gpt2-vocab" --ops fused_linear --shapes 8x1024x768x50257 8x1024x768x50304 \
+    --providers ours-triton trl floor || fused=$?; }
+  fits 40 "tiles at V = 151,936" && { timeout --kill-after=5 35 python3 -m benchmarks \
+    --device cuda --no-progress --out "$scratch/fused/tiles-qwen" --ops fused_linear --shapes 8x1024x4096x151936 \
+    --providers ours-tiles floor || fused=$?; }
   # the old/reference log-prob pass with the fused forward kernel (no logits chunk at all) next to the default
   fits 55 "fused log-probs" && { timeout --kill-after=10 45 python3 -m benchmarks --device cuda --no-progress \
     --out "$scratch/fused/logprobs" --ops linear_logprobs --shapes 8x1024x4096x131072 \

@@ -238,7 +238,6 @@ class _Head:
         self._rows: dict[str, torch.Tensor] | None = None
         self.ops = _row_ops(hidden) if ops is None else ops  # the backward reuses the forward's choice
         self._buffer: torch.Tensor | None = None
-        self.d_w_written = False
         self.args = (head.temperature, head.logit_scale, head.final_logit_softcapping)
         self.filter_eps = head.grad_filter_eps
         if self.tiles and self.filter_eps is not None:
