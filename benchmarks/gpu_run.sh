@@ -3,8 +3,8 @@
 # then the opt-in strategies of the fused linear loss (tiles, fused kernels, vocab blocks, other chunk budgets,
 # gradient filtering on peaked inputs; profiled kernel by kernel) on the issue-3 target shape in processes of their own
 # (a fault there cannot take the sweep with it), the default at a small N (profiled), vocabularies whose logits rows
-# are not 16-byte aligned, with the fused kernels' tile tuner. Under 10 minutes: tests not started 90 s in are skipped with that reason, no new shape is started 170 s into
-# the sweep, and no later stage starts that could end past 585 s.
+# are not 16-byte aligned, with the fused kernels' tile tuner. Under 10 minutes: tests not started 90 s in are skipped
+# with that reason, no new shape is started 170 s into the sweep, and no later stage starts that could end past 585 s.
 #
 #   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
 #   SWEEP_RESUME=benchmarks/results/h200/results.json OUT=DIR bash benchmarks/gpu_run.sh

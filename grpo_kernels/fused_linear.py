@@ -547,12 +547,14 @@ def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, 
     multiple of 4 from a product of 4 rows (those MKL sums in one long sequence), and one whose inner dimension holds
     several blocks of `CPU_SUM_TERMS` terms, with few outputs, sums each block apart and then adds the blocks' sums
     pairwise."""
-    if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64):
+    (M, K), N = a.shape, b.shape[1]
+    few_rows = M % 4 and M < 16
+    long_sum = K >= 2 * CPU_SUM_TERMS and (K // CPU_SUM_TERMS) * M * N <= CPU_PARTIAL_SUMS
+    if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64) or not (few_rows or long_sum):
         if accumulate:
             return out.addmm_(a, b)
         return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
-    (M, K), N = a.shape, b.shape[1]
-    if M % 4 and M < 16:
+    if few_rows:
         sums = torch.empty(M, N, dtype=a.dtype)
         whole = M - M % 4
         if whole:
@@ -561,12 +563,8 @@ def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, 
             sums[whole:] = _block_sums(a[-4:], b)[4 - (M - whole) :]
         else:
             sums[:] = _block_sums(torch.cat((a, a.new_zeros(4 - M, K))), b)[:M]
-    elif K >= 2 * CPU_SUM_TERMS and (K // CPU_SUM_TERMS) * M * N <= CPU_PARTIAL_SUMS:
-        sums = _block_sums(a, b)
-    elif accumulate:
-        return out.addmm_(a, b)
     else:
-        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+        sums = _block_sums(a, b)
     if out is None:
         return sums
     return out.add_(sums) if accumulate else out.copy_(sums)

@@ -458,7 +458,13 @@ def test_logits_rows_padded_past_the_vocabulary(impl, options, device, monkeypat
     monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
     strides = []
     real = fl._Head.logits
-    monkeypatch.setattr(fl._Head, "logits", lambda self, sl: strides.append(real(self, sl).stride()) or real(self, sl))
+
+    def logits(self, sl):
+        z = real(self, sl)
+        strides.append(z.stride())
+        return z
+
+    monkeypatch.setattr(fl._Head, "logits", logits)
     hidden, weight, bias, ids, adv, mask, extra = make_inputs(3, 5, 12, 61, torch.float32, dev)
     check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=GRPOLossConfig(**options), **extra)
     assert (not strides) == impl.endswith(("fused", "tiles")) and set(strides) <= {(64, 1)}
