@@ -13,7 +13,7 @@ infinite KL on a padding token poisons its loss with NaN; here it does not).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -91,48 +91,35 @@ def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, q: float) -> to
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-@dataclass
-class MetricSums:
-    """Running numerators of TRL's metrics; `finalize` divides them by the batch's counts."""
-
-    token: dict[str, torch.Tensor] = field(default_factory=dict)  # divided by max(sum(mask), 1)
-    row: dict[str, torch.Tensor] = field(default_factory=dict)  # divided by B
-    lowest: dict[str, torch.Tensor] = field(default_factory=dict)  # nan-aware min over rows
-    highest: dict[str, torch.Tensor] = field(default_factory=dict)  # nan-aware max over rows
-    total: dict[str, torch.Tensor] = field(default_factory=dict)  # plain sums
-
-    def add(self, other: MetricSums) -> None:
-        for mine, theirs, op in (
-            (self.token, other.token, torch.add),
-            (self.row, other.row, torch.add),
-            (self.total, other.total, torch.add),
-            (self.lowest, other.lowest, torch.fmin),
-            (self.highest, other.highest, torch.fmax),
-        ):
-            for k, v in theirs.items():
-                mine[k] = v if k not in mine else op(mine[k], v)
-
-    def finalize(self, plan: LossPlan) -> dict[str, torch.Tensor]:
-        out = {k: v / plan.token_count.clamp(min=1.0) for k, v in self.token.items()}
-        out.update({k: v / plan.num_rows for k, v in self.row.items()})
-        out.update(self.lowest)
-        out.update(self.highest)
-        out.update(self.total)
-        return out
-
-
-def _mean_metric(sums: MetricSums, name: str, x: torch.Tensor, active: torch.Tensor) -> None:
-    """Accumulate a metric the way TRL averages it: per token, or per sequence when `x` is `[rows, 1]`."""
-    if x.shape[1] == 1:
-        sums.row[name] = x.sum()
-    else:
-        sums.token[name] = torch.where(active, x, 0).sum()
-
-
-def _row_mean(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] == 1:
-        return x.squeeze(1)
-    return torch.where(active, x, 0).sum(-1) / active.sum(-1)  # NaN for an empty row, skipped by fmin/fmax
+def _batch_metrics(
+    values: dict[str, torch.Tensor],  # [rows, T], or [rows, 1] for a value per sequence
+    extremes: tuple[torch.Tensor, torch.Tensor] | None,  # (low, high): the minimum over rows of low's row means, the
+    # maximum of high's
+    active: torch.Tensor,  # [rows, T] bool
+    plan: LossPlan,
+) -> dict[str, torch.Tensor]:
+    """TRL's metrics of the whole batch: each value averaged over the batch's active tokens, or over its sequences
+    when it is `[rows, 1]` (sequence-level ratios), and the NaN-aware extremes of row means (an empty row's is NaN and
+    skipped). The values of each kind are stacked and reduced together, so the metrics take a few ops, not a few per
+    metric."""
+    out = {}
+    for per_row in (False, True):
+        names = [k for k, v in values.items() if (v.shape[1] == 1) == per_row]
+        if not names:
+            continue
+        x = torch.stack([values[k] for k in names])
+        if per_row:
+            sums = x.sum((1, 2)) / plan.num_rows
+        else:
+            sums = torch.where(active, x, 0).sum((1, 2)) / plan.token_count.clamp(min=1.0)
+        out.update(zip(names, sums.unbind(0), strict=True))
+    if extremes is not None:
+        low, high = extremes
+        x = torch.stack(torch.broadcast_tensors(low, -high))  # [2, rows, T or 1]: one NaN-aware minimum for both
+        rows = x.squeeze(2) if x.shape[2] == 1 else torch.where(active, x, 0).sum(-1) / active.sum(-1)
+        lowest, highest = _nan_reduce(rows, torch.amin).unbind(0)
+        out["clip_ratio/low_min"], out["clip_ratio/high_max"] = lowest, -highest
+    return out
 
 
 def row_terms(
@@ -142,15 +129,14 @@ def row_terms(
     config: GRPOLossConfig,
     plan: LossPlan,
     metrics: bool = True,
-) -> tuple[torch.Tensor, MetricSums]:
-    """These rows' share of the loss (a scalar to sum over chunks) and of the metrics (empty sums with
-    `metrics=False`: a caller that forms the metrics once for the batch saves a few dozen small ops per chunk)."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """These rows' share of the loss (a scalar to sum over chunks) and, when they are the whole batch, its metrics
+    (`metrics=False`: none, for a share of the batch)."""
     cfg = config
     active = inputs.mask
     mask = active.to(logps.dtype)
     adv = inputs.advantages.to(logps.dtype)
     zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
-    sums = MetricSums()
     eps_low, eps_high = cfg.epsilon_low, cfg.epsilon_high_value
 
     old = logps.detach() if inputs.old_logps is None else inputs.old_logps
@@ -201,30 +187,33 @@ def row_terms(
         loss = per_token.sum() / plan.num_rows
     else:  # grpo, sapo: mean over sequences of the per-sequence mean
         loss = (per_token.sum(-1) / lengths.squeeze(-1).clamp(min=1.0)).sum() / plan.num_rows
+    policy_loss = None
     if plan.entropy_norm is not None:
-        sums.total["policy_loss"] = loss.detach()
+        policy_loss = loss.detach()
         loss = loss - cfg.entropy_coef * torch.where(effective, entropy, zero).sum() / plan.entropy_norm
 
     if not metrics:
-        return loss, sums
+        return loss, {}
     with torch.no_grad():
-        if kl is not None:
-            _mean_metric(sums, "kl", kl, active)
+        dtype = logps.dtype
+        values = {} if kl is None else {"kl": kl}
         if entropy is not None:
-            _mean_metric(sums, "entropy", entropy, active)
+            values["entropy"] = entropy.to(dtype)
+        extremes = None
         if cfg.uses_clipping:
-            low = ((ratio < 1 - eps_low) & (adv < 0)).to(logps.dtype)
-            high = ((ratio > 1 + eps_high) & (adv > 0)).to(logps.dtype)
-            _mean_metric(sums, "clip_ratio/low_mean", low, active)
-            _mean_metric(sums, "clip_ratio/high_mean", high, active)
-            _mean_metric(sums, "clip_ratio/region_mean", torch.maximum(low, high), active)
-            sums.lowest["clip_ratio/low_min"] = _nan_reduce(_row_mean(low, active), torch.amin)
-            sums.highest["clip_ratio/high_max"] = _nan_reduce(_row_mean(high, active), torch.amax)
+            low = ((ratio < 1 - eps_low) & (adv < 0)).to(dtype)
+            high = ((ratio > 1 + eps_high) & (adv > 0)).to(dtype)
+            values.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
+                           "clip_ratio/region_mean": torch.maximum(low, high)})  # fmt: skip
+            extremes = (low, high)
         elif cfg.loss_type == "cispo":
-            _mean_metric(sums, "cispo_clip_ratio", ((ratio > eps_high) & (adv > 0)).to(logps.dtype), active)
+            values["cispo_clip_ratio"] = ((ratio > eps_high) & (adv > 0)).to(dtype)
         elif cfg.loss_type == "vespo":
-            _mean_metric(sums, "vespo/phi_seq_mean", phi, active)
-    return loss, sums
+            values["vespo/phi_seq_mean"] = phi
+        out = _batch_metrics(values, extremes, active, plan)
+        if policy_loss is not None:
+            out["policy_loss"] = policy_loss
+    return loss, out
 
 
 def token_local(config: GRPOLossConfig) -> bool:
@@ -349,14 +338,19 @@ def row_grads(
     inputs: LossInputs,  # the same rows, whole
     config: GRPOLossConfig,
     plan: LossPlan,
+    entropy: torch.Tensor | None = None,  # [rows, T], for the entropy mask of `plan.entropy_threshold`
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`(dL/dlogp [rows, T], dL/dentropy [rows, T] | None)` of these whole rows' share of the loss (`row_terms`), in
-    closed form, for any option but `top_entropy_quantile < 1`: sequence-level ratios (each token's log-prob reaches
-    its row's ratio), the off-policy mask and VESPO's weights (both detached, as TRL has them)."""
+    closed form, for every option: sequence-level ratios (each token's log-prob reaches its row's ratio), the
+    off-policy mask, VESPO's weights and the entropy mask of `top_entropy_quantile < 1` (all detached, as TRL has
+    them). The entropy mask needs `entropy` and a plan built from the whole batch's entropies."""
     cfg = config
-    if cfg.top_entropy_quantile < 1.0:
-        raise ValueError("row_grads needs top_entropy_quantile == 1: the entropy mask depends on the whole batch")
     active = inputs.mask
+    effective = None
+    if plan.entropy_threshold is not None:
+        if entropy is None:
+            raise ValueError("row_grads needs the rows' entropy for the entropy mask of top_entropy_quantile < 1")
+        effective = active & (entropy.detach() >= plan.entropy_threshold)
     mask = active.to(logps.dtype)
     adv = inputs.advantages.to(logps.dtype)
     old = logps if inputs.old_logps is None else inputs.old_logps
@@ -373,6 +367,8 @@ def row_grads(
         kl_sampler = torch.where(active, torch.nan_to_num(sampler - logps, nan=0.0), 0.0)
         mean_kl = kl_sampler.sum(-1, keepdim=True) / count
         policy = policy * ((adv >= 0) | (mean_kl <= cfg.off_policy_mask_threshold)).to(logps.dtype)
+    if effective is not None:
+        policy = policy * effective.to(logps.dtype)
     if cfg.loss_type == "vespo":  # -phi * adv * logp, phi detached
         d_ratio = None
         d_logp = -vespo_weights(adv, log_ratio, mask, inputs.importance_sampling_ratio, cfg) * adv
@@ -393,18 +389,22 @@ def row_grads(
         g_logp = g_logp + cfg.beta * weight * d_kl
     if g_ratio is not None:  # d ratio / d logp: ratio per token, or ratio / length for each token of its row
         g_logp = g_logp + (g_ratio * ratio if token_level else g_ratio.sum(-1, keepdim=True) * ratio / count * mask)
-    g_ent = None if plan.entropy_norm is None else mask * (-cfg.entropy_coef / plan.entropy_norm.to(logps.dtype))
+    g_ent = None
+    if plan.entropy_norm is not None:
+        g_ent = (mask if effective is None else effective.to(logps.dtype)) * (
+            -cfg.entropy_coef / plan.entropy_norm.to(logps.dtype)
+        )
     return g_logp, g_ent
 
 
 def _nan_reduce(x: torch.Tensor, op) -> torch.Tensor:
-    """`op` (`torch.amin` or `torch.amax`) over the entries of `x` that are not NaN, NaN when none is. No boolean
-    indexing: its data-dependent shape would wait for the device, once per chunk of the fused linear loss."""
-    if x.numel() == 0:
-        return x.new_full((), math.nan)
+    """`op` (`torch.amin` or `torch.amax`) over the last dimension of `x`, of the entries that are not NaN; NaN where
+    none is. No boolean indexing: its data-dependent shape would wait for the device."""
+    if x.shape[-1] == 0:
+        return x.new_full(x.shape[:-1], math.nan)
     valid = ~torch.isnan(x)
     fill = math.inf if op is torch.amin else -math.inf
-    return torch.where(valid.any(), op(torch.where(valid, x, fill)), math.nan)
+    return torch.where(valid.any(-1), op(torch.where(valid, x, fill), -1), math.nan)
 
 
 def grpo_objective(
@@ -413,8 +413,9 @@ def grpo_objective(
     inputs: LossInputs,
     config: GRPOLossConfig,
     num_items_in_batch: torch.Tensor | float | None = None,
+    plan: LossPlan | None = None,  # the batch's, when the caller has built it already
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss and metrics of a whole batch whose per-token log-probs and entropies are at hand."""
-    plan = LossPlan.build(inputs.mask, config, entropy, num_items_in_batch)
-    loss, sums = row_terms(logps, entropy, inputs, config, plan)
-    return loss, sums.finalize(plan)
+    if plan is None:
+        plan = LossPlan.build(inputs.mask, config, entropy, num_items_in_batch)
+    return row_terms(logps, entropy, inputs, config, plan)

@@ -116,6 +116,63 @@ def test_deterministic(impl, device):
     assert torch.equal(a[0].loss, b[0].loss) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("scale", [1.0, 0.37, -2.5, 0.0])
+def test_backward_hands_over_the_forwards_gradient_scaled(impl, scale, device):
+    """The forward writes the logits' gradient; `(loss * s).backward()` hands over `s` times it, bit for bit the
+    product of the unscaled gradient and `s` rounded once. The loss itself equals the one computed without gradient,
+    and a second backward through the same call raises."""
+    dev = device if impl == "triton" else "cpu"
+    config = GRPOLossConfig(loss_type="grpo", beta=0.1, entropy_coef=0.05)
+    logits, ids, adv, mask, extra = make_inputs(3, 5, 77, torch.float32, dev)
+    grads = []
+    with backend(impl):
+        with torch.no_grad():
+            evaluated = grpo_loss(logits, ids, adv, mask, config=config, **extra)
+        for s in (1.0, scale):
+            x = logits.clone().requires_grad_()
+            out = grpo_loss(x, ids, adv, mask, config=config, **extra)
+            assert torch.equal(out.loss.detach(), evaluated.loss)
+            assert out.metrics.keys() == evaluated.metrics.keys()
+            for k, v in out.metrics.items():
+                assert torch.equal(v, evaluated.metrics[k]), k
+            grad = torch.full((), s, dtype=out.loss.dtype, device=dev)
+            grads.append(torch.autograd.grad(out.loss, x, grad, retain_graph=True)[0])
+            with pytest.raises(RuntimeError, match="second backward through the same call is not supported"):
+                torch.autograd.grad(out.loss, x)
+    expected = reference.scaled(grads[0], torch.tensor(scale, device=dev))
+    assert torch.equal(grads[1], expected), f"{(grads[1] - expected).abs().max().item()} off"
+
+
+@pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])
+def test_the_backward_only_scales_the_gradient(top_entropy_quantile):
+    """Every op of the loss, its derivative and the logits' gradient run in the forward; the backward dispatches one
+    multiply at most (none when the incoming gradient is 1, as in a plain `loss.backward()`)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    config = GRPOLossConfig(loss_type="dapo", beta=0.1, top_entropy_quantile=top_entropy_quantile)
+    logits, ids, adv, mask, extra = make_inputs(3, 5, 64, torch.float32, "cpu")
+    for s, most in ((1.0, 0), (0.5, 1)):
+        x = logits.clone().requires_grad_()
+        with backend("torch"):
+            out = grpo_loss(x, ids, adv, mask, config=config, **extra)
+        with Ops() as mode:
+            (out.loss * s).backward()
+        compute = [op for op in mode.ops if op.split(".")[1] not in ("view", "detach", "mul", "mul_", "ones_like",
+                                                                     "expand", "_local_scalar_dense")]  # fmt: skip
+        assert not compute, f"the backward dispatched {mode.ops}"
+        assert mode.ops.count("aten.mul_.Tensor") + mode.ops.count("aten.mul_.Scalar") <= most, mode.ops
+
+
 def test_no_logits_sized_temporaries_on_the_torch_path(monkeypatch):
     """Forward + backward allocate the gradient (one `[B, T, V]` tensor) and a few fp32 chunks, nothing else of that
     size: the peak of live bytes allocated inside the call, measured by the package's meter."""
@@ -199,11 +256,13 @@ ROW_OPTIONS = [
     {"off_policy_mask_threshold": 0.02, "beta": 0.1, "importance_sampling_ratio": "token", "sampling_logps": True},
     {"importance_sampling_level": "sequence", "off_policy_mask_threshold": 0.02, "epsilon": 0.0, "epsilon_high": 0.0},
     {"beta": 0.1, "entropy_coef": 0.05, "num_items_in_batch": 37},  # token-local: row_grads takes those too
+    {"top_entropy_quantile": 0.4, "beta": 0.1, "entropy_coef": 0.05},  # the entropy mask, from the batch's plan
+    {"top_entropy_quantile": 0.7, "importance_sampling_level": "sequence", "importance_sampling_ratio": "token"},
 ]
 
 
 @pytest.mark.parametrize("options", ROW_OPTIONS, ids=["seq", "seq-kl-is", "seq-kl-delta", "offpolicy", "seq-offpolicy",
-                                                      "token"])  # fmt: skip
+                                                      "token", "entropy-mask", "seq-entropy-mask"])  # fmt: skip
 @pytest.mark.parametrize("old", [True, False], ids=["old", "on-policy"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_row_grads_equal_autograd_through_the_objective(loss_type, old, options):
@@ -231,10 +290,14 @@ def test_row_grads_equal_autograd_through_the_objective(loss_type, old, options)
         importance_sampling_ratio=None if is_ratio is None else torch.rand(B, T if is_ratio == "token" else 1) + 0.5,
         sampling_logps=(lp + torch.randn(B, T, dtype=torch.float64) * 0.2) if sampling else None,
     )
-    plan = LossPlan.build(mask, config, None, num_items)
+    plan = LossPlan.build(mask, config, entropy, num_items)
+    if config.top_entropy_quantile < 1.0:  # a mask that keeps some active tokens and drops others
+        kept = mask & (entropy.detach() >= plan.entropy_threshold)
+        assert 0 < kept.sum() < mask.sum()
     loss, _ = row_terms(logps, entropy, inputs, config, plan, metrics=False)
     expected = torch.autograd.grad(loss, (logps, entropy), allow_unused=True)
-    got = [row_grads(lp[rows], inputs.rows(rows), config, plan) for rows in (slice(0, 2), slice(2, B))]
+    ent = entropy.detach()
+    got = [row_grads(lp[rows], inputs.rows(rows), config, plan, ent[rows]) for rows in (slice(0, 2), slice(2, B))]
     assert_close(torch.cat([g[0] for g in got]), expected[0], atol=1e-15, rtol=1e-12, name="dL/dlogp")
     if config.entropy_coef == 0.0:
         assert got[0][1] is None
