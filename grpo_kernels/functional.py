@@ -1,8 +1,10 @@
 """Public functions and their autograd glue.
 
-`grpo_loss` runs in two layers: `LogProbEntropyFunction` turns logits into per-token log-probs and entropies with one
-read of the logits (Triton on CUDA, the chunked PyTorch path on CPU), then `objective.grpo_objective` forms the loss on
-those `[B, T]` vectors, and autograd carries its gradients back into a single write of `dlogits`.
+`grpo_loss` reads the logits once in its forward for the per-token log-probs and entropies (Triton on CUDA, the
+chunked PyTorch path on CPU), forms the loss's gradient with respect to them in closed form (`objective.row_grads`)
+and, when the logits require grad, writes the logits' gradient in the same forward (`GRPOLossFunction`); the loss and
+metrics come from `objective.grpo_objective` on those `[B, T]` vectors. `LogProbEntropyFunction` is the plain
+differentiable log-prob/entropy op (`selective_log_softmax`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from grpo_kernels import cpu
 from grpo_kernels.backend import use_triton
 from grpo_kernels.config import GRPOLossConfig, GRPOLossOutput, HeadOptions, resolve_grad_filter_eps
-from grpo_kernels.objective import LossInputs, grpo_objective
+from grpo_kernels.objective import LossInputs, LossPlan, grpo_objective, row_grads
 from grpo_kernels.validation import (
     ValueChecks,
     check_finite,
@@ -55,6 +57,48 @@ class LogProbEntropyFunction(torch.autograd.Function):
         args = _head_args(ctx.head)
         dlogits = ctx.ops.logprobs_bwd(logits, ids, mask, stats, entropy, grad_logp, grad_entropy, *args)
         return dlogits, None, None, None
+
+
+class GRPOLossFunction(torch.autograd.Function):
+    """The loss from logits in one pass: `(logits [B, T, V], ids, mask | None, LossInputs, GRPOLossConfig,
+    num_items_in_batch, plans: list) -> (anchor, logp, entropy)`. The forward reads the logits for the log-probs, forms
+    `dL/dlogp` and `dL/dentropy` in closed form (`objective.row_grads`) and writes the logits' gradient straight away,
+    so the loss's small ops are queued while the device writes it and no autograd graph runs through them. `anchor`
+    is a zero whose gradient is the loss's: the caller adds it to the loss it forms (without gradient) from the
+    log-probs and the batch's plan, which the forward appends to `plans`. The backward hands the gradient over,
+    multiplied in place by the loss's incoming gradient; a second backward through the same call raises."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, mask, inputs: LossInputs, config: GRPOLossConfig, num_items, plans: list):
+        ops = _logprob_ops(logits)
+        args = _head_args(HeadOptions(temperature=config.temperature))
+        logp, entropy, stats = ops.logprobs_fwd(logits, ids, mask, *args)
+        plan = LossPlan.build(inputs.mask, config, entropy, num_items)
+        grad_logp, grad_entropy = row_grads(logp, inputs, config, plan, entropy)
+        ctx.dlogits = ops.logprobs_bwd(logits, ids, mask, stats, entropy, grad_logp, grad_entropy, *args)
+        ctx.ops = ops
+        plans.append(plan)
+        ctx.mark_non_differentiable(logp, entropy)
+        ctx.set_materialize_grads(False)  # no zeros for the non-differentiable outputs
+        return torch.zeros((), dtype=logp.dtype, device=logp.device), logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
+        dlogits, ctx.dlogits = ctx.dlogits, None
+        if grad_loss is None:  # the loss was not used
+            return None, None, None, None, None, None, None
+        if dlogits is None:
+            raise RuntimeError(
+                "grpo_loss forms the logits' gradient in the forward and hands it over in the first backward; a second "
+                "backward through the same call is not supported: call the loss again"
+            )
+        if ctx.ops is cpu:
+            cpu.scale_([dlogits], grad_loss)
+        else:
+            from grpo_kernels.ops.scale import scale_
+
+            scale_([dlogits], grad_loss)
+        return dlogits, None, None, None, None, None, None
 
 
 def _head_args(head: HeadOptions) -> tuple[float, float, float | None]:
@@ -192,9 +236,18 @@ def grpo_loss(
             _contiguous_last(logits), completion_ids, mask, config.temperature, 1.0, None, _backend_name(logits)
         )
         loss, metrics = _compiled_objective(logps, entropy, inputs, config, num_items)
+    elif torch.is_grad_enabled() and logits.requires_grad:
+        plans = []
+        anchor, logps, entropy = GRPOLossFunction.apply(
+            _contiguous_last(logits), completion_ids, mask, inputs, config, num_items, plans
+        )
+        with torch.no_grad():
+            loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items, plan=plans[0])
+        loss = loss + anchor
     else:
         head = HeadOptions(temperature=config.temperature)
-        logps, entropy = LogProbEntropyFunction.apply(_contiguous_last(logits), completion_ids, mask, head)
+        logps, entropy, _ = _logprob_ops(logits).logprobs_fwd(_contiguous_last(logits), completion_ids, mask,
+                                                              *_head_args(head))  # fmt: skip
         loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
     return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)
 
