@@ -1,19 +1,22 @@
 """Gradients formed ahead of the backward, multiplied in place by the incoming gradient: `x <- x * s`.
 
-The single-pass fused linear loss forms its gradients in the forward, and its backward only scales them by the
-loss's incoming gradient `s`, a 0-dim tensor on the device. The kernel reads `s` where it runs, so the host never waits
-for it, and when `s` is 1 (a plain `loss.backward()`) every load and store is masked off: no bytes move, where a
-multiply would read and write all of `d_weight` (2 GiB for a bf16 131,072 x 4,096 head). Otherwise each element is
-multiplied in the wider of its dtype and `s`'s (fp32 for 16-bit gradients) and rounded once.
+The single-pass fused linear loss and the loss from logits form their gradients in the forward, and their backward
+only scales them by the loss's incoming gradient `s`, a 0-dim tensor on the device. The kernel reads `s` where it
+runs, so the host never waits for it, and when `s` is 1 (a plain `loss.backward()`) its loop over the tensor's blocks
+is empty: no bytes move, where a multiply would read and write all of `d_weight` (2 GiB for a bf16 131,072 x 4,096
+head), and the launch has a few programs per multiprocessor, each taking blocks a grid apart, not one per block.
+Otherwise each element is multiplied in the wider of its dtype and `s`'s (fp32 for 16-bit gradients) and rounded once.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from grpo_kernels.ops._common import num_warps_for, row_block
+from grpo_kernels.ops._common import interpreting, num_warps_for, row_block
 
 
 @triton.jit
@@ -24,10 +27,26 @@ def _scale_kernel(
     BLOCK: tl.constexpr,
 ):
     s = tl.load(scale_ptr)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < tl.where(s != 1.0, n, 0)  # a multiplier of 1 reads and writes nothing
-    x = tl.load(x_ptr + offs, mask=live)
-    tl.store(x_ptr + offs, (x * s).to(x_ptr.dtype.element_ty), mask=live)
+    end = tl.where(s != 1.0, n, 0).to(tl.int64)  # a multiplier of 1 reads and writes nothing
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for start in range(tl.program_id(0).to(tl.int64) * BLOCK, end, step):  # blocks a grid apart
+        offs = start + tl.arange(0, BLOCK)
+        live = offs < n
+        x = tl.load(x_ptr + offs, mask=live)
+        tl.store(x_ptr + offs, (x * s).to(x_ptr.dtype.element_ty), mask=live)
+
+
+def _programs(device: torch.device) -> int:
+    """Programs per launch: a few per multiprocessor on a GPU, each taking blocks a grid apart, so that a multiplier
+    of 1 costs one short launch however large the tensor; one in the interpreter."""
+    if interpreting() or device.type != "cuda":
+        return 1
+    return 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
@@ -50,4 +69,5 @@ def scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
         if n == 0:
             continue
         block = row_block(n)
-        _scale_kernel[(triton.cdiv(n, block),)](x, scale, n, BLOCK=block, num_warps=num_warps_for(block))
+        grid = min(triton.cdiv(n, block), _programs(x.device))
+        _scale_kernel[(grid,)](x, scale, n, BLOCK=block, num_warps=num_warps_for(block))
