@@ -2,9 +2,10 @@
 # The GPU run on a machine with no network: the kernel tests on CUDA (compiled Triton, bf16), the full benchmark sweep,
 # then the opt-in strategies of the fused linear loss (tiles, fused kernels, vocab blocks, other chunk budgets,
 # gradient filtering on peaked inputs; profiled kernel by kernel) on the issue-3 target shape in processes of their own
-# (a fault there cannot take the sweep with it), the default at a small N (profiled), vocabularies whose logits rows
-# are not 16-byte aligned, with the fused kernels' tile tuner. Under 10 minutes: tests not started 90 s in are skipped
-# with that reason, no new shape is started 170 s into the sweep, and no later stage starts that could end past 585 s.
+# (a fault there cannot take the sweep with it), the default at a small N and the loss from logits (profiled),
+# vocabularies whose logits rows are not 16-byte aligned, with the fused kernels' tile tuner. Under 10 minutes: tests
+# not started 90 s in are skipped with that reason, no new shape is started 170 s into the sweep, and no later stage
+# starts that could end past 585 s.
 #
 #   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
 #   SWEEP_RESUME=benchmarks/results/h200/results.json OUT=DIR bash benchmarks/gpu_run.sh
@@ -115,12 +116,14 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   # 128 MiB keep 64 MiB of bf16 logits and 2,048-token chunks (32 MiB of fp32 d_hidden rows) at H = 4,096, at 32 MiB
   # 16 + 8 MiB; the default at 120 MiB keeps 60 MiB of bf16 logits (240-token chunks: three products, but each chunk
   # rereads and rewrites d_weight), at 512 MiB 256 MiB (its d_weight product still compute-bound at 1,024-token
-  # chunks); vocab blocks at 96 MiB keep 48 MiB
-  local run
+  # chunks); vocab blocks at 96 MiB keep 48 MiB. The default at 120 MiB is profiled: under 64 MiB its three products
+  # would fit the target if the small chunks' products kept their speed (which of them loses it is the question)
+  local run profile limit
   for run in ours-tiles:128 ours-triton:120 ours-tiles:32 ours-triton:512 ours-vocab:96; do
-    fits 40 "$run" || continue
-    GRPO_KERNELS_CHUNK_MIB=${run#*:} timeout --kill-after=5 35 python3 -m benchmarks --device cuda --no-progress \
-      --out "$scratch/fused/${run%:*}-${run#*:}-mib" --ops fused_linear --shapes 8x1024x4096x131072 \
+    profile=""; limit=35; [ "$run" = ours-triton:120 ] && profile=--profile && limit=50
+    fits $((limit + 5)) "$run" || continue
+    GRPO_KERNELS_CHUNK_MIB=${run#*:} timeout --kill-after=5 $limit python3 -m benchmarks --device cuda --no-progress \
+      $profile --out "$scratch/fused/${run%:*}-${run#*:}-mib" --ops fused_linear --shapes 8x1024x4096x131072 \
       --providers "${run%:*}" || fused=$?
   done
   # gradient filtering on peaked inputs (a trained model's softmax), next to the exact default and the references
@@ -131,6 +134,11 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   fits 50 "small N" && { timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress --profile \
     --out "$scratch/fused/small-n" --ops fused_linear --shapes 4x1024x896x151936 --providers ours-triton trl floor \
     || fused=$?; }
+  # the loss from materialised logits, whose forward writes their gradient (the loss's small ops queued behind it):
+  # profiled next to Liger's triton_grpo_loss and TRL, at a host-bound and a device-bound N
+  fits 50 "loss from logits" && { timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress \
+    --profile --out "$scratch/fused/loss-from-logits" --ops loss_from_logits --shapes 1x1024x131072 16x1024x131072 \
+    --providers ours-triton liger trl floor || fused=$?; }
   # vocabularies whose rows of logits are not 16-byte aligned: GPT-2's (50,257) next to 50,304, for the default (its
   # chunks' rows padded to 64 elements) and TRL; tiles at Qwen's (151,936: blocks of whole multiples of 64 columns)
   fits 50 "unaligned vocabularies" && { timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress \
