@@ -2,10 +2,10 @@
 # The GPU run on a machine with no network: the kernel tests on CUDA (compiled Triton, bf16), the full benchmark sweep,
 # then the opt-in strategies of the fused linear loss (tiles, fused kernels, vocab blocks, other chunk budgets,
 # gradient filtering on peaked inputs; profiled kernel by kernel) on the issue-3 target shape in processes of their own
-# (a fault there cannot take the sweep with it), the default at a small N and the loss from logits (profiled),
-# vocabularies whose logits rows are not 16-byte aligned, with the fused kernels' tile tuner. Under 10 minutes: tests
-# not started 90 s in are skipped with that reason, no new shape is started 170 s into the sweep, and no later stage
-# starts that could end past 585 s.
+# (a fault there cannot take the sweep with it), one chunk's products at chunk sizes from 128 to 2,048 tokens, the
+# default at a small N and the loss from logits (profiled), vocabularies whose logits rows are not 16-byte aligned,
+# with the fused kernels' tile tuner. Under 10 minutes: tests not started 90 s in are skipped with that reason, no new
+# shape is started 170 s into the sweep, and no later stage starts that could end past 585 s.
 #
 #   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
 #   SWEEP_RESUME=benchmarks/results/h200/results.json OUT=DIR bash benchmarks/gpu_run.sh
@@ -134,6 +134,10 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   fits 50 "small N" && { timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress --profile \
     --out "$scratch/fused/small-n" --ops fused_linear --shapes 4x1024x896x151936 --providers ours-triton trl floor \
     || fused=$?; }
+  # one chunk's three products at chunk sizes from 128 to 2,048 tokens (the single-pass schedule under a small
+  # budget), d_hidden's also split over the vocabulary: which product loses its speed in small chunks
+  fits 50 "chunk products" && { timeout --kill-after=5 45 python3 -m benchmarks.chunk_products --runs 10 \
+    --out "$scratch/fused/chunk-products" || fused=$?; }
   # the loss from materialised logits, whose forward writes their gradient (the loss's small ops queued behind it):
   # profiled next to Liger's triton_grpo_loss and TRL, at a host-bound and a device-bound N
   fits 50 "loss from logits" && { timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress \

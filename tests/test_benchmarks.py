@@ -382,6 +382,35 @@ def test_tile_tuner_tries_every_candidate_and_restores_the_tiles(tmp_path, devic
     assert tune_fused._diff((torch.tensor([2.0, -4.0]), None, torch.tensor([0.5])), ref) > tune_fused.MISMATCH
 
 
+def test_chunk_products_times_each_product_and_projects_the_chunks(tmp_path):
+    """`python -m benchmarks.chunk_products`: per chunk size, the three products, the split `d_hidden` (correct, or
+    the reason it was not run) and the projection onto N tokens; its files."""
+    from benchmarks import chunk_products
+
+    out = tmp_path / "cp"
+    args = ["--shape", "100x16x100", "--tokens", "10", "30", "--dtype", "float32", "--device", "cpu", "--runs", "1",
+            "--out", str(out)]  # fmt: skip
+    assert chunk_products.main(args) == 0
+    rows = json.loads((out / "chunk_products.json").read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [10, 30] and [r["chunks"] for r in rows] == [10, 4]
+    for r in rows:
+        assert set(r["ms"]) == {"logits", "d_hidden", "d_weight_write", "d_weight_add"}
+        assert all(t > 0 for t in r["ms"].values())
+        assert r["projected_ms"] == pytest.approx(r["chunks"] * (r["ms"]["logits"] + r["ms"]["d_hidden"]
+                                                                 + r["ms"]["d_weight_add"]))  # fmt: skip
+        splits = r["split_d_hidden"]
+        assert splits["8"]["error"] == "V = 100 is not a multiple of 8"
+        for s in ("2", "4"):  # fp32 products summed in fp32: as accurate as one product, give or take
+            assert 0 <= splits[s]["error_vs_plain"] < 4, splits[s]
+        assert "error" in splits["4 fp32"]  # no fp32 output of 32-bit products on the CPU
+    assert "| 30 |" in (out / "chunk_products.md").read_text()
+    dz, w = torch.randn(6, 12), torch.randn(12, 5)
+    assert_close = torch.testing.assert_close
+    assert_close(chunk_products.split_product(dz, w, 3, torch.empty(6, 5)), dz @ w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit):
+        chunk_products.main(["--shape", "8x1024", "--out", str(out)])
+
+
 def test_kernel_resources_counts_registers_and_limits():
     from benchmarks.kernel_resources import Build
 

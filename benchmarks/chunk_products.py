@@ -1,0 +1,171 @@
+"""`python -m benchmarks.chunk_products`: time the three matrix products of one chunk of the single-pass schedule.
+
+The default fused linear loss forms each chunk's gradients in its forward: the chunk's logits (`[c, H] @ [H, V]`),
+`d_hidden` (`[c, V] @ [V, H]`, a small output over a long inner dimension) and its share of `d_weight`
+(`[V, c] @ [c, H]`, added to the whole `[V, H]` gradient: read and written once per chunk). Under a small memory
+budget the chunks are small (240 tokens in 60 MiB of bf16 logits at V = 131,072), and three products that are fast
+for 2,048-token chunks may not be for 240-token ones. This times each product at several chunk sizes, next to
+`d_hidden` split over the vocabulary into S products whose partial sums are added in fp32 (`split-S`, with their
+error against an fp64 product, as a multiple of the plain product's), and projects each size onto N tokens: the time
+of N / c chunks against the three products at c = N. It writes `chunk_products.json` and `chunk_products.md` to
+`--out`.
+
+On a CPU it runs (for its test) but says nothing about a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SPLITS = (2, 4, 8)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _time(fn, device: str, runs: int) -> float:
+    """Median milliseconds of `runs` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(runs):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(torch.tensor(times).median())
+
+
+def split_product(dz: torch.Tensor, weight: torch.Tensor, splits: int, out: torch.Tensor, wide: bool = False):
+    """`dz @ weight` (`[c, V] @ [V, H]`) as `splits` products over slices of the vocabulary, batched in one call,
+    their partial sums added in fp32 and rounded once into `out`; V must be a multiple of `splits`. `wide`: the
+    partial sums come out of the products in fp32 (`out_dtype`, where PyTorch has it), else in `dz`'s dtype."""
+    c, V = dz.shape
+    a, b = dz.view(c, splits, V // splits).transpose(0, 1), weight.view(splits, V // splits, -1)
+    partial = torch.bmm(a, b, out_dtype=torch.float32) if wide else torch.bmm(a, b)  # [S, c, H]
+    return out.copy_(partial.sum(0, dtype=torch.float32))
+
+
+def measure(N: int, H: int, V: int, tokens: list[int], dtype: torch.dtype, device: str, runs: int) -> list[dict]:
+    """One row per chunk size: each product's milliseconds and TFLOP/s, the split `d_hidden` products' times and
+    errors, and the projection onto N tokens."""
+    torch.manual_seed(0)
+    weight = (torch.randn(V, H, device=device) * H**-0.5).to(dtype)
+    d_w = torch.empty_like(weight)
+    rows = []
+    for c in tokens:
+        h = torch.randn(c, H, device=device, dtype=dtype)
+        z = torch.empty(c, V, device=device, dtype=dtype)
+        dz = (torch.randn(c, V, device=device) * V**-0.5).to(dtype)
+        d_h = torch.empty(c, H, device=device, dtype=dtype)
+        flops = 2.0 * c * H * V
+        ms = {
+            "logits": _time(lambda h=h, z=z: torch.mm(h, weight.t(), out=z), device, runs),
+            "d_hidden": _time(lambda dz=dz, d_h=d_h: torch.mm(dz, weight, out=d_h), device, runs),
+            "d_weight_write": _time(lambda dz=dz, h=h: torch.mm(dz.t(), h, out=d_w), device, runs),
+            "d_weight_add": _time(lambda dz=dz, h=h: d_w.addmm_(dz.t(), h), device, runs),
+        }
+        exact = dz.double() @ weight.double()
+        plain_err = float((torch.mm(dz, weight) - exact).abs().max())
+        splits = {}
+        for s in SPLITS:
+            for wide in (False, True):
+                key = f"{s}{' fp32' if wide else ''}"
+                if V % s:
+                    splits[key] = {"error": f"V = {V} is not a multiple of {s}"}
+                    continue
+                try:
+                    got = split_product(dz, weight, s, torch.empty_like(d_h), wide)
+                except (RuntimeError, TypeError, NotImplementedError) as err:
+                    splits[key] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:60]}"}
+                    continue
+                err = float((got - exact).abs().max())
+                t = _time(lambda dz=dz, d_h=d_h, s=s, wide=wide: split_product(dz, weight, s, d_h, wide), device, runs)
+                splits[key] = {"ms": t, "tflops": flops / t / 1e9, "error_vs_plain": err / max(plain_err, 1e-300)}
+        chunks = -(-N // c)
+        rows.append({
+            "tokens": c, "chunks": chunks, "ms": ms, "tflops": {k: flops / v / 1e9 for k, v in ms.items()},
+            "split_d_hidden": splits,
+            "projected_ms": chunks * (ms["logits"] + ms["d_hidden"] + ms["d_weight_add"]),
+        })  # fmt: skip
+        del h, z, dz, d_h, exact
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"# One chunk's matrix products on {meta['device']}",
+        "",
+        f"`{meta['command']}` ({meta['date']}). N = {meta['N']:,}, H = {meta['H']:,}, V = {meta['V']:,}, "
+        f"{meta['dtype']}; median of {meta['runs']} runs after a warm-up. Per chunk of c tokens: the logits "
+        "`[c, H] @ [H, V]`, `d_hidden` `[c, V] @ [V, H]`, `d_weight` `[V, c] @ [c, H]` written, and added to (the "
+        "single-pass schedule adds every chunk but the first). Projected: N / c chunks of the logits, `d_hidden` "
+        "and the added `d_weight`.",
+        "",
+    ]
+    if meta["device"] == "cpu":
+        lines += ["**CPU**: these times say nothing about a GPU.", ""]
+    lines += ["| c | logits, ms (TFLOP/s) | d_hidden | d_weight written | d_weight added | projected for N, ms |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        cells = [f"{r['ms'][k]:.3g} ({r['tflops'][k]:.3g})" for k in ("logits", "d_hidden", "d_weight_write",
+                                                                       "d_weight_add")]  # fmt: skip
+        lines.append(f"| {r['tokens']:,} | " + " | ".join(cells) + f" | {r['projected_ms']:.3g} |")
+    keys = list(rows[0]["split_d_hidden"]) if rows else []
+    lines += ["", "`d_hidden` as S products over slices of the vocabulary, their partial sums (in the inputs' dtype, "
+              "or in fp32: `S fp32`) added in fp32 (ms, TFLOP/s, max error against fp64 as a multiple of the plain "
+              "product's):", "", "| c | " + " | ".join(f"split-{k}" for k in keys) + " |",
+              "|---|" + "---|" * len(keys)]  # fmt: skip
+    for r in rows:
+        cells = []
+        for k in keys:
+            x = r["split_d_hidden"][k]
+            ok = "error" not in x
+            cells.append(f"{x['ms']:.3g} ({x['tflops']:.3g}), {x['error_vs_plain']:.2g}x" if ok else x["error"])
+        lines.append(f"| {r['tokens']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.chunk_products", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="8192x4096x131072", help="NxHxV (default: issue 3's target shape)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[128, 240, 512, 1024, 2048], help="chunk sizes")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--out", default="runs/chunk-products")
+    args = p.parse_args(argv)
+    try:
+        N, H, V = (int(x) for x in args.shape.split("x"))
+    except ValueError:
+        p.error(f"--shape: expected NxHxV (e.g. 8192x4096x131072); got {args.shape!r}")
+    if min(N, H, V) < 1 or min(args.tokens) < 1 or args.runs < 1:
+        p.error("--shape, --tokens and --runs must be positive")
+    rows = measure(N, H, V, sorted(set(args.tokens)), DTYPES[args.dtype], args.device, args.runs)
+    meta = {
+        "command": "python -m benchmarks.chunk_products " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "N": N, "H": H, "V": V, "dtype": args.dtype,
+        "runs": args.runs, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    }  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chunk_products.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    text = markdown(rows, meta)
+    (out / "chunk_products.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
