@@ -299,6 +299,9 @@ def test_row_grads_equal_autograd_through_the_objective(loss_type, old, options)
     ent = entropy.detach()
     got = [row_grads(lp[rows], inputs.rows(rows), config, plan, ent[rows]) for rows in (slice(0, 2), slice(2, B))]
     assert_close(torch.cat([g[0] for g in got]), expected[0], atol=1e-15, rtol=1e-12, name="dL/dlogp")
+    if config.top_entropy_quantile < 1.0:
+        with pytest.raises(ValueError, match="needs the rows' entropy for the entropy mask"):
+            row_grads(lp, inputs, config, plan)
     if config.entropy_coef == 0.0:
         assert got[0][1] is None
     else:
