@@ -33,10 +33,9 @@ How to read these tables:
   (floor excluded).
 - Memory: the peak allocated beyond the inputs during the mode, in MiB, measured in a run apart from the timed ones;
   "grads" is the size of the gradients the op hands back, which every provider must allocate.
-- grpo_kernels' fused linear loss and its loss from logits form their gradients during the forward when their inputs
-  require grad (a training step), so their "forward" includes most of the backward's work (and, from logits, the
-  logits' gradient in its memory) and their "backward" only scales them: compare the forward+backward tables. The
-  forward of every provider is measured with inputs that require grad.
+- grpo_kernels' fused linear loss forms its gradients during the forward when its inputs require grad (a training
+  step), so its "forward" includes most of the backward's work and its "backward" only scales them: compare the
+  forward+backward tables. The forward of every provider is measured with inputs that require grad.
 - grpo_kernels (fused Triton), GPU only, is the opt-in `GRPO_KERNELS_LINEAR=fused` strategy (logits tiles kept in
   registers, the logits recomputed in the backward); grpo_kernels (Triton) is the default chunked schedule;
   grpo_kernels (vocab blocks) is the opt-in `GRPO_KERNELS_LINEAR=vocab-blocks` strategy (d_weight formed once per

@@ -1,10 +1,10 @@
 """Public functions and their autograd glue.
 
 `grpo_loss` reads the logits once in its forward for the per-token log-probs and entropies (Triton on CUDA, the
-chunked PyTorch path on CPU), forms the loss's gradient with respect to them in closed form (`objective.row_grads`)
-and, when the logits require grad, writes the logits' gradient in the same forward (`GRPOLossFunction`); the loss and
-metrics come from `objective.grpo_objective` on those `[B, T]` vectors. `LogProbEntropyFunction` is the plain
-differentiable log-prob/entropy op (`selective_log_softmax`).
+chunked PyTorch path on CPU) and once in its backward for their gradient. When the logits alone require grad
+(`GRPOLossFunction`), the forward also forms the loss's derivative with respect to those `[B, T]` vectors in closed
+form (`objective.row_grads`) and the loss and metrics without a graph (`objective.grpo_objective`); otherwise autograd
+runs through the objective (`LogProbEntropyFunction`, also `selective_log_softmax`'s op).
 """
 
 from __future__ import annotations
@@ -60,23 +60,24 @@ class LogProbEntropyFunction(torch.autograd.Function):
 
 
 class GRPOLossFunction(torch.autograd.Function):
-    """The loss from logits in one pass: `(logits [B, T, V], ids, mask | None, LossInputs, GRPOLossConfig,
-    num_items_in_batch, plans: list) -> (anchor, logp, entropy)`. The forward reads the logits for the log-probs, forms
-    `dL/dlogp` and `dL/dentropy` in closed form (`objective.row_grads`) and writes the logits' gradient straight away,
-    so the loss's small ops are queued while the device writes it and no autograd graph runs through them. `anchor`
-    is a zero whose gradient is the loss's: the caller adds it to the loss it forms (without gradient) from the
-    log-probs and the batch's plan, which the forward appends to `plans`. The backward hands the gradient over,
-    multiplied in place by the loss's incoming gradient; a second backward through the same call raises."""
+    """The loss from logits with its derivative in closed form: `(logits [B, T, V], ids, mask | None, LossInputs,
+    GRPOLossConfig, num_items_in_batch, plans: list) -> (anchor, logp, entropy)`. The forward reads the logits for the
+    log-probs and forms `dL/dlogp` and `dL/dentropy` `[B, T]` (`objective.row_grads`), so no autograd graph runs
+    through the loss's small ops; `anchor` is a zero whose gradient is the loss's: the caller adds it to the loss it
+    forms (without gradient) from the log-probs and the batch's plan, which the forward appends to `plans`. The
+    backward multiplies those coefficients by the loss's incoming gradient and writes the logits' gradient in one
+    pass: rounded once to the logits' dtype after the scaling, so a loss scaled against fp16 underflow keeps its small
+    gradients."""
 
     @staticmethod
     def forward(ctx, logits, ids, mask, inputs: LossInputs, config: GRPOLossConfig, num_items, plans: list):
         ops = _logprob_ops(logits)
-        args = _head_args(HeadOptions(temperature=config.temperature))
-        logp, entropy, stats = ops.logprobs_fwd(logits, ids, mask, *args)
+        head = HeadOptions(temperature=config.temperature)
+        logp, entropy, stats = ops.logprobs_fwd(logits, ids, mask, *_head_args(head))
         plan = LossPlan.build(inputs.mask, config, entropy, num_items)
         grad_logp, grad_entropy = row_grads(logp, inputs, config, plan, entropy)
-        ctx.dlogits = ops.logprobs_bwd(logits, ids, mask, stats, entropy, grad_logp, grad_entropy, *args)
-        ctx.ops = ops
+        ctx.save_for_backward(logits, ids, mask, stats, entropy, grad_logp, grad_entropy)
+        ctx.head, ctx.ops = head, ops
         plans.append(plan)
         ctx.mark_non_differentiable(logp, entropy)
         ctx.set_materialize_grads(False)  # no zeros for the non-differentiable outputs
@@ -84,20 +85,13 @@ class GRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
-        dlogits, ctx.dlogits = ctx.dlogits, None
+        logits, ids, mask, stats, entropy, grad_logp, grad_entropy = ctx.saved_tensors
         if grad_loss is None:  # the loss was not used
             return None, None, None, None, None, None, None
-        if dlogits is None:
-            raise RuntimeError(
-                "grpo_loss forms the logits' gradient in the forward and hands it over in the first backward; a second "
-                "backward through the same call is not supported: call the loss again"
-            )
-        if ctx.ops is cpu:
-            cpu.scale_([dlogits], grad_loss)
-        else:
-            from grpo_kernels.ops.scale import scale_
-
-            scale_([dlogits], grad_loss)
+        grad_logp = grad_logp * grad_loss
+        grad_entropy = None if grad_entropy is None else grad_entropy * grad_loss
+        dlogits = ctx.ops.logprobs_bwd(logits, ids, mask, stats, entropy, grad_logp, grad_entropy,
+                                       *_head_args(ctx.head))  # fmt: skip
         return dlogits, None, None, None, None, None, None
 
 
@@ -236,7 +230,7 @@ def grpo_loss(
             _contiguous_last(logits), completion_ids, mask, config.temperature, 1.0, None, _backend_name(logits)
         )
         loss, metrics = _compiled_objective(logps, entropy, inputs, config, num_items)
-    elif torch.is_grad_enabled() and logits.requires_grad:
+    elif torch.is_grad_enabled() and logits.requires_grad and not _any_requires_grad(inputs):
         plans = []
         anchor, logps, entropy = GRPOLossFunction.apply(
             _contiguous_last(logits), completion_ids, mask, inputs, config, num_items, plans
@@ -244,12 +238,21 @@ def grpo_loss(
         with torch.no_grad():
             loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items, plan=plans[0])
         loss = loss + anchor
+    elif torch.is_grad_enabled() and (logits.requires_grad or _any_requires_grad(inputs)):
+        # a gradient for the per-token inputs too (advantages, reference log-probs, ...): autograd through the loss
+        head = HeadOptions(temperature=config.temperature)
+        logps, entropy = LogProbEntropyFunction.apply(_contiguous_last(logits), completion_ids, mask, head)
+        loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
     else:
         head = HeadOptions(temperature=config.temperature)
         logps, entropy, _ = _logprob_ops(logits).logprobs_fwd(_contiguous_last(logits), completion_ids, mask,
                                                               *_head_args(head))  # fmt: skip
         loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
     return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)
+
+
+def _any_requires_grad(inputs: LossInputs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in vars(inputs).values())
 
 
 @torch.compiler.assume_constant_result

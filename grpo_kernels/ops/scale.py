@@ -1,11 +1,11 @@
 """Gradients formed ahead of the backward, multiplied in place by the incoming gradient: `x <- x * s`.
 
-The single-pass fused linear loss and the loss from logits form their gradients in the forward, and their backward
-only scales them by the loss's incoming gradient `s`, a 0-dim tensor on the device. The kernel reads `s` where it
-runs, so the host never waits for it, and when `s` is 1 (a plain `loss.backward()`) its loop over the tensor's blocks
-is empty: no bytes move, where a multiply would read and write all of `d_weight` (2 GiB for a bf16 131,072 x 4,096
-head), and the launch has a few programs per multiprocessor, each taking blocks a grid apart, not one per block.
-Otherwise each element is multiplied in the wider of its dtype and `s`'s (fp32 for 16-bit gradients) and rounded once.
+The single-pass fused linear loss forms its gradients in the forward, and its backward only scales them by the loss's
+incoming gradient `s`, a 0-dim tensor on the device. The kernel reads `s` where it runs, so the host never waits for
+it, and when `s` is 1 (a plain `loss.backward()`) its loop over the tensor's blocks is empty: no bytes move, where a
+multiply would read and write all of `d_weight` (2 GiB for a bf16 131,072 x 4,096 head), and the launch has a few
+programs per multiprocessor, each taking blocks a grid apart, not one per block. Otherwise each element is multiplied
+in the wider of its dtype and `s`'s (fp32 for 16-bit gradients) and rounded once.
 """
 
 from __future__ import annotations
