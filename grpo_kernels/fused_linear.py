@@ -15,8 +15,9 @@ Two schedules:
   chunk), row by row for the others (`objective.row_grads`). The loss itself is formed once, for the whole batch,
   with the metrics. `d_weight` is not zeroed first: the first chunk's product writes it.
 - two passes (`LinearLogProbEntropyFunction` + the objective): when the loss needs statistics of the whole batch first
-  (`top_entropy_quantile < 1`), or a sequence does not fit in one chunk, the forward keeps only `[N]`-sized statistics
-  and the backward recomputes each chunk's logits: four products.
+  (`top_entropy_quantile < 1`), a sequence does not fit in one chunk, or the inputs are fp16 (whose gradients must be
+  rounded after a loss scale multiplies them, not before), the forward keeps only `[N]`-sized statistics and the
+  backward recomputes each chunk's logits: four products.
 
 `d_weight` is accumulated across chunks in the weight's dtype (exact fp32 accumulation for fp32 weights; for bf16
 weights each chunk's product is added in bf16, as chunked losses usually do). Each chunk rereads and rewrites all of
@@ -808,7 +809,9 @@ def fused_linear_loss(
     mask = inputs.mask if masked else None
     positions = active_positions(mask)
     chunks = None
-    if not use_fused_kernels(hidden):
+    # fp16 takes two passes: its gradients are then rounded once, after the loss's incoming gradient (a loss scale
+    # against fp16 underflow) has multiplied them; formed in the forward, entries below fp16's range would be lost
+    if not use_fused_kernels(hidden) and hidden.dtype != torch.float16:
         chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device)
     if chunks is not None:
         needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))

@@ -232,6 +232,27 @@ def test_backward_scales_the_gradients_by_the_incoming_one(impl, scale, device):
             assert_close(gs, expected, atol=atol, rtol=0, name=name)
 
 
+def test_fp16_gradients_are_rounded_after_the_loss_scale(impl, device):
+    """fp16 training scales the loss (`GradScaler`, 2**16) so that small gradients survive the rounding to fp16: the
+    gradients are rounded once, after that scale, and none of `d_hidden`'s or `d_weight`'s entries of at least fp16's
+    smallest subnormal becomes zero (formed in the forward and scaled after, most of `d_weight` did)."""
+    dev = "cpu" if impl.startswith("torch") else device
+    hidden, weight, _, ids, adv, mask, extra = make_inputs(4, 16, 32, 500, torch.float16, dev, bias=False)
+    config = GRPOLossConfig(loss_type="dapo", beta=0.1)
+    scale = 2.0**16
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight)]
+    out = fused_linear_grpo_loss(*leaves, ids, adv, mask, config=config, num_items_in_batch=8192, **extra)
+    got = torch.autograd.grad(out.loss * scale, leaves)
+    wide = [x.double().requires_grad_() for x in (hidden, weight)]
+    exact = reference.linear_grpo_loss(*wide, ids, adv.double(), mask, config=config, num_items_in_batch=8192,
+                                       **{k: v.double() for k, v in extra.items()})  # fmt: skip
+    expected = torch.autograd.grad(exact.loss * scale, wide)
+    smallest = torch.finfo(torch.float16).smallest_normal * torch.finfo(torch.float16).eps
+    for name, g, e in zip(("d_hidden", "d_weight"), got, expected, strict=True):
+        lost = int(((g == 0) & (e.abs() >= smallest)).sum())
+        assert lost == 0, f"{name}: {lost} of {g.numel()} entries of at least {smallest:.3g} rounded to zero"
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16,
                                    pytest.param(torch.bfloat16, marks=pytest.mark.bf16)])  # fmt: skip
