@@ -103,10 +103,10 @@ def _batch_metrics(
     skipped). The values of each kind are stacked and reduced together, so the metrics take a few ops, not a few per
     metric."""
     out = {}
-    for per_row in (False, True):
-        names = [k for k, v in values.items() if (v.shape[1] == 1) == per_row]
-        if not names:
-            continue
+    groups: dict[tuple[bool, torch.dtype], list[str]] = {}  # stacked apart by kind and by dtype, which each keeps
+    for k, v in values.items():
+        groups.setdefault((v.shape[1] == 1, v.dtype), []).append(k)
+    for (per_row, _), names in groups.items():
         x = torch.stack([values[k] for k in names])
         if per_row:
             sums = x.sum((1, 2)) / plan.num_rows
@@ -118,7 +118,7 @@ def _batch_metrics(
         x = torch.stack(torch.broadcast_tensors(low, -high))  # [2, rows, T or 1]: one NaN-aware minimum for both
         rows = x.squeeze(2) if x.shape[2] == 1 else torch.where(active, x, 0).sum(-1) / active.sum(-1)
         lowest, highest = _nan_reduce(rows, torch.amin).unbind(0)
-        out["clip_ratio/low_min"], out["clip_ratio/high_max"] = lowest, -highest
+        out["clip_ratio/low_min"], out["clip_ratio/high_max"] = lowest, 0.0 - highest  # +0, not -0, for no clipping
     return out
 
 
