@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ def _time(fn, device: str, runs: int) -> float:
     fn()
     times = []
     for _ in range(runs):
-        if device == "cuda":
+        if torch.device(device).type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -43,7 +44,7 @@ def _time(fn, device: str, runs: int) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return float(torch.tensor(times).median())
+    return statistics.median(times)
 
 
 def split_product(dz: torch.Tensor, weight: torch.Tensor, splits: int, out: torch.Tensor, wide: bool = False):
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.chunk_products " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "N": N, "H": H, "V": V, "dtype": args.dtype,
         "runs": args.runs, "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else "cpu",
     }  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
