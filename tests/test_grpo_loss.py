@@ -3,6 +3,8 @@ against TRL 1.16 fed with TRL's own log-probs of the same logits."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import assert_close, assert_within_pytorch_error, loss_and_grad
@@ -152,6 +154,19 @@ def test_scaled_backward_rounds_the_gradient_once(impl, dtype, scale, device):
     smallest = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
     lost = int(((dx == 0) & (dx_exact.abs() >= smallest)).sum())
     assert lost == 0, f"{lost} entries of at least {smallest:.3g} rounded to zero"
+
+
+def test_metrics_keep_their_dtypes_and_positive_zero():
+    """Each metric keeps its own dtype (an fp64 KL from fp64 reference log-probs, fp32 entropies from fp32 logits),
+    and a clip ratio's extreme with nothing clipped is +0, not -0."""
+    config = GRPOLossConfig(loss_type="dapo", beta=0.1)
+    logits, ids, adv, mask, extra = make_inputs(3, 6, 11, torch.float32, "cpu")
+    with backend("torch"):
+        out = grpo_loss(logits, ids, adv, mask, config=config, ref_logps=extra["ref_logps"].double())
+    assert out.metrics["kl"].dtype == torch.float64 and out.metrics["entropy"].dtype == torch.float32
+    assert out.metrics["clip_ratio/low_mean"].dtype == torch.float32
+    high = out.metrics["clip_ratio/high_max"]  # on-policy: every ratio is 1
+    assert high.item() == 0.0 and math.copysign(1.0, high.item()) == 1.0
 
 
 def test_no_autograd_graph_through_the_loss():
