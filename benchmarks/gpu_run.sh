@@ -57,6 +57,43 @@ except Exception as err:
 PY
 }
 
+# The opt-in fused kernels' fp32 d_hidden at large vocabularies was 20 to 80 times PyTorch's error on the H200: is it
+# the order of the vocabulary tiles' additions (fewer, wider tiles: smaller error) or a race (results that differ run
+# to run)? Three runs per tile width, each compared with the first and with an fp64 reference.
+fused_accuracy() {
+  python3 - <<'PY'
+import torch
+from grpo_kernels import GRPOLossConfig, fused_linear, fused_linear_grpo_loss, reference
+from grpo_kernels.ops import linear
+
+def grads(h, w, ids, adv, mask, **kw):
+    leaves = [x.clone().requires_grad_() for x in (h, w)]
+    out = (fused_linear_grpo_loss if kw.pop("ours") else reference.linear_grpo_loss)(*leaves, ids, adv, mask, **kw)
+    return torch.autograd.grad(out.loss, leaves)[0]
+
+for B, T, H, V in ((2, 3, 12, 151_936), (2, 2, 8, 262_144), (4, 64, 256, 151_936)):
+    torch.manual_seed(0)
+    h, w = torch.randn(B, T, H), torch.randn(V, H) / H**0.5 * 2
+    ids, adv, mask = torch.randint(0, V, (B, T)), torch.randn(B), torch.rand(B, T) > 0.25
+    h, w, ids, adv, mask = (x.cuda() for x in (h, w, ids, adv, mask))
+    cfg = GRPOLossConfig(loss_type="dapo", beta=0.0)
+    exact = grads(h.double(), w.double(), ids, adv.double(), mask, config=cfg, ours=False)
+    err_torch = (grads(h, w, ids, adv, mask, config=cfg, ours=False).double() - exact).abs().max().item()
+    for bv in (64, 128, 256):
+        before = linear.TILES[("bwd", "fp32")]
+        linear.TILES[("bwd", "fp32")] = linear.Tiles(64, bv, 64, 8, 2)
+        try:
+            with fused_linear.schedule("fused"):
+                runs = [grads(h, w, ids, adv, mask, config=cfg, ours=True) for _ in range(3)]
+        finally:
+            linear.TILES[("bwd", "fp32")] = before
+        err = (runs[0].double() - exact).abs().max().item()
+        same = all(torch.equal(r, runs[0]) for r in runs[1:])
+        print(f"{B}x{T}x{H}x{V} BLOCK_V {bv}: d_hidden error {err:.3e} = {err / err_torch:.1f} x PyTorch's "
+              f"{err_torch:.3e}; runs identical: {same}")
+PY
+}
+
 run() {
   echo "== GPU"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || return 1
@@ -89,6 +126,9 @@ run() {
   wait "$pid" || tests=$?
   [ ${#group[@]} -gt 0 ] && kill -9 -- -"$pid" 2> /dev/null
   unset GRPO_KERNELS_TEST_FAILURES GRPO_KERNELS_TEST_DEADLINE
+
+  echo "== the fused kernels' fp32 d_hidden: tile widths and run-to-run differences"
+  timeout --kill-after=5 60 bash -c "$(declare -f fused_accuracy); fused_accuracy" || true
 
   echo "== benchmark sweep (the opt-in strategies apart, below)"
   local sweep=0 providers resume=()
