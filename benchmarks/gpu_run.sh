@@ -10,6 +10,9 @@
 #   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
 #   SWEEP_RESUME=benchmarks/results/h200/results.json OUT=DIR bash benchmarks/gpu_run.sh
 #                                               (the sweep measures only the shapes that file lacks: --resume)
+#   SWEEP_SECONDS=0 OUT=DIR bash benchmarks/gpu_run.sh
+#                                               (no sweep: the time goes to the stages after it, in their order,
+#                                               what has not been measured on a GPU yet first)
 #
 # Writes to DIR: log.txt (this script's output: GPU, versions, tests, sweep), results.json, results.md,
 # fused_linear.png, linear_logprobs.png, loss_from_logits.png, advantages.png, fused.tgz (the opt-in strategies' results folder) and, when a
@@ -132,73 +135,79 @@ run() {
 
   echo "== benchmark sweep (the opt-in strategies apart, below)"
   local sweep=0 providers resume=()
+  if [ "$sweep_seconds" -le 0 ]; then echo "skipped: SWEEP_SECONDS=$sweep_seconds"; fi
   if [ -n "${SWEEP_RESUME:-}" ]; then cp "$SWEEP_RESUME" "$out/results.json" && resume=(--resume); fi
   providers=$(python3 -c "from benchmarks.providers import PROVIDERS as P
 print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', 'ours-filter'}))")
   # shellcheck disable=SC2086
-  timeout --kill-after=10 $((sweep_seconds + 45)) python3 -m benchmarks --device cuda --out "$out" --no-progress \
-    --time-limit "$sweep_seconds" --max-run-ms 1000 ${resume[@]+"${resume[@]}"} --providers $providers || sweep=$?
+  [ "$sweep_seconds" -gt 0 ] && { timeout --kill-after=10 $((sweep_seconds + 45)) python3 -m benchmarks --device cuda \
+    --out "$out" --no-progress --time-limit "$sweep_seconds" --max-run-ms 1000 ${resume[@]+"${resume[@]}"} \
+    --providers $providers || sweep=$?; }
   if [ "$sweep" -ne 0 ] && [ -f "$out/results.json" ]; then
     echo "sweep exited with $sweep: tables and plots from the rows it saved"
     python3 -m benchmarks --report-only --out "$out" || true
   fi
 
-  echo "== the opt-in strategies (GRPO_KERNELS_LINEAR=fused, vocab-blocks) on the target shape"
+  echo "== the fused linear loss's strategies, budgets and shapes apart, what has not been measured first"
   local fused=0
   rm -rf "$scratch/fused"  # a machine that is reused keeps no earlier run's results
   # each stage starts only when its time limit still fits before the run's end ($end_seconds)
   fits() { if [ $((SECONDS + $1)) -gt "$end_seconds" ]; then echo "skipped $2: the run is at $SECONDS s"; return 1; fi; }
-  # --profile: where each strategy's time goes, kernel by kernel (results.md's last section, profiles/)
-  fits 120 "the strategies" && { timeout --kill-after=10 110 python3 -m benchmarks --device cuda --no-progress \
-    --profile --out "$scratch/fused" --ops fused_linear --shapes 8x1024x4096x131072 \
-    --providers ours-triton ours-tiles ours-fused ours-vocab floor || fused=$?; }
-  # other chunk budgets (MiB of fp32 logits) than the defaults (chunked 1,024, vocab blocks 128, tiles 64): tiles at
-  # 128 MiB keep 64 MiB of bf16 logits and 2,048-token chunks (32 MiB of fp32 d_hidden rows) at H = 4,096, at 32 MiB
-  # 16 + 8 MiB; the default at 120 MiB keeps 60 MiB of bf16 logits (240-token chunks: three products, but each chunk
-  # rereads and rewrites d_weight), at 512 MiB 256 MiB (its d_weight product still compute-bound at 1,024-token
-  # chunks); vocab blocks at 96 MiB keep 48 MiB. The default at 120 MiB is profiled: under 64 MiB its three products
-  # would fit the target if the small chunks' products kept their speed (which of them loses it is the question)
-  local run profile limit
-  for run in ours-tiles:128 ours-triton:120 ours-tiles:32 ours-triton:512 ours-vocab:96; do
-    profile=""; limit=35; [ "$run" = ours-triton:120 ] && profile=--profile && limit=50
-    fits $((limit + 5)) "$run" || continue
-    GRPO_KERNELS_CHUNK_MIB=${run#*:} timeout --kill-after=5 $limit python3 -m benchmarks --device cuda --no-progress \
-      $profile --out "$scratch/fused/${run%:*}-${run#*:}-mib" --ops fused_linear --shapes 8x1024x4096x131072 \
-      --providers "${run%:*}" || fused=$?
-  done
-  # gradient filtering on peaked inputs (a trained model's softmax), next to the exact default and the references
-  fits 80 "peaked inputs" && { timeout --kill-after=10 70 python3 -m benchmarks --device cuda --no-progress \
-    --out "$scratch/fused/peaked" --ops fused_linear --shapes 8x1024x4096x131072 --inputs peaked \
-    --providers ours-triton ours-filter cce floor || fused=$?; }
-  # small N, where the default is bound by the host (the objective's small ops per chunk): profiled next to TRL
-  fits 50 "small N" && { timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress --profile \
-    --out "$scratch/fused/small-n" --ops fused_linear --shapes 4x1024x896x151936 --providers ours-triton trl floor \
-    || fused=$?; }
+  local B="python3 -m benchmarks --device cuda --no-progress" target="--ops fused_linear --shapes 8x1024x4096x131072"
   # one chunk's three products at chunk sizes from 128 to 2,048 tokens (the single-pass schedule under a small
   # budget), d_hidden's also split over the vocabulary: which product loses its speed in small chunks
   fits 50 "chunk products" && { timeout --kill-after=5 45 python3 -m benchmarks.chunk_products --runs 10 \
     --out "$scratch/fused/chunk-products" || fused=$?; }
-  # the loss from materialised logits, whose forward writes their gradient (the loss's small ops queued behind it):
-  # profiled next to Liger's triton_grpo_loss and TRL, at a host-bound and a device-bound N
-  fits 50 "loss from logits" && { timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress \
-    --profile --out "$scratch/fused/loss-from-logits" --ops loss_from_logits --shapes 1x1024x131072 16x1024x131072 \
-    --providers ours-triton liger trl floor || fused=$?; }
+  # the default at 120 MiB of fp32 logits (60 MiB of bf16 logits, 240-token chunks), profiled: under 64 MiB its three
+  # products would fit the target if the small chunks' products kept their speed
+  # shellcheck disable=SC2086
+  fits 55 "the default at 120 MiB" && { GRPO_KERNELS_CHUNK_MIB=120 timeout --kill-after=5 50 $B --profile \
+    --out "$scratch/fused/ours-triton-120-mib" $target --providers ours-triton || fused=$?; }
+  # the loss from materialised logits (its derivative in closed form, no autograd graph through the loss's small
+  # ops): profiled next to Liger's triton_grpo_loss and TRL, at a host-bound and a device-bound N
+  # shellcheck disable=SC2086
+  fits 50 "loss from logits" && { timeout --kill-after=5 45 $B --profile --out "$scratch/fused/loss-from-logits" \
+    --ops loss_from_logits --shapes 1x1024x131072 16x1024x131072 --providers ours-triton liger trl floor \
+    || fused=$?; }
   # vocabularies whose rows of logits are not 16-byte aligned: GPT-2's (50,257) next to 50,304, for the default (its
   # chunks' rows padded to 64 elements) and TRL; tiles at Qwen's (151,936: blocks of whole multiples of 64 columns)
-  fits 50 "unaligned vocabularies" && { timeout --kill-after=5 45 python3 -m benchmarks --device cuda --no-progress \
-    --out "$scratch/fused/gpt2-vocab" --ops fused_linear --shapes 8x1024x768x50257 8x1024x768x50304 \
-    --providers ours-triton trl floor || fused=$?; }
-  fits 40 "tiles at V = 151,936" && { timeout --kill-after=5 35 python3 -m benchmarks \
-    --device cuda --no-progress --out "$scratch/fused/tiles-qwen" --ops fused_linear --shapes 8x1024x4096x151936 \
-    --providers ours-tiles floor || fused=$?; }
+  # shellcheck disable=SC2086
+  fits 50 "unaligned vocabularies" && { timeout --kill-after=5 45 $B --out "$scratch/fused/gpt2-vocab" \
+    --ops fused_linear --shapes 8x1024x768x50257 8x1024x768x50304 --providers ours-triton trl floor || fused=$?; }
+  # shellcheck disable=SC2086
+  fits 40 "tiles at V = 151,936" && { timeout --kill-after=5 35 $B --out "$scratch/fused/tiles-qwen" \
+    --ops fused_linear --shapes 8x1024x4096x151936 --providers ours-tiles floor || fused=$?; }
+  # --profile: where each strategy's time goes, kernel by kernel (results.md's last section, profiles/)
+  # shellcheck disable=SC2086
+  fits 120 "the strategies" && { timeout --kill-after=10 110 $B --profile --out "$scratch/fused/strategies" $target \
+    --providers ours-triton ours-tiles ours-fused ours-vocab floor || fused=$?; }
+  # other chunk budgets (MiB of fp32 logits) than the defaults (chunked 1,024, vocab blocks 128, tiles 64): tiles at
+  # 128 MiB keep 64 MiB of bf16 logits and 2,048-token chunks (32 MiB of fp32 d_hidden rows) at H = 4,096, at 32 MiB
+  # 16 + 8 MiB; the default at 512 MiB 256 MiB (its d_weight product still compute-bound at 1,024-token chunks);
+  # vocab blocks at 96 MiB keep 48 MiB
+  local run
+  for run in ours-tiles:128 ours-tiles:32 ours-triton:512 ours-vocab:96; do
+    fits 40 "$run" || continue
+    # shellcheck disable=SC2086
+    GRPO_KERNELS_CHUNK_MIB=${run#*:} timeout --kill-after=5 35 $B --out "$scratch/fused/${run%:*}-${run#*:}-mib" \
+      $target --providers "${run%:*}" || fused=$?
+  done
+  # gradient filtering on peaked inputs (a trained model's softmax), next to the exact default and the references
+  # shellcheck disable=SC2086
+  fits 80 "peaked inputs" && { timeout --kill-after=10 70 $B --out "$scratch/fused/peaked" $target --inputs peaked \
+    --providers ours-triton ours-filter cce floor || fused=$?; }
+  # small N, where the default is bound by the host (the objective's small ops per chunk): profiled next to TRL
+  # shellcheck disable=SC2086
+  fits 50 "small N" && { timeout --kill-after=5 45 $B --profile --out "$scratch/fused/small-n" --ops fused_linear \
+    --shapes 4x1024x896x151936 --providers ours-triton trl floor || fused=$?; }
   # the old/reference log-prob pass with the fused forward kernel (no logits chunk at all) next to the default
-  fits 55 "fused log-probs" && { timeout --kill-after=10 45 python3 -m benchmarks --device cuda --no-progress \
-    --out "$scratch/fused/logprobs" --ops linear_logprobs --shapes 8x1024x4096x131072 \
-    --providers ours-triton ours-fused trl cce floor || fused=$?; }
+  # shellcheck disable=SC2086
+  fits 55 "fused log-probs" && { timeout --kill-after=10 45 $B --out "$scratch/fused/logprobs" --ops linear_logprobs \
+    --shapes 8x1024x4096x131072 --providers ours-triton ours-fused trl cce floor || fused=$?; }
   # the fused kernels' tile configurations (TILES in grpo_kernels/ops/linear.py), forward and backward
   fits 95 "the tile tuner" && { timeout --kill-after=10 85 python3 -m benchmarks.tune_fused --time-limit 55 \
     --out "$scratch/fused/tune" || fused=$?; }
-  [ -d "$scratch/fused" ] && tar czf "$out/fused.tgz" -C "$scratch" fused && cat "$scratch/fused/results.md"
+  [ -d "$scratch/fused" ] && tar czf "$out/fused.tgz" -C "$scratch" fused && cat "$scratch"/fused/*/*.md
 
   echo "== done: tests exit $tests, sweep exit $sweep, fused exit $fused"
   ls -l "$out"
