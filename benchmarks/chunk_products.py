@@ -24,27 +24,16 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import tune_fused
+from benchmarks.runner import device_name
+
 SPLITS = (2, 4, 8)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def _time(fn, device: str, runs: int) -> float:
     """Median milliseconds of `runs` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(runs):
-        if torch.device(device).type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(tune_fused._time(fn, device, runs))
 
 
 def split_product(dz: torch.Tensor, weight: torch.Tensor, splits: int, out: torch.Tensor, wide: bool = False):
@@ -114,7 +103,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "and the added `d_weight`.",
         "",
     ]
-    if meta["device"] == "cpu":
+    if not meta["on_gpu"]:
         lines += ["**CPU**: these times say nothing about a GPU.", ""]
     lines += ["| c | logits, ms (TFLOP/s) | d_hidden | d_weight written | d_weight added | projected for N, ms |",
               "|---|---|---|---|---|---|"]  # fmt: skip
@@ -142,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="8192x4096x131072", help="NxHxV (default: issue 3's target shape)")
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 240, 512, 1024, 2048], help="chunk sizes")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--out", default="runs/chunk-products")
     args = p.parse_args(argv)
@@ -157,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.chunk_products " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "N": N, "H": H, "V": V, "dtype": args.dtype,
         "runs": args.runs, "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else "cpu",
+        "device": device_name(args.device), "on_gpu": args.device == "cuda",
     }  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
