@@ -22,6 +22,11 @@ def row_block(n: int) -> int:
     return max(16, min(triton.next_power_of_2(n), cap))
 
 
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors (SMs), for grids sized to fill it."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def num_warps_for(block: int) -> int:
     return 8 if block >= 2048 else 4
 

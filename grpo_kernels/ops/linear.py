@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_kernels.ops._common import exp, interpreting, math_options
+from grpo_kernels.ops._common import exp, interpreting, math_options, multiprocessors
 
 
 @triton.jit
@@ -301,7 +301,7 @@ def linear_fwd(
     t = _tiles("fwd", N, V, H, hidden.dtype, hidden.device)
     BN, BV = t.BLOCK_N, t.BLOCK_V
     num_n, num_vb = triton.cdiv(N, BN), triton.cdiv(V, BV)
-    target = 1 if interpreting() else 2 * torch.cuda.get_device_properties(dev).multi_processor_count
+    target = 1 if interpreting() else 2 * multiprocessors(dev)
     splits = max(1, min(num_vb, triton.cdiv(target, num_n)))
     v_per_split = triton.cdiv(num_vb, splits) * BV
     splits = triton.cdiv(V, v_per_split)

@@ -10,13 +10,11 @@ in the wider of its dtype and `s`'s (fp32 for 16-bit gradients) and rounded once
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from grpo_kernels.ops._common import interpreting, num_warps_for, row_block
+from grpo_kernels.ops._common import interpreting, multiprocessors, num_warps_for, row_block
 
 
 @triton.jit
@@ -41,12 +39,7 @@ def _programs(device: torch.device) -> int:
     of 1 costs one short launch however large the tensor; one in the interpreter."""
     if interpreting() or device.type != "cuda":
         return 1
-    return 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * multiprocessors(device)
 
 
 def scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
