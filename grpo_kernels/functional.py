@@ -238,15 +238,9 @@ def grpo_loss(
         with torch.no_grad():
             loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items, plan=plans[0])
         loss = loss + anchor
-    elif torch.is_grad_enabled() and (logits.requires_grad or _any_requires_grad(inputs)):
-        # a gradient for the per-token inputs too (advantages, reference log-probs, ...): autograd through the loss
+    else:  # no gradient, or one for the per-token inputs too (advantages, ...): autograd through the loss
         head = HeadOptions(temperature=config.temperature)
         logps, entropy = LogProbEntropyFunction.apply(_contiguous_last(logits), completion_ids, mask, head)
-        loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
-    else:
-        head = HeadOptions(temperature=config.temperature)
-        logps, entropy, _ = _logprob_ops(logits).logprobs_fwd(_contiguous_last(logits), completion_ids, mask,
-                                                              *_head_args(head))  # fmt: skip
         loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
     return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)
 
