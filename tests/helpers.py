@@ -56,6 +56,15 @@ def assert_within_pytorch_error(
     assert err <= bound, f"{name}: error {err:.3e} > {factor} x PyTorch's {err_torch:.3e} + 4 ulp; {_where(a, u)}"
 
 
+def assert_none_rounded_to_zero(actual: torch.Tensor, exact: torch.Tensor, *, name: str = "") -> None:
+    """No entry of `exact` of at least the smallest subnormal of `actual`'s dtype is zero in `actual`: a value rounded
+    once to that dtype is not (one rounded before a loss scale multiplies it may be)."""
+    info = torch.finfo(actual.dtype)
+    smallest = info.smallest_normal * info.eps
+    lost = int(((actual == 0) & (exact.abs() >= smallest)).sum())
+    assert lost == 0, f"{name}: {lost} of {actual.numel()} entries of at least {smallest:.3g} rounded to zero"
+
+
 def loss_and_grad(fn, x: torch.Tensor, *args, upcast_to: torch.dtype | None = None, **kwargs):
     """`(output, d output.loss / d x)` of `fn(x, *args, **kwargs)` for a fresh leaf copy of `x` (upcast first when
     asked)."""
