@@ -170,9 +170,10 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
     --ops loss_from_logits --shapes 1x1024x131072 16x1024x131072 --providers ours-triton liger trl floor \
     || fused=$?; }
   # vocabularies whose rows of logits are not 16-byte aligned: GPT-2's (50,257) next to 50,304, for the default (its
-  # chunks' rows padded to 64 elements) and TRL; tiles at Qwen's (151,936: blocks of whole multiples of 64 columns)
+  # chunks' rows padded to 64 elements, its logits and d_weight products over the first 50,240 columns and the last
+  # 17 apart), profiled, and TRL; tiles at Qwen's (151,936: blocks of whole multiples of 64 columns)
   # shellcheck disable=SC2086
-  fits 50 "unaligned vocabularies" && { timeout --kill-after=5 45 $B --out "$scratch/fused/gpt2-vocab" \
+  fits 50 "unaligned vocabularies" && { timeout --kill-after=5 45 $B --profile --out "$scratch/fused/gpt2-vocab" \
     --ops fused_linear --shapes 8x1024x768x50257 8x1024x768x50304 --providers ours-triton trl floor || fused=$?; }
   # shellcheck disable=SC2086
   fits 40 "tiles at V = 151,936" && { timeout --kill-after=5 35 $B --out "$scratch/fused/tiles-qwen" \

@@ -83,7 +83,9 @@ CPU_PARTIAL_SUMS = 1 << 18
 BLOCK_COLUMNS = 64
 # Rows of a chunk's logits start this many elements apart at least (the buffer's rows padded past V to a multiple):
 # on CUDA, cuBLAS takes far slower kernels for rows that are not 16-byte aligned. On the H200 the default took 18.7 ms
-# at GPT-2's vocabulary (50,257; N = 8,192, H = 768) against 4.17 ms at 50,304, before its rows were padded.
+# at GPT-2's vocabulary (50,257; N = 8,192, H = 768) against 4.17 ms at 50,304 before its rows were padded, 15.0 ms
+# against 4.28 after: the extents count too, so the logits and `d_weight` products also take an aligned prefix of the
+# vocabulary apart from the rest (`column_parts`).
 ROW_ALIGN = {"cpu": 1, "cuda": 64}
 
 
@@ -256,11 +258,15 @@ class _Head:
         return cpu.math_dtype(self.flat) if self.ops is cpu else self.flat.dtype
 
     def project(self, h: torch.Tensor, cols: slice, out: torch.Tensor) -> torch.Tensor:
-        """The raw logits `h @ weight[cols].T + bias[cols]` of rows `h`, written into `out`."""
-        if out.dtype == h.dtype:
-            torch.mm(h, self.weight[cols].t(), out=out)
-        else:
-            out.copy_(h @ self.weight[cols].t())
+        """The raw logits `h @ weight[cols].T + bias[cols]` of rows `h`, written into `out`; the whole vocabulary's
+        (`cols` all of it) in the products `column_parts` says."""
+        parts = column_parts(self.weight.shape[0], h.device) if cols == slice(None) else (cols,)
+        for part in parts:
+            o = out if len(parts) == 1 else out[:, part]  # parts of the whole vocabulary
+            if out.dtype == h.dtype:
+                torch.mm(h, self.weight[part].t(), out=o)
+            else:
+                o.copy_(h @ self.weight[part].t())
         if self.bias is not None:
             out += self.bias[cols]
         return out
@@ -317,7 +323,9 @@ class _Head:
         if self._rows is not None:
             return
         if self.d_w is not None:
-            _product(dz.t(), self.rows(sl), out=self.d_w, accumulate=self.d_w_written)
+            rows = self.rows(sl)
+            for part in column_parts(self.weight.shape[0], rows.device):
+                _product(dz[:, part].t(), rows, out=self.d_w[part], accumulate=self.d_w_written)
             self.d_w_written = True
         if self.d_b is not None:
             self.d_b += dz.sum(0, dtype=self.d_b.dtype)
@@ -524,6 +532,18 @@ def padded_vocab(vocab: int, device: torch.device) -> int:
     """The distance between rows of a chunk's logits: `vocab` rounded up to a multiple of `ROW_ALIGN`."""
     align = ROW_ALIGN[_kind(device)]
     return -(-vocab // align) * align
+
+
+def column_parts(vocab: int, device: torch.device) -> tuple[slice, ...]:
+    """The vocabulary's columns as the chunk products take them: where rows are padded (`ROW_ALIGN`), an unaligned
+    vocabulary's longest prefix of whole multiples of the alignment, then the rest (a product of its own), so that the
+    long products' extents are aligned too; else all in one product. `d_hidden`'s product, which sums over the
+    vocabulary, stays whole: two would round its 16-bit rows twice."""
+    align = ROW_ALIGN[_kind(device)]
+    head = vocab - vocab % align
+    if head in (0, vocab):
+        return (slice(None),)
+    return slice(0, head), slice(head, vocab)
 
 
 def block_width(vocab: int, most: int, even: bool = False) -> int:

@@ -466,27 +466,37 @@ def test_a_million_tokens_in_one_call(strategy, monkeypatch):
     "options",
     [{"loss_type": "dapo", "beta": 0.1}, {"loss_type": "grpo", "entropy_coef": 0.1, "top_entropy_quantile": 0.5}],
 )
-def test_logits_rows_padded_past_the_vocabulary(impl, options, device, monkeypatch):
+@pytest.mark.parametrize("vocab", [61, 150])
+def test_logits_rows_padded_past_the_vocabulary(impl, options, vocab, device, monkeypatch):
     """With the rows of a chunk's logits padded to a multiple of 64 elements (as CUDA pads them, for aligned rows),
     an odd vocabulary's loss and gradients match the reference, in the single-pass and the two-pass schedule, and the
-    chunks' logits are views 64 elements a row apart."""
+    chunks' logits are views a whole multiple of 64 elements a row apart. Past 64 columns the logits and `d_weight`
+    are formed in two products each, the first over a whole multiple of 64 columns (`column_parts`)."""
     dev = "cpu" if impl.startswith("torch") else device
     kind = "cuda" if dev == "cuda" else "cpu"
     monkeypatch.setitem(fl.ROW_ALIGN, kind, 64)
-    monkeypatch.setitem(fl.CHUNK_BYTES, kind, 5 * 4 * 61)  # 5-token chunks
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, 5 * 4 * vocab)  # 5-token chunks
     monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
-    strides = []
-    real = fl._Head.logits
+    strides, widths = [], set()
+    real_logits, real_mm = fl._Head.logits, torch.mm
 
     def logits(self, sl):
-        z = real(self, sl)
+        z = real_logits(self, sl)
         strides.append(z.stride())
         return z
 
+    def mm(a, b, *args, out=None, **kwargs):  # the products' outer extents (the vocabulary's, in one or two parts)
+        widths.update((a.shape[0], b.shape[1]))
+        return real_mm(a, b, *args, out=out, **kwargs)
+
     monkeypatch.setattr(fl._Head, "logits", logits)
-    hidden, weight, bias, ids, adv, mask, extra = make_inputs(3, 5, 12, 61, torch.float32, dev)
+    monkeypatch.setattr(fl.torch, "mm", mm)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(3, 5, 12, vocab, torch.float32, dev)
     check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=GRPOLossConfig(**options), **extra)
-    assert (not strides) == impl.endswith(("fused", "tiles")) and set(strides) <= {(64, 1)}
+    assert (not strides) == impl.endswith(("fused", "tiles"))
+    if strides:
+        assert set(strides) == {(-(-vocab // 64) * 64, 1)}
+        assert (vocab in widths) == (vocab == 61) and (vocab == 61 or {128, 22} <= widths)
 
 
 @pytest.mark.parametrize("even", [False, True])
