@@ -3,8 +3,9 @@
 `grpo_loss` reads the logits once in its forward for the per-token log-probs and entropies (Triton on CUDA, the
 chunked PyTorch path on CPU) and once in its backward for their gradient. When the logits alone require grad
 (`GRPOLossFunction`), the forward also forms the loss's derivative with respect to those `[B, T]` vectors in closed
-form (`objective.row_grads`) and the loss and metrics without a graph (`objective.grpo_objective`); otherwise autograd
-runs through the objective (`LogProbEntropyFunction`, also `selective_log_softmax`'s op).
+form (`objective.row_grads`) and the loss and metrics without a graph (`objective.grpo_objective`); with Triton and a
+token-local loss, all three in one launch (`objective.token_objective`). Otherwise autograd runs through the objective
+(`LogProbEntropyFunction`, also `selective_log_softmax`'s op).
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import torch
 from grpo_kernels import cpu
 from grpo_kernels.backend import use_triton
 from grpo_kernels.config import GRPOLossConfig, GRPOLossOutput, HeadOptions, resolve_grad_filter_eps
-from grpo_kernels.objective import LossInputs, LossPlan, grpo_objective, row_grads
+from grpo_kernels.objective import (
+    LossInputs,
+    LossPlan,
+    fused_objective_applies,
+    grpo_objective,
+    row_grads,
+    token_objective,
+)
 from grpo_kernels.validation import (
     ValueChecks,
     check_finite,
@@ -64,7 +72,8 @@ class GRPOLossFunction(torch.autograd.Function):
     GRPOLossConfig, num_items_in_batch, plans: list) -> (anchor, logp, entropy)`. The forward reads the logits for the
     log-probs and forms `dL/dlogp` and `dL/dentropy` `[B, T]` (`objective.row_grads`), so no autograd graph runs
     through the loss's small ops; `anchor` is a zero whose gradient is the loss's: the caller adds it to the loss it
-    forms (without gradient) from the log-probs and the batch's plan, which the forward appends to `plans`. The
+    forms (without gradient) from the log-probs and the batch's plan. The forward appends `(plan, (loss, metrics))` to
+    `plans` when its Triton objective formed those too (`objective.token_objective`), else `(plan, None)`. The
     backward multiplies those coefficients by the loss's incoming gradient and writes the logits' gradient in one
     pass: rounded once to the logits' dtype after the scaling, so a loss scaled against fp16 underflow keeps its small
     gradients."""
@@ -75,10 +84,14 @@ class GRPOLossFunction(torch.autograd.Function):
         head = HeadOptions(temperature=config.temperature)
         logp, entropy, stats = ops.logprobs_fwd(logits, ids, mask, *_head_args(head))
         plan = LossPlan.build(inputs.mask, config, entropy, num_items)
-        grad_logp, grad_entropy = row_grads(logp, inputs, config, plan, entropy)
+        if ops is not cpu and fused_objective_applies(logp, inputs, config):  # the loss and metrics too, one launch
+            loss, metrics, grad_logp, grad_entropy = token_objective(logp, entropy, inputs, config, plan)
+            plans.append((plan, (loss, metrics)))
+        else:
+            grad_logp, grad_entropy = row_grads(logp, inputs, config, plan, entropy)
+            plans.append((plan, None))
         ctx.save_for_backward(logits, ids, mask, stats, entropy, grad_logp, grad_entropy)
         ctx.head, ctx.ops = head, ops
-        plans.append(plan)
         ctx.mark_non_differentiable(logp, entropy)
         ctx.set_materialize_grads(False)  # no zeros for the non-differentiable outputs
         return torch.zeros((), dtype=logp.dtype, device=logp.device), logp, entropy
@@ -235,13 +248,22 @@ def grpo_loss(
         anchor, logps, entropy = GRPOLossFunction.apply(
             _contiguous_last(logits), completion_ids, mask, inputs, config, num_items, plans
         )
-        with torch.no_grad():
-            loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items, plan=plans[0])
+        ((plan, done),) = plans
+        if done is None:
+            with torch.no_grad():
+                done = grpo_objective(logps, entropy, inputs, config, num_items, plan=plan)
+        loss, metrics = done
         loss = loss + anchor
     else:  # no gradient, or one for the per-token inputs too (advantages, ...): autograd through the loss
         head = HeadOptions(temperature=config.temperature)
         logps, entropy = LogProbEntropyFunction.apply(_contiguous_last(logits), completion_ids, mask, head)
-        loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
+        graph = torch.is_grad_enabled() and (logits.requires_grad or _any_requires_grad(inputs))
+        if not graph and use_triton(logits) and fused_objective_applies(logps, inputs, config):
+            # the kernel the gradient's branch takes: the same loss and metrics, bit for bit, with or without grad
+            plan = LossPlan.build(inputs.mask, config, entropy, num_items)
+            loss, metrics, *_ = token_objective(logps, entropy, inputs, config, plan)
+        else:
+            loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
     return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)
 
 

@@ -397,6 +397,74 @@ def row_grads(
     return g_logp, g_ent
 
 
+def fused_objective_applies(logps: torch.Tensor, inputs: LossInputs, config: GRPOLossConfig) -> bool:
+    """Whether `token_objective` can stand for `row_grads` and `row_terms`: a `token_local` loss other than VESPO's on
+    fp32 log-probs, with per-token inputs of at most fp32 (wider ones keep PyTorch's promotion to fp64)."""
+    wide = any(t is not None and t.dtype == torch.float64 for t in vars(inputs).values())
+    return token_local(config) and logps.dtype == torch.float32 and not wide
+
+
+def token_objective(
+    logps: torch.Tensor,  # [B, T] fp32
+    entropy: torch.Tensor,  # [B, T] fp32
+    inputs: LossInputs,
+    config: GRPOLossConfig,
+    plan: LossPlan,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """`(loss, metrics, dL/dlogp [B, T], dL/dentropy [B, T] | None)` of a whole batch's `token_local` loss: what
+    `row_terms` and `row_grads` give, from one kernel (`ops/objective.py`: each token's gradient and each row's sums)
+    and a few ops on `[B]`-sized sums. See `fused_objective_applies` for the losses it takes."""
+    from grpo_kernels.ops import objective as kernel
+
+    if not fused_objective_applies(logps, inputs, config):
+        raise ValueError(f"token_objective needs a token-local loss on fp32 log-probs; got {config}")
+    cfg = config
+    mask, dev = inputs.mask, logps.device
+    count = None
+    if plan.policy_norm is not None:
+        weight = 1.0 / plan.policy_norm.float()
+    elif cfg.loss_type == "luspo":
+        weight = torch.tensor(1.0 / plan.num_rows, device=dev)
+    else:  # grpo, sapo: the mean over sequences of each sequence's mean
+        lengths = mask.sum(-1) if inputs.lengths is None else inputs.lengths.reshape(-1)
+        count = lengths.float().clamp(min=1.0)
+        weight = 1.0 / count / plan.num_rows
+    loss_type = {"cispo": kernel.CISPO, "sapo": kernel.SAPO}.get(cfg.loss_type, kernel.CLIPPED)
+    grad, sums = kernel.objective_fwd(
+        logps.contiguous(), entropy.contiguous(), mask.contiguous(), inputs.advantages, inputs.old_logps,
+        inputs.ref_logps, inputs.importance_sampling_ratio, weight, loss_type=loss_type,
+        epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high_value, delta=cfg.delta, beta=cfg.beta,
+        bias_corrected_kl=cfg.use_bias_correction_kl,
+        sapo_temperatures=(cfg.sapo_temperature_pos, cfg.sapo_temperature_neg),
+    )  # fmt: skip
+    term = sums[kernel.TERM]
+    if plan.policy_norm is not None:
+        loss = term.sum() / plan.policy_norm
+    elif count is None:  # luspo
+        loss = term.sum() / plan.num_rows
+    else:
+        loss = (term / count).sum() / plan.num_rows
+    names = {"kl": kernel.KL} if cfg.beta != 0.0 else {}
+    names["entropy"] = kernel.ENTROPY
+    if cfg.uses_clipping:
+        names.update({"clip_ratio/low_mean": kernel.LOW, "clip_ratio/high_mean": kernel.HIGH,
+                      "clip_ratio/region_mean": kernel.REGION})  # fmt: skip
+    elif cfg.loss_type == "cispo":
+        names["cispo_clip_ratio"] = kernel.HIGH
+    means = sums[list(names.values())].sum(1) / plan.token_count.clamp(min=1.0)
+    metrics = dict(zip(names, means.unbind(0), strict=True))
+    if cfg.uses_clipping:  # the NaN-aware extremes of the rows' means (an empty row's is NaN)
+        rows = torch.stack((sums[kernel.LOW], -sums[kernel.HIGH])) / sums[kernel.COUNT]
+        lowest, highest = _nan_reduce(rows, torch.amin).unbind(0)
+        metrics["clip_ratio/low_min"], metrics["clip_ratio/high_max"] = lowest, 0.0 - highest
+    g_ent = None
+    if plan.entropy_norm is not None:
+        metrics["policy_loss"] = loss
+        loss = loss - cfg.entropy_coef * sums[kernel.ENTROPY].sum() / plan.entropy_norm
+        g_ent = mask.float() * (-cfg.entropy_coef / plan.entropy_norm.float())
+    return loss, metrics, grad, g_ent
+
+
 def _nan_reduce(x: torch.Tensor, op) -> torch.Tensor:
     """`op` (`torch.amin` or `torch.amax`) over the last dimension of `x`, of the entries that are not NaN; NaN where
     none is. No boolean indexing: its data-dependent shape would wait for the device."""

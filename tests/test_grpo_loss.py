@@ -274,6 +274,79 @@ def test_token_grads_equal_autograd_through_the_objective(loss_type, old, option
         assert_close(torch.cat(got_ent), expected[1].reshape(-1)[positions], atol=1e-15, rtol=1e-12, name="dL/dent")
 
 
+@pytest.mark.parametrize(
+    "options", TOKEN_LOCAL_OPTIONS, ids=["plain", "kl-entropy", "kl-bias-is", "delta-is-items", "no-clip-range"]
+)
+@pytest.mark.parametrize("old", [True, False], ids=["old", "on-policy"])
+@pytest.mark.parametrize("adv_per_token", [False, True], ids=["adv-row", "adv-token"])
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t != "vespo"])
+def test_objective_kernel_matches_the_objective(loss_type, adv_per_token, old, options, device):
+    """The one-launch token-local objective (`ops/objective.py` + `objective.token_objective`): its loss, every
+    metric, dL/dlogp and dL/dentropy against `row_terms` and `row_grads` in fp32 and in fp64, with masked tokens whose
+    inputs are infinite, an empty row, and ratios inside, outside and (on-policy) on the clip bounds."""
+    from grpo_kernels.objective import LossInputs, LossPlan, row_grads, row_terms, token_objective
+
+    B, T = 6, 37
+    options = dict(options)
+    num_items = options.pop("num_items_in_batch", None)
+    is_ratio = options.pop("importance_sampling_ratio", None)
+    config = GRPOLossConfig(loss_type=loss_type, **options)
+    mask = torch.rand(B, T) > 0.3
+    mask[1] = False
+    logps = -torch.rand(B, T, dtype=torch.float64) * 4
+    entropy = torch.rand(B, T, dtype=torch.float64) * 3
+    inputs = LossInputs(
+        advantages=torch.randn(B, T if adv_per_token else 1, dtype=torch.float64),
+        mask=mask,
+        old_logps=(logps + torch.randn(B, T, dtype=torch.float64) * 0.3).masked_fill(~mask, -math.inf) if old else None,
+        ref_logps=(logps + torch.randn(B, T, dtype=torch.float64) * 0.5).masked_fill(~mask, math.inf),
+        importance_sampling_ratio=None if is_ratio is None else torch.rand(B, T if is_ratio == "token" else 1) + 0.5,
+    )
+
+    def on(dtype, dev):
+        fields = {k: None if v is None else v.to(dev) if v.dtype == torch.bool else v.to(dev, dtype)
+                  for k, v in vars(inputs).items()}  # fmt: skip
+        return logps.to(dev, dtype), entropy.to(dev, dtype), LossInputs(**fields)
+
+    results = {}
+    for key, dtype, dev in (("exact", torch.float64, "cpu"), ("same", torch.float32, "cpu")):
+        lp, ent, rows = on(dtype, dev)
+        plan = LossPlan.build(rows.mask, config, ent, num_items)
+        loss, metrics = row_terms(lp, ent, rows, config, plan)
+        results[key] = (loss, metrics, *row_grads(lp, rows, config, plan, ent))
+    lp, ent, rows = on(torch.float32, device)
+    plan = LossPlan.build(rows.mask, config, ent, num_items)
+    loss, metrics, g_lp, g_ent = token_objective(lp, ent, rows, config, plan)
+    (e_loss, e_metrics, e_lp, e_ent), (s_loss, s_metrics, s_lp, s_ent) = results["exact"], results["same"]
+    assert list(metrics) == list(e_metrics)
+    assert loss.dtype == s_loss.dtype and all(metrics[k].dtype == s_metrics[k].dtype for k in metrics)
+    assert_within_pytorch_error(loss, s_loss, e_loss, name="loss")
+    for k in metrics:
+        assert_within_pytorch_error(metrics[k], s_metrics[k], e_metrics[k], name=k)
+    assert_within_pytorch_error(g_lp, s_lp, e_lp, name="dL/dlogp")
+    assert (g_ent is None) == (e_ent is None)
+    if g_ent is not None:
+        assert_within_pytorch_error(g_ent, s_ent, e_ent, name="dL/dentropy")
+
+
+def test_objective_kernel_leaves_wide_inputs_to_pytorch():
+    """fp64 per-token inputs (which PyTorch's objective computes in fp64) and losses that are not token-local are not
+    the kernel's: `fused_objective_applies` says so and `token_objective` refuses them by name."""
+    from grpo_kernels.objective import LossInputs, LossPlan, fused_objective_applies, token_objective
+
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    logps = -torch.rand(2, 3)
+    fp32 = LossInputs(advantages=torch.randn(2, 1), mask=mask)
+    fp64 = LossInputs(advantages=torch.randn(2, 1, dtype=torch.float64), mask=mask)
+    seq = GRPOLossConfig(importance_sampling_level="sequence")
+    assert fused_objective_applies(logps, fp32, GRPOLossConfig())
+    assert not fused_objective_applies(logps, fp64, GRPOLossConfig())
+    assert not fused_objective_applies(logps, fp32, seq)
+    assert not fused_objective_applies(logps.double(), fp32, GRPOLossConfig())
+    with pytest.raises(ValueError, match="token_objective needs a token-local loss on fp32 log-probs"):
+        token_objective(logps, logps, fp32, seq, LossPlan.build(mask, seq))
+
+
 ROW_OPTIONS = [
     {"importance_sampling_level": "sequence"},
     {"importance_sampling_level": "sequence", "beta": 0.1, "entropy_coef": 0.05, "importance_sampling_ratio": "row"},
