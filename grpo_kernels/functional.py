@@ -20,6 +20,7 @@ from grpo_kernels.objective import (
     LossPlan,
     fused_objective_applies,
     grpo_objective,
+    loss_and_metrics,
     row_grads,
     token_objective,
 )
@@ -257,13 +258,10 @@ def grpo_loss(
     else:  # no gradient, or one for the per-token inputs too (advantages, ...): autograd through the loss
         head = HeadOptions(temperature=config.temperature)
         logps, entropy = LogProbEntropyFunction.apply(_contiguous_last(logits), completion_ids, mask, head)
-        graph = torch.is_grad_enabled() and (logits.requires_grad or _any_requires_grad(inputs))
-        if not graph and use_triton(logits) and fused_objective_applies(logps, inputs, config):
-            # the kernel the gradient's branch takes: the same loss and metrics, bit for bit, with or without grad
-            plan = LossPlan.build(inputs.mask, config, entropy, num_items)
-            loss, metrics, *_ = token_objective(logps, entropy, inputs, config, plan)
-        else:
+        if torch.is_grad_enabled() and (logits.requires_grad or _any_requires_grad(inputs)):
             loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
+        else:  # as the gradient's branch forms them: the same loss and metrics, bit for bit, with or without grad
+            loss, metrics = loss_and_metrics(logps, entropy, inputs, config, num_items, use_triton(logits))
     return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)
 
 

@@ -55,7 +55,15 @@ import torch
 from grpo_kernels import cpu
 from grpo_kernels.backend import use_triton
 from grpo_kernels.config import GRPOLossConfig, HeadOptions
-from grpo_kernels.objective import LossInputs, LossPlan, TokenGrads, grpo_objective, row_grads, token_local
+from grpo_kernels.objective import (
+    LossInputs,
+    LossPlan,
+    TokenGrads,
+    grpo_objective,
+    loss_and_metrics,
+    row_grads,
+    token_local,
+)
 
 # Bytes of one chunk of logits. On CPU, 24 MiB (96 tokens at V = 65,536) keeps the three matrix products within a few
 # percent of their speed at 256 MiB chunks, measured on 2 cores at N = 8,192, H = 512; fewer than 64 tokens a chunk
@@ -838,8 +846,7 @@ def fused_linear_loss(
         anchor, logps, entropy = FusedLinearGRPOFunction.apply(
             hidden, weight, bias, ids, positions, inputs, config, head, chunks, num_items_in_batch, needs
         )
-        with torch.no_grad():
-            loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items_in_batch)
+        loss, metrics = loss_and_metrics(logps, entropy, inputs, config, num_items_in_batch, use_triton(hidden))
         return loss + anchor, logps, entropy, metrics
     logps, entropy = LinearLogProbEntropyFunction.apply(hidden, weight, bias, ids, mask, head)
     loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items_in_batch)

@@ -399,9 +399,10 @@ def row_grads(
 
 def fused_objective_applies(logps: torch.Tensor, inputs: LossInputs, config: GRPOLossConfig) -> bool:
     """Whether `token_objective` can stand for `row_grads` and `row_terms`: a `token_local` loss other than VESPO's on
-    fp32 log-probs, with per-token inputs of at most fp32 (wider ones keep PyTorch's promotion to fp64)."""
+    fp32 log-probs, with per-token inputs of at most fp32 (wider ones keep PyTorch's promotion to fp64), over more
+    than one token per row (with T = 1 TRL's metrics read each `[B, 1]` value as its sequence's, padding included)."""
     wide = any(t is not None and t.dtype == torch.float64 for t in vars(inputs).values())
-    return token_local(config) and logps.dtype == torch.float32 and not wide
+    return token_local(config) and logps.dtype == torch.float32 and not wide and inputs.mask.shape[1] > 1
 
 
 def token_objective(
@@ -473,6 +474,24 @@ def _nan_reduce(x: torch.Tensor, op) -> torch.Tensor:
     valid = ~torch.isnan(x)
     fill = math.inf if op is torch.amin else -math.inf
     return torch.where(valid.any(-1), op(torch.where(valid, x, fill), -1), math.nan)
+
+
+def loss_and_metrics(
+    logps: torch.Tensor,  # [B, T]
+    entropy: torch.Tensor,  # [B, T]
+    inputs: LossInputs,
+    config: GRPOLossConfig,
+    num_items_in_batch: torch.Tensor | float | None,
+    triton: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss and metrics of a whole batch without a graph: in one kernel launch (`token_objective`) where `triton`
+    (the op runs Triton kernels) and `fused_objective_applies`, else by `grpo_objective`'s PyTorch ops."""
+    with torch.no_grad():
+        if triton and fused_objective_applies(logps, inputs, config):
+            plan = LossPlan.build(inputs.mask, config, entropy, num_items_in_batch)
+            loss, metrics, *_ = token_objective(logps, entropy, inputs, config, plan)
+            return loss, metrics
+        return grpo_objective(logps, entropy, inputs, config, num_items_in_batch)
 
 
 def grpo_objective(

@@ -330,8 +330,9 @@ def test_objective_kernel_matches_the_objective(loss_type, adv_per_token, old, o
 
 
 def test_objective_kernel_leaves_wide_inputs_to_pytorch():
-    """fp64 per-token inputs (which PyTorch's objective computes in fp64) and losses that are not token-local are not
-    the kernel's: `fused_objective_applies` says so and `token_objective` refuses them by name."""
+    """fp64 per-token inputs (which PyTorch's objective computes in fp64), losses that are not token-local and rows of
+    one token (TRL's metrics then read padding) are not the kernel's: `fused_objective_applies` says so and
+    `token_objective` refuses them by name."""
     from grpo_kernels.objective import LossInputs, LossPlan, fused_objective_applies, token_objective
 
     mask = torch.ones(2, 3, dtype=torch.bool)
@@ -343,6 +344,8 @@ def test_objective_kernel_leaves_wide_inputs_to_pytorch():
     assert not fused_objective_applies(logps, fp64, GRPOLossConfig())
     assert not fused_objective_applies(logps, fp32, seq)
     assert not fused_objective_applies(logps.double(), fp32, GRPOLossConfig())
+    one_token = LossInputs(advantages=torch.randn(2, 1), mask=mask[:, :1])
+    assert not fused_objective_applies(logps[:, :1], one_token, GRPOLossConfig())
     with pytest.raises(ValueError, match="token_objective needs a token-local loss on fp32 log-probs"):
         token_objective(logps, logps, fp32, seq, LossPlan.build(mask, seq))
 
