@@ -251,6 +251,26 @@ def scenarios(dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
     for scale in ("group", "batch", "none"):
         yield f"group_advantages scale_rewards={scale}", lambda s=scale: group_advantages(
             torch.randn(16), 4, scale_rewards=s)  # fmt: skip
+    # the one-launch objective's variants that the losses above do not reach (its inputs are fp32 whatever the logits)
+    objective = {
+        "cispo old_logps importance_sampling_ratio beta": (GRPOLossConfig(loss_type="cispo", beta=0.04), "token"),
+        "cispo old_logps": (GRPOLossConfig(loss_type="cispo"), None),
+        "sapo old_logps importance_sampling_ratio beta": (
+            GRPOLossConfig(loss_type="sapo", beta=0.04, use_bias_correction_kl=False), "row"),
+        "dapo old_logps delta importance_sampling_ratio beta": (GRPOLossConfig(loss_type="dapo", beta=0.04, delta=1.5),
+                                                                "token"),
+    }  # fmt: skip
+    for name, (config, ratio) in objective.items():
+
+        def objective_loss(config=config, ratio=ratio, B=3, T=8, V=64):
+            logits = torch.randn(B, T, V, requires_grad=True)
+            lp = -torch.rand(B, T) * 4
+            isr = None if ratio is None else torch.rand(B, T if ratio == "token" else 1) + 0.5
+            refs = {"ref_logps": lp} if config.beta else {}
+            grpo_loss(logits, torch.randint(0, V, (B, T)), torch.randn(B), config=config, old_logps=lp,
+                      importance_sampling_ratio=isr, **refs).loss.backward()  # fmt: skip
+
+        yield f"grpo_loss {name}", objective_loss
     for dname in dtypes:
         dtype = DTYPES[dname]
         for sname, (B, T, H, V) in SHAPES.items():
