@@ -398,9 +398,9 @@ def row_grads(
 
 
 def fused_objective_applies(logps: torch.Tensor, inputs: LossInputs, config: GRPOLossConfig) -> bool:
-    """Whether `token_objective` can stand for `row_grads` and `row_terms`: a `token_local` loss other than VESPO's on
-    fp32 log-probs, with per-token inputs of at most fp32 (wider ones keep PyTorch's promotion to fp64), over more
-    than one token per row (with T = 1 TRL's metrics read each `[B, 1]` value as its sequence's, padding included)."""
+    """Whether `token_objective` can stand for `row_grads` and `row_terms`: a `token_local` loss on fp32 log-probs,
+    with per-token inputs of at most fp32 (wider ones keep PyTorch's promotion to fp64), over more than one token per
+    row (with T = 1 TRL's metrics read each `[B, 1]` value as its sequence's, padding included)."""
     wide = any(t is not None and t.dtype == torch.float64 for t in vars(inputs).values())
     return token_local(config) and logps.dtype == torch.float32 and not wide and inputs.mask.shape[1] > 1
 
@@ -422,8 +422,8 @@ def token_objective(
     cfg = config
     mask, dev = inputs.mask, logps.device
     count = None
-    if plan.policy_norm is not None:
-        weight = 1.0 / plan.policy_norm.float()
+    if plan.policy_norm is not None:  # a scalar, whatever the shape of num_items_in_batch's one value
+        weight = (1.0 / plan.policy_norm.float()).reshape(())
     elif cfg.loss_type == "luspo":
         weight = torch.tensor(1.0 / plan.num_rows, device=dev)
     else:  # grpo, sapo: the mean over sequences of each sequence's mean

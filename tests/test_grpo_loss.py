@@ -329,6 +329,38 @@ def test_objective_kernel_matches_the_objective(loss_type, adv_per_token, old, o
         assert_within_pytorch_error(g_ent, s_ent, e_ent, name="dL/dentropy")
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo", "sapo"])
+def test_objective_kernel_edge_inputs(loss_type, device):
+    """`num_items_in_batch` as a one-element `[1]` tensor (a scalar weight for every row, not a row's) and an infinite
+    importance-sampling ratio at an active token (validation lets it through): the kernel's dL/dlogp is the same
+    number (or the same infinity) as `row_grads`' at every token, and its loss as `row_terms`'."""
+    from grpo_kernels.objective import LossInputs, LossPlan, row_grads, row_terms, token_objective
+
+    B, T = 4, 9
+    config = GRPOLossConfig(loss_type=loss_type)
+    mask = torch.rand(B, T) > 0.2
+    mask[:, 0] = True
+    logps = -torch.rand(B, T) * 4
+    entropy = torch.rand(B, T) * 3
+    ratio = torch.rand(B, T) + 0.5
+    ratio[2, 0] = math.inf
+    inputs = LossInputs(advantages=torch.randn(B, 1), mask=mask, old_logps=logps + torch.randn(B, T) * 0.3,
+                        importance_sampling_ratio=ratio)  # fmt: skip
+    num_items = torch.tensor([29.0])
+    on = {k: None if v is None else v.to(device) for k, v in vars(inputs).items()}
+    plan = LossPlan.build(mask.to(device), config, entropy.to(device), num_items.to(device))
+    loss, _, grad, _ = token_objective(logps.to(device), entropy.to(device), LossInputs(**on), config, plan)
+    plan = LossPlan.build(mask, config, entropy, num_items)
+    want_loss, _ = row_terms(logps, entropy, inputs, config, plan, metrics=False)
+    want, _ = row_grads(logps, inputs, config, plan, entropy)
+    grad = grad.cpu()
+    assert torch.equal(grad.isnan(), want.isnan()) and torch.equal(grad.isinf(), want.isinf())
+    assert torch.equal(grad[grad.isinf()], want[want.isinf()])
+    finite = want.isfinite()
+    assert_close(grad[finite], want[finite], atol=1e-7, rtol=1e-5, name="dL/dlogp")
+    assert (loss.isfinite() == want_loss.isfinite()) and (not loss.isfinite() or torch.isclose(loss.cpu(), want_loss))
+
+
 def test_objective_kernel_leaves_wide_inputs_to_pytorch():
     """fp64 per-token inputs (which PyTorch's objective computes in fp64), losses that are not token-local and rows of
     one token (TRL's metrics then read padding) are not the kernel's: `fused_objective_applies` says so and

@@ -35,7 +35,7 @@ def _objective_kernel(
     weight_ptr,  # [] d loss / d (a token's term), or [B] per row (ROW_WEIGHT)
     grad_ptr,  # [B, T] fp32 out: dL/dlogp
     sums_ptr,  # [SUMS, B] fp32 out
-    B, T, eps_low, eps_high, delta, beta, tau_pos, tau_neg,
+    B, T, lo, hi, delta, beta, tau_pos, tau_neg,  # lo, hi: the ratio's clip range (cispo: its cap in hi)
     LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_ISR: tl.constexpr,
     HAS_DELTA: tl.constexpr, THROUGH_RATIO: tl.constexpr, ROW_WEIGHT: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -51,21 +51,22 @@ def _objective_kernel(
     acc_count = tl.zeros([BLOCK_T], tl.float32)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
+        col = t.to(tl.int64)
         live = t < T
         active = (tl.load(mask_ptr + row * T + t, mask=live, other=0) != 0) & live
         logp = tl.load(logp_ptr + row * T + t, mask=active, other=0.0)
-        adv = tl.load(adv_ptr + row * adv_row + t * adv_col, mask=active, other=0.0).to(tl.float32)
+        adv = tl.load(adv_ptr + row * adv_row + col * adv_col, mask=active, other=0.0).to(tl.float32)
         old = logp  # on-policy: a ratio of 1, or NaN where the log-prob is not finite (as PyTorch's objective has it)
         if HAS_OLD:
             old = tl.load(old_ptr + row * old_row + t, mask=active, other=0.0).to(tl.float32)
         ratio = exp(tl.where(active, logp - old, 0.0), PRECISE)
         # the policy term, its derivatives by the ratio (g_ratio) and by the log-prob (g_logp), unweighted
         if LOSS == 1:  # cispo: -min(ratio, eps_high) * adv * logp, the ratio detached
-            capped = tl.minimum(ratio, eps_high, propagate_nan=NAN)
+            capped = tl.minimum(ratio, hi, propagate_nan=NAN)
             term = -capped * adv * logp
             g_logp = -capped * adv
             g_ratio = tl.zeros([BLOCK_T], tl.float32)
-            high = (ratio > eps_high) & (adv > 0)
+            high = (ratio > hi) & (adv > 0)
             low = t < 0  # none
         elif LOSS == 2:  # sapo: -sigmoid(tau * (ratio - 1)) * 4 / tau * adv
             tau = tl.where(adv > 0, tau_pos, tau_neg)
@@ -76,8 +77,8 @@ def _objective_kernel(
             low = t < 0  # none
             high = low
         else:  # the clipped surrogate -min(u * adv, c * adv); autograd's minimum: half to each side on a tie
-            clipped = tl.minimum(tl.maximum(ratio, 1.0 - eps_low, propagate_nan=NAN), 1.0 + eps_high, propagate_nan=NAN)
-            d_clipped = ((ratio >= 1.0 - eps_low) & (ratio <= 1.0 + eps_high)).to(tl.float32)
+            clipped = tl.minimum(tl.maximum(ratio, lo, propagate_nan=NAN), hi, propagate_nan=NAN)
+            d_clipped = ((ratio >= lo) & (ratio <= hi)).to(tl.float32)
             unclipped = ratio
             d_unclipped = tl.full([BLOCK_T], 1.0, tl.float32)
             if HAS_DELTA:
@@ -89,13 +90,14 @@ def _objective_kernel(
             to_a = tl.where(a == b, 0.5, (a <= b).to(tl.float32))
             g_ratio = -adv * (to_a * d_unclipped + (1.0 - to_a) * d_clipped)
             g_logp = tl.zeros([BLOCK_T], tl.float32)
-            low = (ratio < 1.0 - eps_low) & (adv < 0)
-            high = (ratio > 1.0 + eps_high) & (adv > 0)
+            low = (ratio < lo) & (adv < 0)
+            high = (ratio > hi) & (adv > 0)
         if HAS_ISR:
-            isr = tl.load(isr_ptr + row * isr_row + t * isr_col, mask=active, other=0.0).to(tl.float32)
+            isr = tl.load(isr_ptr + row * isr_row + col * isr_col, mask=active, other=0.0).to(tl.float32)
             term = term * isr
             g_ratio = g_ratio * isr
-            g_logp = g_logp * isr
+            if LOSS == 1:  # the others' g_logp is still 0 here (times an infinite ratio: NaN)
+                g_logp = g_logp * isr
         kl = tl.zeros([BLOCK_T], tl.float32)
         if HAS_KL:  # kl = exp(d) - d - 1, d = ref - logp (times the ratio with the bias correction)
             ref = tl.load(ref_ptr + row * ref_row + t, mask=active, other=0.0).to(tl.float32)
@@ -132,9 +134,9 @@ def _objective_kernel(
     tl.store(out + 6 * B, tl.sum(acc_count, 0))
 
 
-def _strides(x: torch.Tensor, T: int) -> tuple[int, int]:
-    """`(row, column)` element strides of a `[B, T]` or `[B, 1]` tensor, the column's 0 for one value per row."""
-    return x.stride(0), (x.stride(1) if x.shape[1] == T else 0)
+def _strides(x: torch.Tensor, B: int, T: int) -> tuple[int, int]:
+    """`(row, column)` element strides of a `[B or 1, T or 1]` tensor: 0 along a dimension of one, broadcast."""
+    return (x.stride(0) if x.shape[0] == B else 0), (x.stride(1) if x.shape[1] == T else 0)
 
 
 def objective_fwd(
@@ -145,7 +147,7 @@ def objective_fwd(
     old_logps: torch.Tensor | None,  # [B, T]
     ref_logps: torch.Tensor | None,  # [B, T], with beta != 0
     importance_sampling_ratio: torch.Tensor | None,  # [B, 1] or [B, T]
-    weight: torch.Tensor,  # [] fp32, or [B] fp32 for one weight per row
+    weight: torch.Tensor,  # [] fp32, or [B] fp32 for one weight per row (grpo, sapo)
     *,
     loss_type: int,  # CLIPPED, CISPO or SAPO
     epsilon_low: float,
@@ -162,6 +164,10 @@ def objective_fwd(
     for name, x in (("logps", logps), ("entropy", entropy), ("mask", mask)):
         if x.shape != (B, T) or not x.is_contiguous() or x.device != dev:
             raise ValueError(f"{name} must be a contiguous [B, T] = [{B}, {T}] tensor on {dev}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor; got {mask.dtype}")
+    if weight.shape not in ((), (B,)) or weight.dtype != torch.float32:
+        raise ValueError(f"weight must be an fp32 scalar or [B] = [{B}]; got {tuple(weight.shape)}, {weight.dtype}")
     grad = torch.empty(B, T, dtype=torch.float32, device=dev)
     sums = torch.empty(SUMS, B, dtype=torch.float32, device=dev)
     if B == 0:
@@ -172,13 +178,15 @@ def objective_fwd(
 
     old, ref = rows(old_logps), rows(ref_logps)
     isr = importance_sampling_ratio
+    # the clip range as PyTorch compares with it: each bound rounded once to fp32, from double
+    lo, hi = (0.0, epsilon_high) if loss_type == CISPO else (1.0 - epsilon_low, 1.0 + epsilon_high)
     block = max(16, min(triton.next_power_of_2(T), 1 << 14 if interpreting() else 1024))
     _objective_kernel[(B,)](
-        logps, entropy, mask.view(torch.uint8), advantages, *_strides(advantages, T),
+        logps, entropy, mask.view(torch.uint8), advantages, *_strides(advantages, B, T),
         logps if old is None else old, 0 if old is None else old.stride(0),
         logps if ref is None else ref, 0 if ref is None else ref.stride(0),
-        advantages if isr is None else isr, *((0, 0) if isr is None else _strides(isr, T)),
-        weight, grad, sums, B, T, epsilon_low, epsilon_high, 0.0 if delta is None else delta, beta,
+        advantages if isr is None else isr, *((0, 0) if isr is None else _strides(isr, B, T)),
+        weight, grad, sums, B, T, lo, hi, 0.0 if delta is None else delta, beta,
         *sapo_temperatures,
         LOSS=loss_type, HAS_OLD=old is not None, HAS_KL=beta != 0.0, BIAS_KL=bias_corrected_kl,
         HAS_ISR=isr is not None, HAS_DELTA=delta is not None,
