@@ -37,8 +37,7 @@ def _objective_kernel(
     sums_ptr,  # [SUMS, B] fp32 out
     B, T, lo, hi, delta, beta, tau_pos, tau_neg,  # lo, hi: the ratio's clip range (cispo: its cap in hi)
     LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_ISR: tl.constexpr,
-    HAS_DELTA: tl.constexpr, THROUGH_RATIO: tl.constexpr, ROW_WEIGHT: tl.constexpr, PRECISE: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    HAS_DELTA: tl.constexpr, ROW_WEIGHT: tl.constexpr, PRECISE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     w = tl.load(weight_ptr + row) if ROW_WEIGHT else tl.load(weight_ptr)
@@ -112,7 +111,7 @@ def _objective_kernel(
             term += beta * kl
             g_logp += beta * d_kl
         grad = g_logp
-        if THROUGH_RATIO:  # not for cispo's detached ratio alone (whose 0 * inf would be NaN)
+        if LOSS != 1 or (HAS_KL and BIAS_KL):  # not for cispo's detached ratio alone (whose 0 * inf would be NaN)
             grad += g_ratio * ratio
         grad = grad * w
         tl.store(grad_ptr + row * T + t, tl.where(active, grad, 0.0), mask=live)
@@ -189,9 +188,7 @@ def objective_fwd(
         weight, grad, sums, B, T, lo, hi, 0.0 if delta is None else delta, beta,
         *sapo_temperatures,
         LOSS=loss_type, HAS_OLD=old is not None, HAS_KL=beta != 0.0, BIAS_KL=bias_corrected_kl,
-        HAS_ISR=isr is not None, HAS_DELTA=delta is not None,
-        THROUGH_RATIO=loss_type != CISPO or (beta != 0.0 and bias_corrected_kl), ROW_WEIGHT=weight.dim() == 1,
-        BLOCK_T=block,
+        HAS_ISR=isr is not None, HAS_DELTA=delta is not None, ROW_WEIGHT=weight.dim() == 1, BLOCK_T=block,
         num_warps=4, **math_options(logps.dtype),
     )  # fmt: skip
     return grad, sums
