@@ -7,7 +7,13 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close, assert_none_rounded_to_zero, assert_within_pytorch_error, filtering_bound
+from helpers import (
+    assert_close,
+    assert_none_rounded_to_zero,
+    assert_within_pytorch_error,
+    filtering_bound,
+    loss_condition,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from grpo_kernels import (
@@ -83,7 +89,9 @@ def check_against_reference(impl, hidden, weight, bias, ids, adv, mask, **kwargs
     exact, g_exact = run(reference.linear_grpo_loss, hidden, weight, bias, ids, adv, mask, upcast_to=torch.float64,
                          **kwargs)  # fmt: skip
     dt = hidden.dtype
-    assert_within_pytorch_error(out.loss, same.loss, exact.loss, name="loss", input_dtype=dt)
+    inputs = {k: v for k, v in kwargs.items() if k not in ("logit_scale", "final_logit_softcapping")}
+    cond = loss_condition(exact.logps, exact.entropy, adv, mask, **inputs)
+    assert_within_pytorch_error(out.loss, same.loss, exact.loss, name="loss", input_dtype=dt, input_scale=cond)
     assert_within_pytorch_error(out.logps, same.logps, exact.logps, name="logps", input_dtype=dt)
     assert_within_pytorch_error(out.entropy, same.entropy, exact.entropy, name="entropy", input_dtype=dt)
     for name, g, gs, ge in zip(("d_hidden", "d_weight", "d_bias"), grads, g_same, g_exact, strict=False):
