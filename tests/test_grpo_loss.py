@@ -439,3 +439,42 @@ def test_row_grads_equal_autograd_through_the_objective(loss_type, old, options)
         assert got[0][1] is None
     else:
         assert_close(torch.cat([g[1] for g in got]), expected[1], atol=1e-15, rtol=1e-12, name="dL/dentropy")
+
+
+@pytest.mark.parametrize(
+    "options,kernels",
+    [
+        ({"loss_type": "dapo"}, ["logprobs_fwd", "objective", "logprobs_bwd"]),
+        ({"loss_type": "grpo", "beta": 0.1, "entropy_coef": 0.05}, ["logprobs_fwd", "objective", "logprobs_bwd"]),
+        ({"loss_type": "vespo"}, ["logprobs_fwd", "logprobs_bwd"]),  # not token-local: PyTorch's objective
+    ],
+    ids=["dapo", "grpo-kl-entropy", "vespo"],
+)
+def test_loss_from_logits_kernel_launches(options, kernels, device, monkeypatch):
+    """With Triton, a token-local loss from logits launches three kernels for its forward and backward (the log-probs,
+    the objective with its gradient, the logits' gradient) and two without grad, the same loss either way: the one-
+    launch objective is the path taken, not a fallback to PyTorch's ops."""
+    from grpo_kernels.ops import logprobs, objective
+
+    kernel_type = type(objective._objective_kernel)
+    launched = []
+    run = kernel_type.run
+
+    def counted(self, *args, **kwargs):
+        launched.append(self.fn.__name__ if hasattr(self, "fn") else self.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_type, "run", counted)
+    assert type(logprobs._logprobs_fwd_kernel) is kernel_type
+    config = GRPOLossConfig(max_completion_length=9, **options)
+    logits, ids, adv, mask, extra = make_inputs(3, 9, 50, torch.float32, device)
+    logits.requires_grad_()
+    with backend("triton"):
+        out = grpo_loss(logits, ids, adv, mask, config=config, **extra)
+        out.loss.backward()
+        assert launched == [f"_{k}_kernel" for k in kernels]
+        launched.clear()
+        with torch.no_grad():
+            again = grpo_loss(logits, ids, adv, mask, config=config, **extra)
+        assert launched == [f"_{k}_kernel" for k in kernels if k != "logprobs_bwd"]
+    assert torch.equal(again.loss, out.loss.detach())
