@@ -345,7 +345,7 @@ def tile_candidates() -> Iterator[tuple[str, Callable[[], None]]]:
                     if kernel == "fwd":
                         linear.linear_fwd(hidden, weight, None, ids, None, head)
                     else:
-                        stats, vec = torch.zeros(2, N), torch.zeros(N)
+                        stats, vec = torch.zeros(3, N), torch.zeros(N)
                         linear.linear_bwd(hidden, weight, None, ids, None, stats, vec, vec, None, head,
                                           (True, True, False))  # fmt: skip
 

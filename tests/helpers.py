@@ -59,8 +59,9 @@ def assert_within_pytorch_error(
     assert err <= bound, f"{name}: error {err:.3e} > {factor} x PyTorch's {err_torch:.3e} + 4 ulp; {_where(a, u)}"
 
 
-def loss_condition(logps: torch.Tensor, entropy: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None,
-                   **inputs) -> float:
+def loss_condition(
+    logps: torch.Tensor, entropy: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None, **inputs
+) -> float:
     """`sum_i |dL/dlogp_i| |logp_i| + |dL/dentropy_i| |entropy_i|` in fp64 from the exact log-probs and entropies:
     how far the loss moves when each of them is off by one unit of its own last place (relative). A loss of a few
     tokens with log-probs near -12 moves by more than a unit of its own last place when a single log-prob rounds the

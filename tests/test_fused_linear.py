@@ -603,6 +603,39 @@ def test_fused_kernels_are_deterministic(impl, device):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("shape,entropy", [((6, 12, 151_936), False), ((4, 8, 262_144), True)], ids=["qwen", "largest"])
+def test_fused_kernels_fp32_sums_over_large_vocabularies(shape, entropy, device):
+    """The fused kernels' fp32 `d_hidden` sums a token's row of the vocabulary tile by tile (1,187 tiles at Qwen's
+    151,936 columns, 2,048 at 262,144): within 4 units in the last place of its largest entry of the fp64 result,
+    as a correctly rounded sum of the fp32 logits' gradients is (their own rounding moves it by about 1e-8). A plain
+    chain of fp32 additions is 6 to 10 units off here: the tiles' additions are compensated (Kahan's), the target's
+    one-hot term is added apart from the dot of the small terms, and so is the forward's sum of exponentials that
+    every probability is divided by."""
+    from grpo_kernels.ops.linear import linear_bwd, linear_fwd
+
+    N, H, V = shape
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(N, H, generator=gen), torch.randn(V, H, generator=gen) / H**0.5 * 2
+    ids, g = torch.randint(0, V, (N,), generator=gen), torch.randn(N, generator=gen)
+    g_ent = torch.randn(N, generator=gen) * 0.1 if entropy else None
+    z64 = h.double() @ w.double().t()
+    logp64 = z64.log_softmax(-1)
+    p64 = logp64.exp()
+    ent64 = -(p64 * logp64).sum(-1)
+    dz = g.double()[:, None] * (torch.nn.functional.one_hot(ids, V).double() - p64)
+    if entropy:
+        dz -= g_ent.double()[:, None] * p64 * (logp64 + ent64[:, None])
+    exact = dz @ w.double()
+    head = (1.0, 1.0, None)
+    h, w, ids, g = (x.to(device) for x in (h, w, ids, g))
+    _, ent, stats = linear_fwd(h, w, None, ids, None, head)
+    d_h, _, _ = linear_bwd(h, w, None, ids, None, stats, ent, g, None if g_ent is None else g_ent.to(device), head,
+                           (True, False, False))  # fmt: skip
+    err = (d_h.double().cpu() - exact).abs().max().item()
+    ulp = exact.abs().max().item() * torch.finfo(torch.float32).eps / 2
+    assert err <= 4 * ulp, f"d_hidden: error {err:.3e} = {err / ulp:.1f} units in the last place of its largest entry"
+
+
 @pytest.mark.parametrize("strategy", ["vocab-blocks", "tiles"])
 @pytest.mark.parametrize("name", ["triton", "torch"])
 @pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])  # the single-pass and the two-pass schedule

@@ -3,15 +3,20 @@
 Forward: each program takes `BLOCK_N` tokens and a slice of the vocabulary, forms `hidden @ weight.T` tile by tile in
 registers (`tl.dot`, fp32 accumulation), applies bias, logit scale, soft-cap and temperature, and folds each tile into
 an online log-sum-exp (`m`, `s`, `u = sum e * (z - m)`) and the target logit. The vocabulary is split across programs
-so that short batches still fill the GPU; `[splits, N]` partial statistics are merged after the kernel.
+so that short batches still fill the GPU; `[splits, N]` partial statistics are merged after the kernel. With fp32
+inputs the sum of exponentials is compensated (Kahan's summation): every probability of the backward is divided by
+it, so its rounding reaches `d_hidden` in full rather than averaged.
 
 Backward: each program recomputes one `[BLOCK_N, BLOCK_V]` tile of logits, turns it into its gradient with the
 per-token coefficients `g = dL/dlogp` and `h = dL/dentropy`, and adds `dz @ weight` to `d_hidden` and `dz.T @ hidden`
 to `d_weight`, `BLOCK_K` columns at a time. Those additions are ordered: a turnstile per (block, column chunk) lets the
 vocabulary tiles add into a block of `d_hidden` in increasing order, and the token tiles into a block of `d_weight`,
 so results are bit-identical run to run (no float atomics). Every wait is on a program with a smaller id, which the
-GPU has already started, so the order cannot deadlock. `d_hidden` accumulates in an fp32 buffer `[N, H]`;
-`d_weight` accumulates in the weight's own dtype, one addition per `BLOCK_N` tokens (exact for fp32 weights).
+GPU has already started, so the order cannot deadlock. `d_hidden` accumulates in an fp32 buffer `[N, H]`, its
+additions compensated for fp32 inputs (a second `[N, H]` buffer holds what each lost), and the target's one-hot term
+`g * weight[y]` is added apart from the tile's dot: at V = 151,936 a plain chain of fp32 additions was 6 to 10 units
+in the last place off, this is within 2. `d_weight` accumulates in the weight's own dtype, one addition per `BLOCK_N`
+tokens (exact for fp32 weights).
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ def _linear_fwd_kernel(
     y = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    s_lost = tl.zeros([BLOCK_N], dtype=tl.float32)  # what the additions to s lost (IEEE: Kahan's summation)
     u = tl.zeros([BLOCK_N], dtype=tl.float32)
     zy = tl.zeros([BLOCK_N], dtype=tl.float32)
     v_start = split * v_per_split
@@ -103,11 +109,18 @@ def _linear_fwd_kernel(
         e = exp(z - m_ref[:, None], PRECISE)
         zc = tl.where(e > 0, z - m_ref[:, None], 0.0)
         u = alpha * (u + shift * s) + tl.sum(e * zc, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
+        if IEEE:  # fp32 inputs: the sum of a long row's tiles keeps the bits each addition would drop
+            s = alpha * s
+            add = tl.sum(e, axis=1) - alpha * s_lost
+            total = s + add
+            s_lost = (total - s) - add
+            s = total
+        else:
+            s = alpha * s + tl.sum(e, axis=1)
         m = m_new
     out = part_ptr + split * N + rows
     tl.store(out, m, mask=row_ok)
-    tl.store(out + splits * N, s, mask=row_ok)
+    tl.store(out + splits * N, s - s_lost, mask=row_ok)
     tl.store(out + 2 * splits * N, u, mask=row_ok)
     tl.store(out + 3 * splits * N, zy, mask=row_ok)
 
@@ -124,9 +137,10 @@ def _linear_bwd_kernel(
     weight_ptr, stride_w,  # [V, H]
     bias_ptr,
     ids_ptr, pos_ptr,
-    stats_ptr,  # [2, N] fp32: row max, log-sum
+    stats_ptr,  # [3, N] fp32: row max, log-sum, reciprocal of the sum
     entropy_ptr, dlogp_ptr, dentropy_ptr,  # [N] fp32
     dh_ptr,  # [N, H] fp32 accumulator (compact: one row per token)
+    dh_comp_ptr,  # [N, H] fp32: the low-order parts the additions into dh_ptr lost (COMPENSATED)
     dw_ptr,  # [V, H] in the weight's dtype, zero-initialised
     db_ptr,  # [V] fp32
     lock_h_ptr,  # [num_n, num_k] int32
@@ -136,7 +150,7 @@ def _linear_bwd_kernel(
     filter_scale,  # grad_filter_eps * |logit_scale| / temperature (FILTER)
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DENTROPY: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr,
-    FILTER: tl.constexpr,
+    FILTER: tl.constexpr, COMPENSATED: tl.constexpr,
     GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # tile order: groups of GROUP_N token blocks; inside a group the token block varies fastest
@@ -159,30 +173,42 @@ def _linear_bwd_kernel(
     z = _head_transform(acc, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
     m = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
     log_s = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
+    inv_s = tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)
     g = tl.load(dlogp_ptr + rows, mask=row_ok, other=0.0)
     y = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-    logp = (z - m[:, None]) - log_s[:, None]
-    p = exp(logp, PRECISE)
-    d = tl.where(cols[None, :] == y[:, None], g[:, None], 0.0) - g[:, None] * p
+    # p = e^(z - m) / s: a division's one rounding, where e^((z - m) - log s) would carry the rounding of log s (half
+    # a unit of |log s|, about 12 at V = 151,936) into every p alike, and d_hidden's sum of p * weight would not
+    # average it out
+    p = exp(z - m[:, None], PRECISE) * inv_s[:, None]
+    # the logits' gradient without the target's one-hot term (`d`), and that term's value (`hot_g`, per row; 0 where
+    # the target is not in this tile): `d_hidden` takes it as one product `hot_g * weight[y]` added outside the dot,
+    # so that the dot's sum holds only the small terms `-g * p` (a large term in a chain of fp32 additions costs the
+    # low bits of every term after it)
+    d = -g[:, None] * p
     if HAS_DENTROPY:
         h = tl.load(dentropy_ptr + rows, mask=row_ok, other=0.0)
         ent = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+        logp = (z - m[:, None]) - log_s[:, None]
         d -= tl.where(p > 0, h[:, None] * p * (logp + ent[:, None]), 0.0)
+    hot = cols[None, :] == y[:, None]
+    in_tile = row_ok & (y >= pid_v * BLOCK_V) & (y < pid_v * BLOCK_V + BLOCK_V)  # y < V: the target's column is valid
+    hot_g = tl.where(in_tile, g, 0.0) * (logit_scale * inv_temperature)
     d = d * (logit_scale * inv_temperature)
     if HAS_SOFTCAP:
         t = 2.0 * tl.sigmoid(2.0 * acc * logit_scale / softcap) - 1.0
         d = d * (1.0 - t * t)
+        hot_g = hot_g * tl.sum(tl.where(hot, 1.0 - t * t, 0.0), axis=1)
     d = tl.where(row_ok[:, None] & col_ok[None, :], d, 0.0)
-    dd = d.to(weight_ptr.dtype.element_ty)
     keep = 1
     if FILTER:  # gradient filtering (approximate): skip the products of a tile whose entries are all small
         r = tl.abs(g)
         if HAS_DENTROPY:
             r += tl.abs(h)
-        keep = tl.max((tl.abs(d) > (r * filter_scale)[:, None]).to(tl.int32))
+        keep = tl.max((tl.abs(tl.where(hot, d + hot_g[:, None], d)) > (r * filter_scale)[:, None]).to(tl.int32))
 
     num_k = tl.cdiv(H, BLOCK_K)
     if NEED_DH:  # d_hidden[rows] += dz @ weight[cols]: vocabulary tiles in increasing order
+        dd = d.to(weight_ptr.dtype.element_ty)
         for kc in range(0, num_k):
             kk = kc * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = kk < H
@@ -191,14 +217,27 @@ def _linear_bwd_kernel(
                 w = tl.load(weight_ptr + cols[:, None] * stride_w + kk[None, :],
                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
                 part = _dot(dd, w, part, IEEE)
+                w_y = tl.load(weight_ptr + y[:, None] * stride_w + kk[None, :], mask=in_tile[:, None] & k_ok[None, :],
+                              other=0.0)  # fmt: skip
+                part += hot_g[:, None] * w_y.to(tl.float32)
             lock = lock_h_ptr + pid_n * num_k + kc
             _turnstile_wait(lock, pid_v)
             if keep > 0:
-                ptrs = dh_ptr + rows[:, None].to(tl.int64) * H + kk[None, :]
+                offs = rows[:, None].to(tl.int64) * H + kk[None, :]
                 ok = row_ok[:, None] & k_ok[None, :]
-                tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg") + part, mask=ok)
+                total = tl.load(dh_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+                if COMPENSATED:  # Kahan's summation: the additions' lost low-order parts carried in dh_comp_ptr
+                    lost = tl.load(dh_comp_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+                    part -= lost
+                    new = total + part
+                    tl.store(dh_comp_ptr + offs, (new - total) - part, mask=ok)
+                    total = new
+                else:
+                    total += part
+                tl.store(dh_ptr + offs, total, mask=ok)
             tl.debug_barrier()  # all warps have stored before the next tile may read (it loads from L2: .cg)
             tl.atomic_xchg(lock, pid_v + 1)
+    dd = tl.where(hot, d + hot_g[:, None], d)  # the whole gradient, one-hot term included
     if NEED_DW or NEED_DB:  # d_weight[cols] += dz.T @ hidden[rows]: token tiles in increasing order
         for kc in range(0, num_k):
             lock = lock_w_ptr + pid_v * num_k + kc
@@ -209,7 +248,7 @@ def _linear_bwd_kernel(
                 if keep > 0:
                     a = tl.load(hidden_ptr + hrows[:, None] * stride_h + kk[None, :],
                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-                    part = _dot(tl.trans(dd), a, part, IEEE)
+                    part = _dot(tl.trans(dd.to(weight_ptr.dtype.element_ty)), a, part, IEEE)
                 _turnstile_wait(lock, pid_n)
                 if keep > 0:
                     ptrs = dw_ptr + cols[:, None].to(tl.int64) * H + kk[None, :]
@@ -220,7 +259,7 @@ def _linear_bwd_kernel(
                 _turnstile_wait(lock, pid_n)
             if NEED_DB and kc == 0:  # noqa: SIM102 (kept apart: a compile-time and a run-time condition)
                 if keep > 0:
-                    db = tl.load(db_ptr + cols, mask=col_ok, other=0.0, cache_modifier=".cg") + tl.sum(d, axis=0)
+                    db = tl.load(db_ptr + cols, mask=col_ok, other=0.0, cache_modifier=".cg") + tl.sum(dd, axis=0)
                     tl.store(db_ptr + cols, db, mask=col_ok)
             tl.debug_barrier()
             tl.atomic_xchg(lock, pid_n + 1)
@@ -293,11 +332,12 @@ def linear_fwd(
     positions: torch.Tensor | None,  # [N] rows of `hidden` (None: token i is row i)
     head: tuple[float, float, float | None],  # temperature, logit scale, soft-cap
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 `(logp [N], entropy [N], stats [2, N])` (stats: row max and log-sum of the transformed logits)."""
+    """fp32 `(logp [N], entropy [N], stats [3, N])` (stats: row max, log-sum and reciprocal sum of the transformed
+    logits)."""
     N, V, H = ids.numel(), weight.shape[0], hidden.shape[1]
     dev = hidden.device
     if N == 0:
-        return torch.zeros(0, device=dev), torch.zeros(0, device=dev), torch.zeros(2, 0, device=dev)
+        return torch.zeros(0, device=dev), torch.zeros(0, device=dev), torch.zeros(3, 0, device=dev)
     t = _tiles("fwd", N, V, H, hidden.dtype, hidden.device)
     BN, BV = t.BLOCK_N, t.BLOCK_V
     num_n, num_vb = triton.cdiv(N, BN), triton.cdiv(V, BV)
@@ -322,7 +362,7 @@ def linear_fwd(
     log_s = total.log()
     entropy = log_s - u_total / total
     logp = (zy.sum(0) - ref) - log_s
-    return logp, entropy, torch.stack((ref, log_s))
+    return logp, entropy, torch.stack((ref, log_s, total.reciprocal()))
 
 
 def linear_bwd(
@@ -331,7 +371,7 @@ def linear_bwd(
     bias: torch.Tensor | None,
     ids: torch.Tensor,
     positions: torch.Tensor | None,
-    stats: torch.Tensor,  # [2, N]
+    stats: torch.Tensor,  # [3, N], linear_fwd's
     entropy: torch.Tensor,  # [N]
     grad_logp: torch.Tensor,  # [N]
     grad_entropy: torch.Tensor | None,  # [N]
@@ -347,6 +387,8 @@ def linear_bwd(
     N, V, H = ids.numel(), weight.shape[0], hidden.shape[1]
     dev = hidden.device
     d_h = torch.zeros(N, H, dtype=torch.float32, device=dev) if needs[0] else None
+    compensated = d_h is not None and hidden.dtype == torch.float32 and N > 0
+    d_h_lost = torch.zeros_like(d_h) if compensated else None
     d_w = torch.zeros_like(weight) if needs[1] else None
     d_b = torch.zeros(V, dtype=torch.float32, device=dev) if needs[2] else None
     if N == 0 or not any(needs):
@@ -362,12 +404,15 @@ def linear_bwd(
         hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight, ids,
         positions if positions is not None else ids, stats.contiguous(), entropy.contiguous(), g,
         g if grad_entropy is None else grad_entropy.float().contiguous(),
-        d_h if d_h is not None else g, d_w if d_w is not None else weight, d_b if d_b is not None else g,
+        d_h if d_h is not None else g, d_h_lost if compensated else g, d_w if d_w is not None else weight,
+        d_b if d_b is not None else g,
         lock_h, lock_w, N, H, V, num_n, num_v, inv_t, scale, cap,
         0.0 if grad_filter_eps is None else grad_filter_eps * abs(scale) * inv_t,
         HAS_BIAS=bias is not None, HAS_POS=positions is not None, HAS_SOFTCAP=has_cap,
         HAS_DENTROPY=grad_entropy is not None, NEED_DH=needs[0], NEED_DW=needs[1], NEED_DB=needs[2], IEEE=ieee,
-        FILTER=grad_filter_eps is not None, GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, **t.launch(),
-        **math_options(hidden.dtype),
+        FILTER=grad_filter_eps is not None, COMPENSATED=compensated, GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK,
+        **t.launch(), **math_options(hidden.dtype),
     )  # fmt: skip
+    if compensated:
+        d_h -= d_h_lost
     return d_h, d_w, d_b
