@@ -237,7 +237,8 @@ def _linear_bwd_kernel(
                 tl.store(dh_ptr + offs, total, mask=ok)
             tl.debug_barrier()  # all warps have stored before the next tile may read (it loads from L2: .cg)
             tl.atomic_xchg(lock, pid_v + 1)
-    dd = tl.where(hot, d + hot_g[:, None], d)  # the whole gradient, one-hot term included
+    d = tl.where(hot, d + hot_g[:, None], d)  # the whole gradient, one-hot term included
+    dd = d.to(weight_ptr.dtype.element_ty)
     if NEED_DW or NEED_DB:  # d_weight[cols] += dz.T @ hidden[rows]: token tiles in increasing order
         for kc in range(0, num_k):
             lock = lock_w_ptr + pid_v * num_k + kc
@@ -248,7 +249,7 @@ def _linear_bwd_kernel(
                 if keep > 0:
                     a = tl.load(hidden_ptr + hrows[:, None] * stride_h + kk[None, :],
                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-                    part = _dot(tl.trans(dd.to(weight_ptr.dtype.element_ty)), a, part, IEEE)
+                    part = _dot(tl.trans(dd), a, part, IEEE)
                 _turnstile_wait(lock, pid_n)
                 if keep > 0:
                     ptrs = dw_ptr + cols[:, None].to(tl.int64) * H + kk[None, :]
@@ -259,7 +260,7 @@ def _linear_bwd_kernel(
                 _turnstile_wait(lock, pid_n)
             if NEED_DB and kc == 0:  # noqa: SIM102 (kept apart: a compile-time and a run-time condition)
                 if keep > 0:
-                    db = tl.load(db_ptr + cols, mask=col_ok, other=0.0, cache_modifier=".cg") + tl.sum(dd, axis=0)
+                    db = tl.load(db_ptr + cols, mask=col_ok, other=0.0, cache_modifier=".cg") + tl.sum(d, axis=0)
                     tl.store(db_ptr + cols, db, mask=col_ok)
             tl.debug_barrier()
             tl.atomic_xchg(lock, pid_n + 1)
