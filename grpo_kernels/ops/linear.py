@@ -173,42 +173,51 @@ def _linear_bwd_kernel(
     z = _head_transform(acc, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
     m = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
     log_s = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
-    inv_s = tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)
     g = tl.load(dlogp_ptr + rows, mask=row_ok, other=0.0)
     y = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-    # p = e^(z - m) / s: a division's one rounding, where e^((z - m) - log s) would carry the rounding of log s (half
-    # a unit of |log s|, about 12 at V = 151,936) into every p alike, and d_hidden's sum of p * weight would not
-    # average it out
-    p = exp(z - m[:, None], PRECISE) * inv_s[:, None]
-    # the logits' gradient without the target's one-hot term (`d`), and that term's value (`hot_g`, per row; 0 where
-    # the target is not in this tile): `d_hidden` takes it as one product `hot_g * weight[y]` added outside the dot,
-    # so that the dot's sum holds only the small terms `-g * p` (a large term in a chain of fp32 additions costs the
-    # low bits of every term after it)
-    d = -g[:, None] * p
+    logp = (z - m[:, None]) - log_s[:, None]
+    if COMPENSATED:  # p = e^(z - m) / s: a division's one rounding, where e^((z - m) - log s) carries the rounding of
+        # log s (half a unit of |log s|, about 12 at V = 151,936) into every p alike, which d_hidden's sum of
+        # p * weight does not average out
+        p = exp(z - m[:, None], PRECISE) * tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)[:, None]
+    else:
+        p = exp(logp, PRECISE)
+    hot = cols[None, :] == y[:, None]
+    # COMPENSATED (fp32): `d_hidden` takes the target's one-hot term as one product `hot_g * weight[y]` (`hot_g` per
+    # row, 0 where the target is not in this tile) added apart from the dot, so that the dot's sum holds only the
+    # small terms `-g * p` (a large term in a chain of fp32 additions costs the low bits of every term after it).
+    # 16-bit inputs keep the term in the tile: their result is rounded far coarser, and the gather's registers would
+    # spill on Hopper's tiles
+    if COMPENSATED:  # noqa: SIM108 (a compile-time choice, kept as a block like the others)
+        d = -g[:, None] * p
+    else:
+        d = tl.where(hot, g[:, None], 0.0) - g[:, None] * p
     if HAS_DENTROPY:
         h = tl.load(dentropy_ptr + rows, mask=row_ok, other=0.0)
         ent = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
-        logp = (z - m[:, None]) - log_s[:, None]
         d -= tl.where(p > 0, h[:, None] * p * (logp + ent[:, None]), 0.0)
-    hot = cols[None, :] == y[:, None]
-    in_tile = row_ok & (y >= pid_v * BLOCK_V) & (y < pid_v * BLOCK_V + BLOCK_V)  # y < V: the target's column is valid
-    hot_g = tl.where(in_tile, g, 0.0) * (logit_scale * inv_temperature)
+    if COMPENSATED:  # y < V: the target's column is valid
+        in_tile = row_ok & (y >= pid_v * BLOCK_V) & (y < pid_v * BLOCK_V + BLOCK_V)
+        hot_g = tl.where(in_tile, g, 0.0) * (logit_scale * inv_temperature)
     d = d * (logit_scale * inv_temperature)
     if HAS_SOFTCAP:
         t = 2.0 * tl.sigmoid(2.0 * acc * logit_scale / softcap) - 1.0
         d = d * (1.0 - t * t)
-        hot_g = hot_g * tl.sum(tl.where(hot, 1.0 - t * t, 0.0), axis=1)
+        if COMPENSATED:
+            hot_g = hot_g * tl.sum(tl.where(hot, 1.0 - t * t, 0.0), axis=1)
     d = tl.where(row_ok[:, None] & col_ok[None, :], d, 0.0)
+    dd = d.to(weight_ptr.dtype.element_ty)  # d_hidden's (COMPENSATED: without the one-hot term)
+    if COMPENSATED:
+        d = tl.where(hot, d + hot_g[:, None], d)  # the whole gradient: d_weight's and d_bias'
     keep = 1
     if FILTER:  # gradient filtering (approximate): skip the products of a tile whose entries are all small
         r = tl.abs(g)
         if HAS_DENTROPY:
             r += tl.abs(h)
-        keep = tl.max((tl.abs(tl.where(hot, d + hot_g[:, None], d)) > (r * filter_scale)[:, None]).to(tl.int32))
+        keep = tl.max((tl.abs(d) > (r * filter_scale)[:, None]).to(tl.int32))
 
     num_k = tl.cdiv(H, BLOCK_K)
     if NEED_DH:  # d_hidden[rows] += dz @ weight[cols]: vocabulary tiles in increasing order
-        dd = d.to(weight_ptr.dtype.element_ty)
         for kc in range(0, num_k):
             kk = kc * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = kk < H
@@ -217,9 +226,10 @@ def _linear_bwd_kernel(
                 w = tl.load(weight_ptr + cols[:, None] * stride_w + kk[None, :],
                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
                 part = _dot(dd, w, part, IEEE)
-                w_y = tl.load(weight_ptr + y[:, None] * stride_w + kk[None, :], mask=in_tile[:, None] & k_ok[None, :],
-                              other=0.0)  # fmt: skip
-                part += hot_g[:, None] * w_y.to(tl.float32)
+                if COMPENSATED:
+                    w_y = tl.load(weight_ptr + y[:, None] * stride_w + kk[None, :],
+                                  mask=in_tile[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                    part += hot_g[:, None] * w_y.to(tl.float32)
             lock = lock_h_ptr + pid_n * num_k + kc
             _turnstile_wait(lock, pid_v)
             if keep > 0:
@@ -237,8 +247,8 @@ def _linear_bwd_kernel(
                 tl.store(dh_ptr + offs, total, mask=ok)
             tl.debug_barrier()  # all warps have stored before the next tile may read (it loads from L2: .cg)
             tl.atomic_xchg(lock, pid_v + 1)
-    d = tl.where(hot, d + hot_g[:, None], d)  # the whole gradient, one-hot term included
-    dd = d.to(weight_ptr.dtype.element_ty)
+    if COMPENSATED:
+        dd = d.to(weight_ptr.dtype.element_ty)
     if NEED_DW or NEED_DB:  # d_weight[cols] += dz.T @ hidden[rows]: token tiles in increasing order
         for kc in range(0, num_k):
             lock = lock_w_ptr + pid_v * num_k + kc
