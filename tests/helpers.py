@@ -69,7 +69,7 @@ def loss_condition(
     in 2 of 300 draws of `test_fused_linear`'s Qwen-vocabulary case."""
     lp = logps.detach().double().cpu().requires_grad_()
     ent = entropy.detach().double().cpu().requires_grad_()
-    args = {k: v.detach().double().cpu() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+    args = {k: (v.detach().cpu().double() if v.is_floating_point() else v.cpu()) if isinstance(v, torch.Tensor) else v
             for k, v in inputs.items()}  # fmt: skip
     m = None if mask is None else mask.cpu()
     loss, _ = reference.grpo_loss_from_logps(lp, ent, advantages.detach().double().cpu(), m, **args)

@@ -12,8 +12,8 @@ per-token coefficients `g = dL/dlogp` and `h = dL/dentropy`, and adds `dz @ weig
 to `d_weight`, `BLOCK_K` columns at a time. Those additions are ordered: a turnstile per (block, column chunk) lets the
 vocabulary tiles add into a block of `d_hidden` in increasing order, and the token tiles into a block of `d_weight`,
 so results are bit-identical run to run (no float atomics). Every wait is on a program with a smaller id, which the
-GPU has already started, so the order cannot deadlock. `d_hidden` accumulates in an fp32 buffer `[N, H]`, its
-additions compensated for fp32 inputs (a second `[N, H]` buffer holds what each lost), and the target's one-hot term
+GPU has already started, so the order cannot deadlock. `d_hidden` accumulates in an fp32 buffer `[N, H]`. For fp32
+inputs its additions are compensated (a second `[N, H]` buffer holds what each lost) and the target's one-hot term
 `g * weight[y]` is added apart from the tile's dot: at V = 151,936 a plain chain of fp32 additions was 6 to 10 units
 in the last place off, this is within 2. `d_weight` accumulates in the weight's own dtype, one addition per `BLOCK_N`
 tokens (exact for fp32 weights).
@@ -207,14 +207,13 @@ def _linear_bwd_kernel(
             hot_g = hot_g * tl.sum(tl.where(hot, 1.0 - t * t, 0.0), axis=1)
     d = tl.where(row_ok[:, None] & col_ok[None, :], d, 0.0)
     dd = d.to(weight_ptr.dtype.element_ty)  # d_hidden's (COMPENSATED: without the one-hot term)
-    if COMPENSATED:
-        d = tl.where(hot, d + hot_g[:, None], d)  # the whole gradient: d_weight's and d_bias'
     keep = 1
     if FILTER:  # gradient filtering (approximate): skip the products of a tile whose entries are all small
         r = tl.abs(g)
         if HAS_DENTROPY:
             r += tl.abs(h)
-        keep = tl.max((tl.abs(d) > (r * filter_scale)[:, None]).to(tl.int32))
+        whole = tl.where(hot, d + hot_g[:, None], d) if COMPENSATED else d
+        keep = tl.max((tl.abs(whole) > (r * filter_scale)[:, None]).to(tl.int32))
 
     num_k = tl.cdiv(H, BLOCK_K)
     if NEED_DH:  # d_hidden[rows] += dz @ weight[cols]: vocabulary tiles in increasing order
@@ -247,8 +246,9 @@ def _linear_bwd_kernel(
                 tl.store(dh_ptr + offs, total, mask=ok)
             tl.debug_barrier()  # all warps have stored before the next tile may read (it loads from L2: .cg)
             tl.atomic_xchg(lock, pid_v + 1)
-    if COMPENSATED:
-        dd = d.to(weight_ptr.dtype.element_ty)
+    if COMPENSATED:  # the whole gradient, for d_weight and d_bias (formed here: fp32's d and dd are one tile above)
+        d = tl.where(hot, d + hot_g[:, None], d)
+        dd = d
     if NEED_DW or NEED_DB:  # d_weight[cols] += dz.T @ hidden[rows]: token tiles in increasing order
         for kc in range(0, num_k):
             lock = lock_w_ptr + pid_v * num_k + kc
