@@ -461,7 +461,7 @@ def test_loss_from_logits_kernel_launches(options, kernels, device, monkeypatch)
     run = kernel_type.run
 
     def counted(self, *args, **kwargs):
-        launched.append(self.fn.__name__ if hasattr(self, "fn") else self.__name__)
+        launched.append(self.fn.__name__)
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(kernel_type, "run", counted)

@@ -140,7 +140,7 @@ def _linear_bwd_kernel(
     stats_ptr,  # [3, N] fp32: row max, log-sum, reciprocal of the sum
     entropy_ptr, dlogp_ptr, dentropy_ptr,  # [N] fp32
     dh_ptr,  # [N, H] fp32 accumulator (compact: one row per token)
-    dh_comp_ptr,  # [N, H] fp32: the low-order parts the additions into dh_ptr lost (COMPENSATED)
+    dh_comp_ptr,  # [N, H] fp32: the low-order parts the additions into dh_ptr lost (IEEE, NEED_DH)
     dw_ptr,  # [V, H] in the weight's dtype, zero-initialised
     db_ptr,  # [V] fp32
     lock_h_ptr,  # [num_n, num_k] int32
@@ -150,7 +150,7 @@ def _linear_bwd_kernel(
     filter_scale,  # grad_filter_eps * |logit_scale| / temperature (FILTER)
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DENTROPY: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr,
-    FILTER: tl.constexpr, COMPENSATED: tl.constexpr,
+    FILTER: tl.constexpr,
     GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # tile order: groups of GROUP_N token blocks; inside a group the token block varies fastest
@@ -176,19 +176,19 @@ def _linear_bwd_kernel(
     g = tl.load(dlogp_ptr + rows, mask=row_ok, other=0.0)
     y = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     logp = (z - m[:, None]) - log_s[:, None]
-    if COMPENSATED:  # p = e^(z - m) / s: a division's one rounding, where e^((z - m) - log s) carries the rounding of
+    if IEEE:  # p = e^(z - m) / s: a division's one rounding, where e^((z - m) - log s) carries the rounding of
         # log s (half a unit of |log s|, about 12 at V = 151,936) into every p alike, which d_hidden's sum of
         # p * weight does not average out
         p = exp(z - m[:, None], PRECISE) * tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)[:, None]
     else:
         p = exp(logp, PRECISE)
     hot = cols[None, :] == y[:, None]
-    # COMPENSATED (fp32): `d_hidden` takes the target's one-hot term as one product `hot_g * weight[y]` (`hot_g` per
+    # fp32 inputs (IEEE): `d_hidden` takes the target's one-hot term as one product `hot_g * weight[y]` (`hot_g` per
     # row, 0 where the target is not in this tile) added apart from the dot, so that the dot's sum holds only the
     # small terms `-g * p` (a large term in a chain of fp32 additions costs the low bits of every term after it).
     # 16-bit inputs keep the term in the tile: their result is rounded far coarser, and the gather's registers would
     # spill on Hopper's tiles
-    if COMPENSATED:  # noqa: SIM108 (a compile-time choice, kept as a block like the others)
+    if IEEE:  # noqa: SIM108 (a compile-time choice, kept as a block like the others)
         d = -g[:, None] * p
     else:
         d = tl.where(hot, g[:, None], 0.0) - g[:, None] * p
@@ -196,23 +196,23 @@ def _linear_bwd_kernel(
         h = tl.load(dentropy_ptr + rows, mask=row_ok, other=0.0)
         ent = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
         d -= tl.where(p > 0, h[:, None] * p * (logp + ent[:, None]), 0.0)
-    if COMPENSATED:  # y < V: the target's column is valid
+    if IEEE:  # y < V: the target's column is valid
         in_tile = row_ok & (y >= pid_v * BLOCK_V) & (y < pid_v * BLOCK_V + BLOCK_V)
         hot_g = tl.where(in_tile, g, 0.0) * (logit_scale * inv_temperature)
     d = d * (logit_scale * inv_temperature)
     if HAS_SOFTCAP:
         t = 2.0 * tl.sigmoid(2.0 * acc * logit_scale / softcap) - 1.0
         d = d * (1.0 - t * t)
-        if COMPENSATED:
+        if IEEE:
             hot_g = hot_g * tl.sum(tl.where(hot, 1.0 - t * t, 0.0), axis=1)
     d = tl.where(row_ok[:, None] & col_ok[None, :], d, 0.0)
-    dd = d.to(weight_ptr.dtype.element_ty)  # d_hidden's (COMPENSATED: without the one-hot term)
+    dd = d.to(weight_ptr.dtype.element_ty)  # d_hidden's (IEEE: without the one-hot term)
     keep = 1
     if FILTER:  # gradient filtering (approximate): skip the products of a tile whose entries are all small
         r = tl.abs(g)
         if HAS_DENTROPY:
             r += tl.abs(h)
-        whole = tl.where(hot, d + hot_g[:, None], d) if COMPENSATED else d
+        whole = tl.where(hot, d + hot_g[:, None], d) if IEEE else d
         keep = tl.max((tl.abs(whole) > (r * filter_scale)[:, None]).to(tl.int32))
 
     num_k = tl.cdiv(H, BLOCK_K)
@@ -225,7 +225,7 @@ def _linear_bwd_kernel(
                 w = tl.load(weight_ptr + cols[:, None] * stride_w + kk[None, :],
                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
                 part = _dot(dd, w, part, IEEE)
-                if COMPENSATED:
+                if IEEE:
                     w_y = tl.load(weight_ptr + y[:, None] * stride_w + kk[None, :],
                                   mask=in_tile[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
                     part += hot_g[:, None] * w_y.to(tl.float32)
@@ -235,7 +235,7 @@ def _linear_bwd_kernel(
                 offs = rows[:, None].to(tl.int64) * H + kk[None, :]
                 ok = row_ok[:, None] & k_ok[None, :]
                 total = tl.load(dh_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
-                if COMPENSATED:  # Kahan's summation: the additions' lost low-order parts carried in dh_comp_ptr
+                if IEEE:  # Kahan's summation: the additions' lost low-order parts carried in dh_comp_ptr
                     lost = tl.load(dh_comp_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
                     part -= lost
                     new = total + part
@@ -246,7 +246,7 @@ def _linear_bwd_kernel(
                 tl.store(dh_ptr + offs, total, mask=ok)
             tl.debug_barrier()  # all warps have stored before the next tile may read (it loads from L2: .cg)
             tl.atomic_xchg(lock, pid_v + 1)
-    if COMPENSATED:  # the whole gradient, for d_weight and d_bias (formed here: fp32's d and dd are one tile above)
+    if IEEE:  # the whole gradient, for d_weight and d_bias (formed here: fp32's d and dd are one tile above)
         d = tl.where(hot, d + hot_g[:, None], d)
         dd = d
     if NEED_DW or NEED_DB:  # d_weight[cols] += dz.T @ hidden[rows]: token tiles in increasing order
@@ -398,8 +398,6 @@ def linear_bwd(
     N, V, H = ids.numel(), weight.shape[0], hidden.shape[1]
     dev = hidden.device
     d_h = torch.zeros(N, H, dtype=torch.float32, device=dev) if needs[0] else None
-    compensated = d_h is not None and hidden.dtype == torch.float32 and N > 0
-    d_h_lost = torch.zeros_like(d_h) if compensated else None
     d_w = torch.zeros_like(weight) if needs[1] else None
     d_b = torch.zeros(V, dtype=torch.float32, device=dev) if needs[2] else None
     if N == 0 or not any(needs):
@@ -410,20 +408,21 @@ def linear_bwd(
     lock_h = torch.zeros(num_n, num_k, dtype=torch.int32, device=dev)
     lock_w = torch.zeros(num_v, num_k, dtype=torch.int32, device=dev)
     inv_t, scale, cap, has_cap, ieee = _common(hidden, weight, head)
+    d_h_lost = torch.zeros_like(d_h) if d_h is not None and ieee else None  # the compensated sums' (fp32 inputs)
     g = grad_logp.float().contiguous()
     _linear_bwd_kernel[(num_n * num_v,)](
         hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight, ids,
         positions if positions is not None else ids, stats.contiguous(), entropy.contiguous(), g,
         g if grad_entropy is None else grad_entropy.float().contiguous(),
-        d_h if d_h is not None else g, d_h_lost if compensated else g, d_w if d_w is not None else weight,
+        d_h if d_h is not None else g, d_h_lost if d_h_lost is not None else g, d_w if d_w is not None else weight,
         d_b if d_b is not None else g,
         lock_h, lock_w, N, H, V, num_n, num_v, inv_t, scale, cap,
         0.0 if grad_filter_eps is None else grad_filter_eps * abs(scale) * inv_t,
         HAS_BIAS=bias is not None, HAS_POS=positions is not None, HAS_SOFTCAP=has_cap,
         HAS_DENTROPY=grad_entropy is not None, NEED_DH=needs[0], NEED_DW=needs[1], NEED_DB=needs[2], IEEE=ieee,
-        FILTER=grad_filter_eps is not None, COMPENSATED=compensated, GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK,
+        FILTER=grad_filter_eps is not None, GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK,
         **t.launch(), **math_options(hidden.dtype),
     )  # fmt: skip
-    if compensated:
+    if d_h_lost is not None:
         d_h -= d_h_lost
     return d_h, d_w, d_b
