@@ -59,7 +59,7 @@ ARCHS = {  # compute capability -> limits, from NVIDIA's CUDA programming guide
 REGISTERS_PER_SM = 65536
 BLOCKS_PER_SM = 16  # the fewest resident blocks any of these allows (sm_86); the kernels here use 4 warps or more
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-STRATEGIES = ("chunked", "vocab-blocks", "tiles", "fused")
+STRATEGIES = ("chunked", "vocab-blocks", "tiles", "scratch", "fused")
 # small shapes with every dimension a multiple of 16 ("aligned"), and with none ("odd"): Triton specialises on that
 SHAPES = {"aligned": (2, 32, 128, 2048), "odd": (2, 7, 100, 1000)}  # B, T, H, V
 TARGET = (8, 1024, 4096, 131072)  # the fused linear kernels' target shape, for --tiles
@@ -292,10 +292,11 @@ def scenarios(dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
                     hidden = torch.randn(B, T, H, dtype=dtype, requires_grad=True)
                     weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
                     bias = torch.randn(V, dtype=dtype, requires_grad=True) if extra else None
-                    # tiles: a budget that splits the vocabulary into a few blocks (a first, middle and last); it
-                    # has no gradient filtering
-                    chunk_mib = 4 * min(64, B * T) * (V // 3) / 2**20 if strategy == "tiles" else None
-                    eps = 1e-6 if extra and strategy != "tiles" else None
+                    # tiles and scratch: a budget that splits the vocabulary into a few blocks (a first, middle and
+                    # last; scratch's first chunk takes every token here); they have no gradient filtering
+                    blocks = {"tiles": 4 * min(64, B * T), "scratch": 8 * (B * T - 2)}
+                    chunk_mib = blocks[strategy] * (V // 3) / 2**20 if strategy in blocks else None
+                    eps = 1e-6 if extra and strategy not in blocks else None
                     with fused_linear.schedule(strategy, chunk_mib):
                         out = fused_linear_grpo_loss(hidden, weight, ids, adv, mask, bias=bias, config=config, **refs,
                                                      final_logit_softcapping=30.0 if extra else None,

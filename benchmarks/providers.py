@@ -537,6 +537,11 @@ _OURS_VOCAB = Provider(
 # product, large ones, little memory), any device
 _OURS_TILES = Provider("ours-tiles", "fused_linear", "grpo_kernels (tiles)", _ours_linear("auto", "tiles"), role="ours")
 
+# `GRPO_KERNELS_LINEAR=scratch`: the single pass with small chunks, the first chunk's logits kept in d_weight's memory
+_OURS_SCRATCH = Provider(
+    "ours-scratch", "fused_linear", "grpo_kernels (scratch)", _ours_linear("auto", "scratch"), role="ours"
+)
+
 _OURS_FUSED_LOGPROBS = dataclasses.replace(
     _OURS_FUSED, op="linear_logprobs", bind=_ours_logprobs("triton", "fused")
 )  # fmt: skip
@@ -552,6 +557,7 @@ PROVIDERS: tuple[Provider, ...] = (
     _OURS_FUSED,
     _OURS_VOCAB,
     _OURS_TILES,
+    _OURS_SCRATCH,
     _OURS_FILTER,
     Provider("eager", "fused_linear", "eager PyTorch", _eager_linear, memory=_eager_linear_memory),
     Provider("trl", "fused_linear", "TRL 1.16 chunked", _trl_linear, module="trl"),

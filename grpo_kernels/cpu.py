@@ -170,10 +170,12 @@ def block_stats(
     temperature: float,
     logit_scale: float,
     softcap: float | None,
+    keep: bool = False,
 ) -> torch.Tensor:
     """Fold a block of columns of the raw logits into the rows' running statistics `state`, the blocks of a row in
     order, as the Triton kernel does: `m` the running max, `s = sum exp(z - m)`, `u = sum exp(z - m) * (z - m)`.
-    After the `last` block `state` holds `(logp, entropy, row max, log-sum)`."""
+    After the `last` block `state` holds `(logp, entropy, row max, log-sum)`. `keep`: `z` is left as it was (a few
+    rows at a time are transformed in a copy), else it is transformed and shifted in place."""
     if first:
         state[0].fill_(float("-inf"))
         state[1:].zero_()
@@ -182,7 +184,7 @@ def block_stats(
     target = (y >= 0) & (y < z.shape[1])
     y = y.clamp(0, z.shape[1] - 1).unsqueeze(-1)
     for r in _blocks(z.shape[0], z.shape[1]):
-        zb = z[r]
+        zb = z[r].clone() if keep else z[r]
         if softcap is None:
             zb.mul_(logit_scale / temperature)
         else:

@@ -36,6 +36,13 @@ weights each chunk's product is added in bf16, as chunked losses usually do). Ea
   share of the gradients. Four products, like `vocab-blocks`, but large ones in few chunks, with little beyond the
   gradients (64 MiB of fp32 logits on CUDA at most: 32 MiB in bf16, plus the chunk's `d_hidden` rows, 24 MiB at
   H = 4,096 in bf16). No gradient filtering.
+- `scratch`: the single pass with small chunks (60 MiB of bf16 logits on CUDA), except its first chunk, whose
+  logits are kept in `d_weight`'s own memory before `d_weight` is formed: a `[V, H]` gradient holds the logits of
+  about H tokens (with their fp32 `d_hidden` rows), in blocks of vocabulary columns. That chunk forms its gradients
+  from them, the blocks' `d_weight` rows written last to first so that none overwrites logits still to be read; the
+  chunks after it add to `d_weight`. Three products, as the default, and half the rereading of `d_weight` that small
+  chunks alone would need at N = 2H. No gradient filtering. Where the single pass does not apply it is the default's
+  two passes with small chunks.
 - `fused`: the Triton kernels of `ops/linear.py` (CUDA), which keep each logits tile in registers.
 
 Gradient filtering (`HeadOptions.grad_filter_eps`, approximate, off by default): once a chunk's logits gradient is
@@ -75,7 +82,10 @@ VOCAB_BLOCKS_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 128 << 20}
 # GRPO_KERNELS_LINEAR=tiles: the logits buffer (in fp32 bytes; half that in bf16), and a quarter of it for each token
 # chunk's fp32 d_hidden rows: 32 + 16 MiB beyond the gradients on CUDA in bf16
 TILES_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 64 << 20}
-STRATEGIES = ("chunked", "fused", "vocab-blocks", "tiles")
+# GRPO_KERNELS_LINEAR=scratch: the chunks after the first (whose logits live in d_weight's memory), in fp32 bytes as
+# CHUNK_BYTES: 60 MiB of bf16 logits, 240 tokens at V = 131,072; and half that for each block of the first chunk
+SCRATCH_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 120 << 20}
+STRATEGIES = ("chunked", "fused", "vocab-blocks", "tiles", "scratch")
 # Gradient filtering leaves a chunk's small columns out only while no token loses more than this many times its
 # threshold in all (its left-out probability mass, without the entropy bonus, at most 64 * grad_filter_eps: 1.6% at
 # 2**-12): a flat softmax, where the many small entries add up, keeps every column.
@@ -157,6 +167,8 @@ def _chunk_bytes(kind: str, strategy: str | None = None) -> int:
         return min(CHUNK_BYTES[kind], VOCAB_BLOCKS_CHUNK_BYTES[kind])
     if strategy == "tiles":
         return min(CHUNK_BYTES[kind], TILES_CHUNK_BYTES[kind])
+    if strategy == "scratch":
+        return min(CHUNK_BYTES[kind], SCRATCH_CHUNK_BYTES[kind])
     return CHUNK_BYTES[kind]
 
 
@@ -179,6 +191,10 @@ def workspace_bytes(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtyp
     buffer, extra = rows * padded_vocab(vocab, device) * per_logit, 2 * rows * hidden_size * b
     if strategy == "vocab-blocks":
         buffer = max(buffer, tokens * max(1, min(vocab, budget // (4 * max(tokens, 1)))) * per_logit)
+    if strategy == "scratch":  # the first chunk's blocks of logits, its gathered rows and 16-bit d_hidden products
+        c = max(1, min(tokens, _scratch_capacity(vocab, hidden_size, b, b if kind == "cuda" else max(b, 4), max(b, 4))))
+        buffer = max(buffer, c * block_width(vocab, budget // (8 * c), even=True) * per_logit, c * hidden_size * b)
+        extra = max(extra, c * hidden_size * b)
     if strategy == "tiles":
         c = min(tokens, tile_tokens(hidden_size, device, budget))
         buffer = max(buffer, c * max(1, min(vocab, budget // (4 * max(c, 1)))) * per_logit)
@@ -219,8 +235,8 @@ def linear_schedule(device: torch.device) -> tuple[str, int]:
 
 
 def linear_strategy() -> str:
-    """`GRPO_KERNELS_LINEAR`: "chunked" (the default), "fused", "vocab-blocks" or "tiles" (see the module's
-    docstring)."""
+    """`GRPO_KERNELS_LINEAR`: "chunked" (the default), "fused", "vocab-blocks", "tiles" or "scratch" (see the
+    module's docstring)."""
     strategy = os.environ.get("GRPO_KERNELS_LINEAR", "chunked")
     if strategy not in STRATEGIES:
         raise ValueError(f"GRPO_KERNELS_LINEAR must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
@@ -251,10 +267,10 @@ class _Head:
         self._buffer: torch.Tensor | None = None
         self.args = (head.temperature, head.logit_scale, head.final_logit_softcapping)
         self.filter_eps = head.grad_filter_eps
-        if self.tiles and self.filter_eps is not None:
+        if self.strategy in ("tiles", "scratch") and self.filter_eps is not None:
             raise ValueError(
-                "grad_filter_eps is not supported with GRPO_KERNELS_LINEAR=tiles: pass grad_filter_eps=None or use "
-                "another strategy"
+                f"grad_filter_eps is not supported with GRPO_KERNELS_LINEAR={self.strategy}: pass grad_filter_eps=None "
+                "or use another strategy"
             )
 
     def rows(self, sl: slice) -> torch.Tensor:  # [c, H]
@@ -263,7 +279,7 @@ class _Head:
     @property
     def logits_dtype(self) -> torch.dtype:
         """The inputs' dtype, or fp32 / fp64 on the CPU path (whose chunk math works in place)."""
-        return cpu.math_dtype(self.flat) if self.ops is cpu else self.flat.dtype
+        return _logits_dtype(self.flat, self.ops)
 
     def project(self, h: torch.Tensor, cols: slice, out: torch.Tensor) -> torch.Tensor:
         """The raw logits `h @ weight[cols].T + bias[cols]` of rows `h`, written into `out`; the whole vocabulary's
@@ -292,6 +308,11 @@ class _Head:
             self._buffer = None  # release the old one first
             self._buffer = torch.empty(numel, dtype=self.logits_dtype, device=self.flat.device)
         return self._buffer[:numel]
+
+    def _scratch_as(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """`numel` elements of `dtype` at the start of the logits buffer."""
+        size, lb = torch.empty((), dtype=dtype).element_size(), torch.empty((), dtype=self.logits_dtype).element_size()
+        return self._scratch(-(-numel * size // lb)).view(torch.uint8)[: numel * size].view(dtype)
 
     def stats(self, z: torch.Tensor, sl: slice):
         """`(logp, entropy, state)` of the chunk; `state` feeds `add_grads` for the same `z`."""
@@ -403,6 +424,78 @@ class _Head:
                 self.d_h[sl] = acc
             else:  # 16-bit rows through the products' buffer
                 self.d_h.index_copy_(0, self.positions[sl], acc if rows_out is None else rows_out.copy_(acc))
+
+    def scratch_fits(self, sl: slice) -> bool:
+        """Whether the scratch strategy keeps the chunk `sl`'s logits in `d_weight`'s memory: it is the strategy, the
+        chunk is the first (nothing written to `d_weight` yet) and not larger than `scratch_tokens` allows."""
+        if self.strategy != "scratch" or self.d_w is None or self.d_w_written or not self.d_w.is_contiguous():
+            return False
+        return sl.stop - sl.start <= scratch_tokens(self.flat, self.weight, self.d_h is not None, self.ops)
+
+    def scratch_grads(self, sl: slice, coefficients) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk `sl`'s `(logp, entropy)` `[c]`, and its gradients formed from logits kept in `d_weight`'s
+        memory (the scratch strategy's first chunk; `scratch_fits`): `coefficients(logp, entropy)` gives the tokens'
+        `(dL/dlogp, dL/dentropy)` once their log-probs are known.
+
+        `d_weight`'s bytes hold, from the start, the chunk's logits a block of vocabulary columns after another (each
+        block `[c, w]` row-major), and at their end the chunk's fp32 `d_hidden` rows, summed over the blocks. The
+        blocks' statistics come first, then their gradients (in place) and `d_hidden`, then `d_weight` from the last
+        block back to the first: block `b`'s rows of `d_weight` start past block `b`'s logits, and a token's logits
+        take fewer bytes than a row of `d_weight`, so they overwrite only logits already turned into `d_weight`
+        (or block `b`'s own, which are copied out first where they overlap)."""
+        h = self.rows(sl)
+        n, H = h.shape
+        V, wdt = self.weight.shape[0], self.weight.dtype
+        math, ldt = cpu.math_dtype(self.flat), self.logits_dtype
+        memory = self.d_w.view(-1).view(torch.uint8)
+        lb = torch.empty((), dtype=ldt).element_size()
+        width = block_width(V, self.chunk_bytes // (8 * max(n, 1)), even=True)
+        blocks = [slice(start, min(start + width, V)) for start in range(0, V, width)]
+
+        def block(cols: slice) -> torch.Tensor:  # the block's [c, w] logits (their gradient later)
+            start = n * cols.start * lb
+            return memory[start : start + n * (cols.stop - cols.start) * lb].view(ldt).view(n, -1)
+
+        ids = self.ids[sl]
+        state = torch.empty(4, n, dtype=math, device=h.device)
+        for i, cols in enumerate(blocks):
+            z = self.project(h, cols, block(cols))
+            self.ops.block_stats(z, ids, cols.start, state, i == 0, i == len(blocks) - 1, *self.args, keep=True)
+        logp, entropy, m, log_s = state
+        g_lp, g_ent = coefficients(logp, entropy)
+        acc = rows_out = None
+        if self.d_h is not None:  # fp32 (fp64) sums of d_hidden's rows, in the last bytes of d_weight
+            ab = torch.empty((), dtype=math).element_size()
+            start = (memory.numel() - n * H * ab) // ab * ab
+            acc = memory[start : start + n * H * ab].view(math).view(n, H).zero_()
+            if wdt != math:  # 16-bit products through a buffer
+                rows_out = self._scratch_as(n * H, wdt).view(n, H)
+        for cols in blocks:
+            dz = self.ops.block_grad(block(cols), ids, cols.start, m, log_s, entropy, g_lp, g_ent, None, *self.args)
+            dz = dz.to(wdt)
+            if acc is not None:
+                if rows_out is None:
+                    _product(dz, self.weight[cols], out=acc, accumulate=True)
+                else:
+                    acc += _product(dz, self.weight[cols], out=rows_out)
+            if self.d_b is not None:
+                self.d_b[cols] += dz.sum(0, dtype=self.d_b.dtype)
+        if acc is not None:
+            rows = acc if rows_out is None else rows_out.copy_(acc)
+            if self.positions is None:
+                self.d_h[sl] = rows
+            else:
+                self.d_h.index_copy_(0, self.positions[sl], rows)
+        for cols in reversed(blocks):
+            dz = block(cols)
+            rows = (cols.start * H * wdt.itemsize, cols.stop * H * wdt.itemsize)  # d_weight[cols]'s bytes
+            if dz.dtype != wdt:
+                dz = dz.to(wdt)
+            elif n * cols.stop * lb > rows[0]:  # the block's logits reach into its rows of d_weight
+                dz = self._scratch_as(dz.numel(), wdt).view(dz.shape).copy_(dz)
+            _product(dz.t(), h, out=self.d_w[cols])
+        self.d_w_written = True
+        return logp, entropy
 
     def _kept_columns(self, dz: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None):
         """Gradient filtering: the vocabulary columns of the chunk's logits gradient `dz` `[c, V]` with an entry above
@@ -536,6 +629,28 @@ class _Head:
         return x.new_zeros(B * T).index_copy_(0, self.positions, x).view(B, T)
 
 
+def _logits_dtype(hidden: torch.Tensor, ops) -> torch.dtype:
+    """The dtype of a chunk's logits: the inputs', or fp32 / fp64 on the CPU path (whose chunk math works in place)."""
+    return cpu.math_dtype(hidden) if ops is cpu else hidden.dtype
+
+
+def scratch_tokens(hidden: torch.Tensor, weight: torch.Tensor, d_hidden: bool = True, ops=None) -> int:
+    """Tokens whose logits (and, with `d_hidden`, fp32 `d_hidden` rows) fit in the memory of a `d_weight` like
+    `weight`: the scratch strategy's first chunk. About H for a large vocabulary in 16 bits (3,855 tokens at
+    H = 4,096, V = 131,072 in bf16); on the CPU path, whose logits are fp32, half that for 16-bit weights."""
+    V, H = weight.shape
+    ops = _row_ops(hidden) if ops is None else ops
+    lb = torch.empty((), dtype=_logits_dtype(hidden, ops)).element_size()
+    ab = torch.empty((), dtype=cpu.math_dtype(hidden)).element_size() if d_hidden else 0
+    return _scratch_capacity(V, H, weight.element_size(), lb, ab)
+
+
+def _scratch_capacity(V: int, H: int, weight_bytes: int, logit_bytes: int, sum_bytes: int) -> int:
+    """Tokens whose `[V]` logits and `[H]` sums fit in `V * H` elements of `weight_bytes` (one sum spared for their
+    alignment)."""
+    return max(0, (V * H * weight_bytes - sum_bytes) // max(V * logit_bytes + H * sum_bytes, 1))
+
+
 def padded_vocab(vocab: int, device: torch.device) -> int:
     """The distance between rows of a chunk's logits: `vocab` rounded up to a multiple of `ROW_ALIGN`."""
     align = ROW_ALIGN[_kind(device)]
@@ -627,22 +742,24 @@ def _row_ops(t: torch.Tensor):
     return cpu
 
 
-def _token_ranges(n: int, size: int, even: bool = False) -> list[slice]:
-    """Consecutive slices of at most `size` of `range(n)`; `even`: as few as that allows, of near-equal sizes."""
+def _token_ranges(n: int, size: int, even: bool = False, first: int | None = None) -> list[slice]:
+    """Consecutive slices of at most `size` of `range(n)` (the first of at most `first` where given); `even`: as few
+    as that allows, of near-equal sizes."""
     if even and n > 0:
         count = -(-n // size)
         return [slice(i * n // count, (i + 1) * n // count) for i in range(count)]
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+    head = [] if first is None or n == 0 else [slice(0, min(first, n))]
+    return head + [slice(s, min(s + size, n)) for s in range(0 if first is None else first, n, size)]
 
 
-def _row_ranges(counts: list[int], size: int) -> list[tuple[slice, slice]] | None:
-    """Pack whole rows (`counts[b]` active tokens each) into chunks of at most `size` tokens:
-    `[(row slice, token slice)]`, or None when one row alone is larger than a chunk."""
+def _row_ranges(counts: list[int], size: int, first: int | None = None) -> list[tuple[slice, slice]] | None:
+    """Pack whole rows (`counts[b]` active tokens each) into chunks of at most `size` tokens (the first of at most
+    `first` where given): `[(row slice, token slice)]`, or None when one row alone is larger than a chunk."""
     if counts and max(counts) > size:
         return None
     out, start_row, start_tok, tok = [], 0, 0, 0
     for b, c in enumerate(counts):
-        if tok + c > size and b > start_row:
+        if tok - start_tok + c > (size if out or first is None else first) and b > start_row:
             out.append((slice(start_row, b), slice(start_tok, tok)))
             start_row, start_tok = b, tok
         tok += c
@@ -736,18 +853,26 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
 
 
 def single_pass_chunks(
-    positions: torch.Tensor | None, inputs: LossInputs, config: GRPOLossConfig, vocab: int, device: torch.device
+    positions: torch.Tensor | None,
+    inputs: LossInputs,
+    config: GRPOLossConfig,
+    vocab: int,
+    device: torch.device,
+    first: int | None = None,
 ) -> list[tuple[slice, slice]] | None:
     """Chunks for the single-pass schedule as `(row slice, token slice)` over the active tokens, or None when it
-    does not apply (the tiles strategy always takes two passes: its statistics pass is the product it does anyway)."""
+    does not apply (the tiles strategy always takes two passes: its statistics pass is the product it does anyway).
+    `first`: the first chunk may hold that many tokens where that is more than the others (the scratch strategy's
+    `scratch_tokens`)."""
     if config.top_entropy_quantile < 1.0 or linear_strategy() == "tiles":
         return None
     size = chunk_tokens(vocab, device)
+    first = first if first is not None and first > size else None
     if not token_local(config):
-        return _row_ranges(inputs.mask.sum(-1).tolist(), size)
+        return _row_ranges(inputs.mask.sum(-1).tolist(), size, first)
     T = inputs.mask.shape[1]
     n = inputs.mask.numel() if positions is None else positions.numel()
-    ranges = _token_ranges(n, size)
+    ranges = _token_ranges(n, size, first=first)
     ends = [i for sl in ranges for i in (sl.start, sl.stop - 1)]
     if positions is not None and ends:  # the chunks' first and last tokens' flat positions, in one read
         ends = positions[torch.tensor(ends, device=positions.device)].tolist()
@@ -776,6 +901,14 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             else:  # each chunk's whole rows
                 row_grads = _RowGrads(inputs, config, plan, positions, logp)
         for rows, sl in chunks:
+            if grads and lm.scratch_fits(sl):  # the scratch strategy's first chunk
+
+                def coefficients(lp, ent, rows=rows, sl=sl):
+                    logp[sl], entropy[sl] = lp, ent
+                    return token_grads(logp[sl], sl) if row_grads is None else row_grads(rows, sl)
+
+                lm.scratch_grads(sl, coefficients)
+                continue
             z = lm.logits(sl)
             logp[sl], entropy[sl], state = lm.stats(z, sl)
             if grads:
@@ -839,10 +972,12 @@ def fused_linear_loss(
     chunks = None
     # fp16 takes two passes: its gradients are then rounded once, after the loss's incoming gradient (a loss scale
     # against fp16 underflow) has multiplied them; formed in the forward, entries below fp16's range would be lost
+    needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not use_fused_kernels(hidden) and hidden.dtype != torch.float16:
-        chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device)
+        # the scratch strategy: as many tokens in the first chunk as d_weight's memory holds the logits of
+        first = scratch_tokens(hidden, weight, needs[0]) if needs[1] and linear_strategy() == "scratch" else None
+        chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device, first)
     if chunks is not None:
-        needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
         anchor, logps, entropy = FusedLinearGRPOFunction.apply(
             hidden, weight, bias, ids, positions, inputs, config, head, chunks, num_items_in_batch, needs
         )

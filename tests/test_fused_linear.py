@@ -32,9 +32,9 @@ from grpo_kernels.validation import ValueChecks
 
 # backend-strategy: Triton with the logits kept in registers, Triton row kernels on chunks of logits (d_weight
 # accumulated across chunks, or formed per vocabulary block), and the PyTorch path (both schedules)
-IMPLS = ["triton-fused", "triton-chunked", "triton-vocab-blocks", "triton-tiles", "torch", "torch-vocab-blocks",
-         "torch-tiles"]  # fmt: skip
-FILTERING = [i for i in IMPLS if not i.endswith("tiles")]  # the tiles strategy refuses gradient filtering
+IMPLS = ["triton-fused", "triton-chunked", "triton-vocab-blocks", "triton-tiles", "triton-scratch", "torch",
+         "torch-vocab-blocks", "torch-tiles", "torch-scratch"]  # fmt: skip
+FILTERING = [i for i in IMPLS if not i.endswith(("tiles", "scratch"))]  # tiles and scratch refuse gradient filtering
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.bf16)]
 
 
@@ -375,7 +375,7 @@ def test_extra_memory_is_a_fraction_of_the_logits(monkeypatch):
     assert naive.peak_bytes > logits_bytes  # the meter sees the materialised logits
 
 
-@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks", "tiles"])
+@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks", "tiles", "scratch"])
 @pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])  # the single-pass and the two-pass schedule
 def test_extra_memory_beyond_the_gradients_is_a_few_chunks(strategy, top_entropy_quantile, monkeypatch):
     """At N = 2,048, V = 8,192 with 1 MiB chunks (32 tokens; 128-column vocabulary blocks; for tiles, 1,024-token
@@ -427,7 +427,7 @@ def test_the_backward_keeps_the_strategy_and_budget_of_its_forward(top_entropy_q
     assert meter.peak_bytes - grads < 3 * (64 << 10), f"{(meter.peak_bytes - grads) / 2**10:.0f} KiB beyond the grads"
 
 
-@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks", "tiles"])
+@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks", "tiles", "scratch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("masked", "top_entropy_quantile"), [(False, 1.0), (True, 0.5)])
 def test_workspace_bytes_bounds_what_a_call_allocates(strategy, dtype, masked, top_entropy_quantile, monkeypatch):
@@ -452,7 +452,109 @@ def test_workspace_bytes_bounds_what_a_call_allocates(strategy, dtype, masked, t
     assert 0.6 * estimate <= beyond <= estimate, f"{beyond / 2**20:.3f} MiB allocated, {estimate / 2**20:.3f} estimated"
 
 
-@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks", "tiles"])
+@pytest.mark.parametrize("impl", ["triton-scratch", "torch-scratch"], indirect=True)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"loss_type": "dapo", "beta": 0.1, "entropy_coef": 0.1},
+        {"loss_type": "luspo", "importance_sampling_level": "sequence"},  # whole rows per chunk
+    ],
+)
+@pytest.mark.parametrize("head", [{}, {"final_logit_softcapping": 3.0}])  # the latter at temperature 0.8
+def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, monkeypatch):
+    """GRPO_KERNELS_LINEAR=scratch: the first chunk holds as many tokens as `d_weight`'s memory holds the logits and
+    fp32 `d_hidden` rows of (`scratch_tokens`: 10 at H = 12, V = 61 in fp32; whole rows for sequence-level losses), its
+    blocks of logits are views of that memory, the chunks after it take 5 tokens, and the loss and gradients match
+    the reference."""
+    dev = "cpu" if impl.startswith("torch") else device
+    kind = "cuda" if dev == "cuda" else "cpu"
+    H, V = 12, 61
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, 5 * 4 * V)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(6, 5, H, V, torch.float32, dev)
+    first = fl.scratch_tokens(hidden, weight)
+    assert first == 10
+    chunks, blocks = [], []
+    real_grads, real_stats = fl._Head.scratch_grads, fl._Head.stats
+
+    def scratch_grads(self, sl, coefficients):
+        chunks.append(("scratch", sl.stop - sl.start))
+        memory = self.d_w.untyped_storage().data_ptr()
+        real_project = self.project
+
+        def project(h, cols, out):  # each block's logits lie within d_weight's bytes
+            offset = out.data_ptr() - memory
+            blocks.append(offset >= 0 and offset + out.numel() * out.element_size() <= self.d_w.numel() * 4)
+            return real_project(h, cols, out)
+
+        self.project = project
+        try:
+            return real_grads(self, sl, coefficients)
+        finally:
+            del self.project
+
+    def stats(self, z, sl):
+        chunks.append(("chunk", sl.stop - sl.start))
+        return real_stats(self, z, sl)
+
+    def span(t):  # the bytes a view reaches
+        start = t.data_ptr()
+        return start, start + (1 + sum((n - 1) * d for n, d in zip(t.shape, t.stride(), strict=True))) * t.itemsize
+
+    overlaps, real_product = [], fl._product
+
+    def product(a, b, out=None, accumulate=False):  # no product reads memory it writes
+        if out is not None:
+            (a0, a1), (o0, o1) = span(a), span(out)
+            overlaps.append(a0 < o1 and o0 < a1)
+        return real_product(a, b, out=out, accumulate=accumulate)
+
+    monkeypatch.setattr(fl._Head, "scratch_grads", scratch_grads)
+    monkeypatch.setattr(fl._Head, "stats", stats)
+    monkeypatch.setattr(fl, "_product", product)
+    config = GRPOLossConfig(max_completion_length=5, temperature=0.8 if head else 1.0, **options)
+    check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=config, **head, **extra)
+    counts = mask.sum(-1).tolist()
+    if options["loss_type"] == "dapo":  # token chunks
+        assert chunks[0] == ("scratch", first) and len(chunks) > 2, chunks
+    else:  # whole rows: as many as fit in the first chunk, then as many as fit in 5 tokens
+        fit = max(k for k in range(len(counts) + 1) if sum(counts[:k]) <= first)
+        assert chunks[0] == ("scratch", sum(counts[:fit])) and len(chunks) > 1, (chunks, counts)
+    assert all(kind == "chunk" and size <= 5 for kind, size in chunks[1:]), chunks
+    assert blocks and all(blocks), blocks
+    assert overlaps and not any(overlaps)
+    with pytest.raises(ValueError, match="grad_filter_eps is not supported with GRPO_KERNELS_LINEAR=scratch"):
+        fused_linear_grpo_loss(hidden, weight, ids, adv, mask, bias=bias, config=config, grad_filter_eps=1e-3, **extra)
+    assert sum(size for _, size in chunks) == sum(counts)
+
+
+def test_scratch_allocates_no_logits_for_its_first_chunk(monkeypatch):
+    """At N = 512, H = 64, V = 8,192 in fp32 on the CPU path, the scratch strategy's first chunk takes 63 tokens,
+    whose logits (2 MiB) live in `d_weight`'s memory: forward + backward allocate under a quarter of that beyond the
+    gradients (4-token chunks after it), where the default strategy with 63-token chunks allocates more than them."""
+    from grpo_kernels.memory import MemoryMeter
+
+    B, T, H, V = 4, 128, 64, 8192
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, "cpu", 1)
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = (torch.randn(V, H) / 8).requires_grad_()
+    ids = torch.randint(0, V, (B, T))
+    config = GRPOLossConfig(loss_type="dapo", entropy_coef=0.01)
+    first = fl.scratch_tokens(hidden, weight)
+    assert first == 63
+    logits = first * V * 4
+    grads = (hidden.numel() + weight.numel()) * 4
+    peaks = {}
+    for strategy, budget in (("scratch", 4 * 4 * V), ("chunked", first * 4 * V)):
+        monkeypatch.setitem(fl.CHUNK_BYTES, "cpu", budget)
+        monkeypatch.setenv("GRPO_KERNELS_LINEAR", strategy)
+        with backend("torch"), MemoryMeter() as meter:
+            fused_linear_grpo_loss(hidden, weight, ids, torch.randn(B), config=config).loss.backward()
+        peaks[strategy] = meter.peak_bytes - grads
+    assert peaks["scratch"] < logits / 4 < logits < peaks["chunked"], {k: v / 2**20 for k, v in peaks.items()}
+
+
+@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks", "tiles", "scratch"])
 def test_a_million_tokens_in_one_call(strategy, monkeypatch):
     """N = 1,000,000 tokens (B = T = 1,000, a tenth masked) in one call on the CPU path: loss and gradients equal the
     fp64 reference's, the gradients to 1e-5 of their largest entry (fp32 sums over a million tokens)."""
@@ -479,7 +581,9 @@ def test_logits_rows_padded_past_the_vocabulary(impl, options, vocab, device, mo
     """With the rows of a chunk's logits padded to a multiple of 64 elements (as CUDA pads them, for aligned rows),
     an odd vocabulary's loss and gradients match the reference, in the single-pass and the two-pass schedule, and the
     chunks' logits are views a whole multiple of 64 elements a row apart. Past 64 columns the logits and `d_weight`
-    are formed in two products each, the first over a whole multiple of 64 columns (`column_parts`)."""
+    are formed in two products each, the first over a whole multiple of 64 columns (`column_parts`). The scratch
+    strategy's first chunk (about 10 tokens here) keeps its logits in `d_weight`'s memory; the chunks after it too
+    are padded."""
     dev = "cpu" if impl.startswith("torch") else device
     kind = "cuda" if dev == "cuda" else "cpu"
     monkeypatch.setitem(fl.ROW_ALIGN, kind, 64)
@@ -499,7 +603,7 @@ def test_logits_rows_padded_past_the_vocabulary(impl, options, vocab, device, mo
 
     monkeypatch.setattr(fl._Head, "logits", logits)
     monkeypatch.setattr(fl.torch, "mm", mm)
-    hidden, weight, bias, ids, adv, mask, extra = make_inputs(3, 5, 12, vocab, torch.float32, dev)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(5, 6, 12, vocab, torch.float32, dev)
     check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=GRPOLossConfig(**options), **extra)
     assert (not strides) == impl.endswith(("fused", "tiles"))
     if strides:

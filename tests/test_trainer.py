@@ -496,9 +496,10 @@ def test_command_line_yaml_and_help(tmp_path, capsys):
         ({"loss_type": "dr_grpo", "epsilon": -1.0}, "epsilon must be >= 0"),
         ({"lr_scheduler": "step"}, "lr_scheduler must be one of"),
         ({"optimizer": "adam8bit"}, "optimizer must be one of adamw, adafactor, sgd"),
-        ({"loss_strategy": "blocks"}, "loss_strategy must be one of chunked, fused, vocab-blocks, tiles"),
+        ({"loss_strategy": "blocks"}, "loss_strategy must be one of chunked, fused, vocab-blocks, tiles, scratch"),
         ({"loss_chunk_mib": 0.0}, "loss_chunk_mib must be a positive number"),
         ({"loss_strategy": "tiles", "grad_filter_eps": 0.001}, "loss_strategy tiles does not filter gradients"),
+        ({"loss_strategy": "scratch", "grad_filter_eps": 0.001}, "loss_strategy scratch does not filter gradients"),
     ],
 )
 def test_bad_options_fail_clearly(overrides, message):

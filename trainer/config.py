@@ -150,7 +150,8 @@ class TrainerConfig:
         default=None,
         metadata=_help(
             "the fused loss's schedule: chunked (the fastest), tiles (small memory beyond the gradients for a fourth "
-            "matrix product: 56 MiB against 512 at 1.3x the time on an H100), vocab-blocks, fused (Triton kernels, "
+            "matrix product: 56 MiB against 512 at 1.3x the time on an H100), scratch (three products with 60 MiB, the "
+            "first chunk's logits in d_weight's memory; not yet timed on a GPU), vocab-blocks, fused (Triton kernels, "
             "CUDA); none: GRPO_KERNELS_LINEAR, else chunked"
         ),
     )
@@ -158,7 +159,7 @@ class TrainerConfig:
         default=None,
         metadata=_help(
             "the fused loss's chunk budget in MiB of fp32 logits; none: GRPO_KERNELS_CHUNK_MIB, else the "
-            "strategy's (chunked 1024, vocab-blocks 128, tiles 64 on CUDA)"
+            "strategy's (chunked 1024, vocab-blocks 128, tiles 64, scratch 120 on CUDA)"
         ),
     )
 
@@ -286,8 +287,10 @@ class TrainerConfig:
             raise ValueError(f"loss_strategy must be one of {', '.join(STRATEGIES)}; got {self.loss_strategy!r}")
         if self.loss_chunk_mib is not None and not self.loss_chunk_mib > 0:
             raise ValueError(f"loss_chunk_mib must be a positive number of MiB or none; got {self.loss_chunk_mib}")
-        if self.loss_strategy == "tiles" and self.grad_filter_eps is not None:
-            raise ValueError("loss_strategy tiles does not filter gradients: leave grad_filter_eps unset")
+        if self.loss_strategy in ("tiles", "scratch") and self.grad_filter_eps is not None:
+            raise ValueError(
+                f"loss_strategy {self.loss_strategy} does not filter gradients: leave grad_filter_eps unset"
+            )
         if self.learning_rate <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("learning_rate must be > 0, weight_decay and max_grad_norm >= 0; got "
                              f"{self.learning_rate}, {self.weight_decay}, {self.max_grad_norm}")  # fmt: skip

@@ -379,11 +379,11 @@ def chunk_stats(z, ids, temperature, logit_scale, softcap):
     return logp[0], entropy[0], stats
 
 
-def block_stats(z, ids, col_offset, state, first, last, temperature, logit_scale, softcap):
+def block_stats(z, ids, col_offset, state, first, last, temperature, logit_scale, softcap, keep=False):
     """Fold a block of columns `z` `[n, v]` (vocabulary entries `col_offset` on) of the raw logits into the rows'
     running statistics `state`, fp32 `[4, n]`: the blocks of a row in order, `first` for its first (`state` is then
     only written) and `last` for its last, after which `state` holds `(logp, entropy, row max, log-sum)` as
-    `chunk_stats` gives them for the whole row."""
+    `chunk_stats` gives them for the whole row. `z` is only read (`keep`, which the PyTorch path needs, is implied)."""
     n, v = z.shape
     if n == 0:
         return state
