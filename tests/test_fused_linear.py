@@ -611,6 +611,18 @@ def test_logits_rows_padded_past_the_vocabulary(impl, options, vocab, device, mo
         assert (vocab in widths) == (vocab == 61) and (vocab == 61 or {128, 22} <= widths)
 
 
+def test_whole_row_chunks_pack_rows():
+    """Sequence-level losses take whole rows per chunk: every chunk holds as many consecutive rows as fit, the first
+    up to `first` tokens where that is larger (the scratch strategy's first chunk); a row longer than a chunk: None."""
+    rows = lambda chunks: [(r.start, r.stop, t.start, t.stop) for r, t in chunks]
+    assert rows(fl._row_ranges([3, 3, 3, 3, 3], 7)) == [(0, 2, 0, 6), (2, 4, 6, 12), (4, 5, 12, 15)]
+    assert rows(fl._row_ranges([3, 3, 3, 3, 3], 7, first=10)) == [(0, 3, 0, 9), (3, 5, 9, 15)]
+    assert rows(fl._row_ranges([0, 5, 2, 0, 4], 6)) == [(0, 2, 0, 5), (2, 5, 5, 11)]
+    assert fl._row_ranges([3, 8, 3], 7, first=10) is None
+    assert [(t.start, t.stop) for t in fl._token_ranges(23, 5, first=9)] == [(0, 9), (9, 14), (14, 19), (19, 23)]
+    assert fl._token_ranges(0, 5, first=9) == []
+
+
 @pytest.mark.parametrize("even", [False, True])
 @pytest.mark.parametrize(("vocab", "most"), [(131_072, 16_384), (151_936, 16_384), (131_072, 8_956), (1000, 300),
                                              (61, 20), (61, 100), (50, 10**6), (65_536, 4_793)])  # fmt: skip
