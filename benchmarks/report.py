@@ -41,7 +41,9 @@ How to read these tables:
   grpo_kernels (vocab blocks) is the opt-in `GRPO_KERNELS_LINEAR=vocab-blocks` strategy (d_weight formed once per
   block of vocabulary columns: one more matrix product, small chunks); grpo_kernels (tiles) is the opt-in
   `GRPO_KERNELS_LINEAR=tiles` strategy (per chunk of tokens, the gradients a block of vocabulary columns at a time:
-  one more matrix product, in few large chunks, with 32 MiB of bf16 logits); grpo_kernels (filter 2^-12) is the default
+  one more matrix product, in few large chunks, with 32 MiB of bf16 logits); grpo_kernels (scratch) is the opt-in
+  `GRPO_KERNELS_LINEAR=scratch` strategy (three products in 60 MiB chunks of bf16 logits, the first chunk's logits
+  kept in d_weight's own memory); grpo_kernels (filter 2^-12) is the default
   strategy with gradient filtering (`grad_filter_eps=2**-12`, approximate), which pays on "peaked inputs" (a trained
   model's peaked softmax; see benchmarks/providers.py) and keeps every column of a flat softmax.
 - Every loss is TRL's default (dapo, beta 0, on-policy) over every token. Liger's fused linear loss runs with
