@@ -41,8 +41,8 @@ weights each chunk's product is added in bf16, as chunked losses usually do). Ea
   about H tokens (with their fp32 `d_hidden` rows), in blocks of vocabulary columns. That chunk forms its gradients
   from them, the blocks' `d_weight` rows written last to first so that none overwrites logits still to be read; the
   chunks after it add to `d_weight`. Three products, as the default, and half the rereading of `d_weight` that small
-  chunks alone would need at N = 2H. No gradient filtering. Where the single pass does not apply it is the default's
-  two passes with small chunks.
+  chunks alone would need at N = 2H. No gradient filtering. Where the single pass does not apply, two passes in
+  small chunks, whose backward keeps its first chunk's logits in `d_weight`'s memory the same way.
 - `fused`: the Triton kernels of `ops/linear.py` (CUDA), which keep each logits tile in registers.
 
 Gradient filtering (`HeadOptions.grad_filter_eps`, approximate, off by default): once a chunk's logits gradient is
@@ -817,7 +817,13 @@ def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fus
         for sl in lm.tile_chunks():
             lm.tile_grads(sl, stats[0, sl], stats[1, sl], entropy[sl], g_lp[sl], None if g_ent is None else g_ent[sl])
         return lm.finish_grads()
-    for sl in _token_ranges(lm.n, chunk_tokens(weight.shape[0], hidden.device, lm.chunk_bytes)):
+    size = chunk_tokens(weight.shape[0], hidden.device, lm.chunk_bytes)
+    # the scratch strategy: as many tokens in the first chunk as d_weight's memory holds the logits of
+    first = scratch_tokens(hidden, weight, needs[0], ops) if lm.strategy == "scratch" and needs[1] else None
+    for sl in _token_ranges(lm.n, size, first=first if first is not None and first > size else None):
+        if lm.scratch_fits(sl):
+            lm.scratch_grads(sl, lambda lp, ent, sl=sl: (g_lp[sl], None if g_ent is None else g_ent[sl]))
+            continue
         z = lm.logits(sl)
         _, _, state = lm.stats(z, sl)  # recomputed: the forward kept only [N]-sized results
         lm.add_grads(z, sl, state, entropy[sl], g_lp[sl], None if g_ent is None else g_ent[sl])

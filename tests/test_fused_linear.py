@@ -458,18 +458,21 @@ def test_workspace_bytes_bounds_what_a_call_allocates(strategy, dtype, masked, t
     [
         {"loss_type": "dapo", "beta": 0.1, "entropy_coef": 0.1},
         {"loss_type": "luspo", "importance_sampling_level": "sequence"},  # whole rows per chunk
+        {"loss_type": "vespo"},  # rows longer than a chunk: two passes, the backward's first chunk in d_weight
     ],
 )
 @pytest.mark.parametrize("head", [{}, {"final_logit_softcapping": 3.0}])  # the latter at temperature 0.8
 def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, monkeypatch):
     """GRPO_KERNELS_LINEAR=scratch: the first chunk holds as many tokens as `d_weight`'s memory holds the logits and
     fp32 `d_hidden` rows of (`scratch_tokens`: 10 at H = 12, V = 61 in fp32; whole rows for sequence-level losses), its
-    blocks of logits are views of that memory, the chunks after it take 5 tokens, and the loss and gradients match
-    the reference."""
+    blocks of logits are views of that memory, the chunks after it take 5 tokens (3 for the two passes, whose
+    backward does the same), and the loss and gradients match the reference."""
     dev = "cpu" if impl.startswith("torch") else device
     kind = "cuda" if dev == "cuda" else "cpu"
     H, V = 12, 61
-    monkeypatch.setitem(fl.CHUNK_BYTES, kind, 5 * 4 * V)
+    two_pass = options["loss_type"] == "vespo"
+    size = 3 if two_pass else 5
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, size * 4 * V)
     monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
     hidden, weight, bias, ids, adv, mask, extra = make_inputs(6, 5, H, V, torch.float32, dev)
     first = fl.scratch_tokens(hidden, weight)
@@ -515,12 +518,16 @@ def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, 
     config = GRPOLossConfig(max_completion_length=5, temperature=0.8 if head else 1.0, **options)
     check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=config, **head, **extra)
     counts = mask.sum(-1).tolist()
-    if options["loss_type"] == "dapo":  # token chunks
-        assert chunks[0] == ("scratch", first) and len(chunks) > 2, chunks
-    else:  # whole rows: as many as fit in the first chunk, then as many as fit in 5 tokens
+    if two_pass:  # the forward's chunks, then the backward's
+        forward = chunks[: chunks.index(("scratch", first))]
+        assert all(kind == "chunk" and n <= size for kind, n in forward) and sum(n for _, n in forward) == sum(counts)
+        chunks = chunks[len(forward) :]
+    if options["loss_type"] == "luspo":  # whole rows: as many as fit in the first chunk, then in 5 tokens
         fit = max(k for k in range(len(counts) + 1) if sum(counts[:k]) <= first)
         assert chunks[0] == ("scratch", sum(counts[:fit])) and len(chunks) > 1, (chunks, counts)
-    assert all(kind == "chunk" and size <= 5 for kind, size in chunks[1:]), chunks
+    else:  # token chunks
+        assert chunks[0] == ("scratch", first) and len(chunks) > 2, chunks
+    assert all(kind == "chunk" and n <= size for kind, n in chunks[1:]), chunks
     assert blocks and all(blocks), blocks
     assert overlaps and not any(overlaps)
     with pytest.raises(ValueError, match="grad_filter_eps is not supported with GRPO_KERNELS_LINEAR=scratch"):
