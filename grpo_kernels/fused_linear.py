@@ -85,6 +85,8 @@ TILES_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 64 << 20}
 # GRPO_KERNELS_LINEAR=scratch: the chunks after the first (whose logits live in d_weight's memory), in fp32 bytes as
 # CHUNK_BYTES: 60 MiB of bf16 logits, 240 tokens at V = 131,072; and half that for each block of the first chunk
 SCRATCH_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 120 << 20}
+# where its fp32 d_hidden sums start in d_weight's memory: aligned for cuBLAS's fast kernels
+SCRATCH_ALIGN = 256
 STRATEGIES = ("chunked", "fused", "vocab-blocks", "tiles", "scratch")
 # Gradient filtering leaves a chunk's small columns out only while no token loses more than this many times its
 # threshold in all (its left-out probability mass, without the entropy bonus, at most 64 * grad_filter_eps: 1.6% at
@@ -191,10 +193,20 @@ def workspace_bytes(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtyp
     buffer, extra = rows * padded_vocab(vocab, device) * per_logit, 2 * rows * hidden_size * b
     if strategy == "vocab-blocks":
         buffer = max(buffer, tokens * max(1, min(vocab, budget // (4 * max(tokens, 1)))) * per_logit)
-    if strategy == "scratch":  # the first chunk's blocks of logits, its gathered rows and 16-bit d_hidden products
-        c = max(1, min(tokens, _scratch_capacity(vocab, hidden_size, b, b if kind == "cuda" else max(b, 4), max(b, 4))))
-        buffer = max(buffer, c * block_width(vocab, budget // (8 * c), even=True) * per_logit, c * hidden_size * b)
-        extra = max(extra, c * hidden_size * b)
+    if strategy == "scratch":  # the first chunk: a block copied out, 16-bit d_hidden products, its gathered rows
+        lb = b if kind == "cuda" else max(b, 4)
+        room = _scratch_capacity(vocab, hidden_size, b, lb, max(b, 4))
+        c = min(room, tokens) if room > rows or tokens <= room else 0  # as single_pass_chunks and scratch_fits take it
+        if c:
+            rest = min(tokens - c, rows)  # the largest chunk after it
+            buffer, extra = rest * padded_vocab(vocab, device) * per_logit, 2 * rest * hidden_size * b
+            block = c * block_width(vocab, budget // (8 * c), even=True)
+            if kind == "cpu":  # the row kernels' copies and temporaries, a few rows of the block at a time
+                block = max(block * b, min(block, cpu.BLOCK_ELEMENTS) * (3 * lb + 1))
+            else:
+                block *= b
+            buffer = max(buffer, block, c * hidden_size * b)
+            extra = max(extra, c * hidden_size * b)
     if strategy == "tiles":
         c = min(tokens, tile_tokens(hidden_size, device, budget))
         buffer = max(buffer, c * max(1, min(vocab, budget // (4 * max(c, 1)))) * per_logit)
@@ -430,7 +442,7 @@ class _Head:
         chunk is the first (nothing written to `d_weight` yet) and not larger than `scratch_tokens` allows."""
         if self.strategy != "scratch" or self.d_w is None or self.d_w_written or not self.d_w.is_contiguous():
             return False
-        return sl.stop - sl.start <= scratch_tokens(self.flat, self.weight, self.d_h is not None, self.ops)
+        return 0 < sl.stop - sl.start <= scratch_tokens(self.flat, self.weight, self.d_h is not None, self.ops)
 
     def scratch_grads(self, sl: slice, coefficients) -> tuple[torch.Tensor, torch.Tensor]:
         """The chunk `sl`'s `(logp, entropy)` `[c]`, and its gradients formed from logits kept in `d_weight`'s
@@ -454,7 +466,7 @@ class _Head:
 
         def block(cols: slice) -> torch.Tensor:  # the block's [c, w] logits (their gradient later)
             start = n * cols.start * lb
-            return memory[start : start + n * (cols.stop - cols.start) * lb].view(ldt).view(n, -1)
+            return memory[start : start + n * (cols.stop - cols.start) * lb].view(ldt).view(n, cols.stop - cols.start)
 
         ids = self.ids[sl]
         state = torch.empty(4, n, dtype=math, device=h.device)
@@ -466,7 +478,7 @@ class _Head:
         acc = rows_out = None
         if self.d_h is not None:  # fp32 (fp64) sums of d_hidden's rows, in the last bytes of d_weight
             ab = torch.empty((), dtype=math).element_size()
-            start = (memory.numel() - n * H * ab) // ab * ab
+            start = (memory.numel() - n * H * ab) // SCRATCH_ALIGN * SCRATCH_ALIGN
             acc = memory[start : start + n * H * ab].view(math).view(n, H).zero_()
             if wdt != math:  # 16-bit products through a buffer
                 rows_out = self._scratch_as(n * H, wdt).view(n, H)
@@ -486,6 +498,7 @@ class _Head:
                 self.d_h[sl] = rows
             else:
                 self.d_h.index_copy_(0, self.positions[sl], rows)
+            acc = rows_out = rows = None  # the buffer is free for the staging below
         for cols in reversed(blocks):
             dz = block(cols)
             rows = (cols.start * H * wdt.itemsize, cols.stop * H * wdt.itemsize)  # d_weight[cols]'s bytes
@@ -639,6 +652,8 @@ def scratch_tokens(hidden: torch.Tensor, weight: torch.Tensor, d_hidden: bool = 
     `weight`: the scratch strategy's first chunk. About H for a large vocabulary in 16 bits (3,855 tokens at
     H = 4,096, V = 131,072 in bf16); on the CPU path, whose logits are fp32, half that for 16-bit weights."""
     V, H = weight.shape
+    if not weight.is_contiguous():  # its gradient takes its strides: its memory is not one run of bytes
+        return 0
     ops = _row_ops(hidden) if ops is None else ops
     lb = torch.empty((), dtype=_logits_dtype(hidden, ops)).element_size()
     ab = torch.empty((), dtype=cpu.math_dtype(hidden)).element_size() if d_hidden else 0
@@ -646,9 +661,10 @@ def scratch_tokens(hidden: torch.Tensor, weight: torch.Tensor, d_hidden: bool = 
 
 
 def _scratch_capacity(V: int, H: int, weight_bytes: int, logit_bytes: int, sum_bytes: int) -> int:
-    """Tokens whose `[V]` logits and `[H]` sums fit in `V * H` elements of `weight_bytes` (one sum spared for their
-    alignment)."""
-    return max(0, (V * H * weight_bytes - sum_bytes) // max(V * logit_bytes + H * sum_bytes, 1))
+    """Tokens whose `[V]` logits and `[H]` sums fit in `V * H` elements of `weight_bytes`, the sums starting at a
+    multiple of `SCRATCH_ALIGN` bytes."""
+    room = V * H * weight_bytes - (SCRATCH_ALIGN if sum_bytes else 0)
+    return max(0, room // max(V * logit_bytes + H * sum_bytes, 1))
 
 
 def padded_vocab(vocab: int, device: torch.device) -> int:

@@ -13,6 +13,7 @@ from helpers import (
     assert_within_pytorch_error,
     filtering_bound,
     loss_condition,
+    metric_conditions,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -98,8 +99,14 @@ def check_against_reference(impl, hidden, weight, bias, ids, adv, mask, **kwargs
         assert g.dtype == gs.dtype, f"{name} is {g.dtype}, expected {gs.dtype}"
         assert_within_pytorch_error(g, gs, ge, name=name, input_dtype=dt)
     assert set(out.metrics) == set(exact.metrics)
+    conditions = None  # each metric's, as the loss's (`metric_conditions`; 0.3 s, so formed only where needed)
     for k in out.metrics:
-        assert_within_pytorch_error(out.metrics[k], same.metrics[k], exact.metrics[k], name=k, input_dtype=dt)
+        try:
+            assert_within_pytorch_error(out.metrics[k], same.metrics[k], exact.metrics[k], name=k, input_dtype=dt)
+        except AssertionError:  # the bound only widens with the condition: the same check, taken lazily
+            conditions = conditions or metric_conditions(exact.logps, exact.entropy, adv, mask, **inputs)
+            assert_within_pytorch_error(out.metrics[k], same.metrics[k], exact.metrics[k], name=k, input_dtype=dt,
+                                        input_scale=conditions.get(k, 0.0))  # fmt: skip
     return out
 
 
@@ -464,7 +471,7 @@ def test_workspace_bytes_bounds_what_a_call_allocates(strategy, dtype, masked, t
 @pytest.mark.parametrize("head", [{}, {"final_logit_softcapping": 3.0}])  # the latter at temperature 0.8
 def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, monkeypatch):
     """GRPO_KERNELS_LINEAR=scratch: the first chunk holds as many tokens as `d_weight`'s memory holds the logits and
-    fp32 `d_hidden` rows of (`scratch_tokens`: 10 at H = 12, V = 61 in fp32; whole rows for sequence-level losses), its
+    fp32 `d_hidden` rows of (`scratch_tokens`: 9 at H = 12, V = 61 in fp32; whole rows for sequence-level losses), its
     blocks of logits are views of that memory, the chunks after it take 5 tokens (3 for the two passes, whose
     backward does the same), and the loss and gradients match the reference."""
     dev = "cpu" if impl.startswith("torch") else device
@@ -476,7 +483,7 @@ def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, 
     monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
     hidden, weight, bias, ids, adv, mask, extra = make_inputs(6, 5, H, V, torch.float32, dev)
     first = fl.scratch_tokens(hidden, weight)
-    assert first == 10
+    assert first == 9
     chunks, blocks = [], []
     real_grads, real_stats = fl._Head.scratch_grads, fl._Head.stats
 
@@ -533,6 +540,31 @@ def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, 
     with pytest.raises(ValueError, match="grad_filter_eps is not supported with GRPO_KERNELS_LINEAR=scratch"):
         fused_linear_grpo_loss(hidden, weight, ids, adv, mask, bias=bias, config=config, grad_filter_eps=1e-3, **extra)
     assert sum(size for _, size in chunks) == sum(counts)
+
+
+@pytest.mark.parametrize("impl", ["triton-scratch", "torch-scratch"], indirect=True)
+def test_scratch_edge_cases(impl, device, monkeypatch):
+    """Under the scratch strategy, a batch with no token in the loss (a sequence-level loss: one empty chunk) and a
+    column-major weight (whose gradient takes its strides, so that its memory is not one run of bytes: plain chunks,
+    the first not sized for the scratch) match the reference."""
+    dev = "cpu" if impl.startswith("torch") else device
+    kind = "cuda" if dev == "cuda" else "cpu"
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, 5 * 4 * 61)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(6, 5, 12, 61, torch.float32, dev)
+    config = GRPOLossConfig(loss_type="luspo", importance_sampling_level="sequence")
+    check_against_reference(impl, hidden, weight, bias, ids, adv, torch.zeros_like(mask), config=config)
+    column_major = weight.t().contiguous().t()
+    assert fl.scratch_tokens(hidden, weight) == 9 and fl.scratch_tokens(hidden, column_major) == 0
+    sizes = []
+    real_stats = fl._Head.stats
+    def stats(self, z, sl):
+        sizes.append(sl.stop - sl.start)
+        return real_stats(self, z, sl)
+
+    monkeypatch.setattr(fl._Head, "stats", stats)
+    check_against_reference(impl, hidden, column_major, bias, ids, adv, mask, config=GRPOLossConfig(), **extra)
+    assert sizes and max(sizes) <= 5, sizes
 
 
 def test_scratch_allocates_no_logits_for_its_first_chunk(monkeypatch):
