@@ -6,9 +6,10 @@ The default fused linear loss forms each chunk's gradients in its forward: the c
 budget the chunks are small (240 tokens in 60 MiB of bf16 logits at V = 131,072), and three products that are fast
 for 2,048-token chunks may not be for 240-token ones. This times each product at several chunk sizes, next to
 `d_hidden` split over the vocabulary into S products whose partial sums are added in fp32 (`split-S`, with their
-error against an fp64 product, as a multiple of the plain product's), and projects each size onto N tokens: the time
-of N / c chunks against the three products at c = N. It writes `chunk_products.json` and `chunk_products.md` to
-`--out`.
+error against an fp64 product, as a multiple of the plain product's), and the `d_weight` addition by the Triton kernel
+of `grpo_kernels/ops/weight_grad.py` (which loads its tiles of `d_weight` ahead of the products) next to cuBLAS's
+`addmm_`, with its error as a multiple of `addmm_`'s. It projects each size onto N tokens: the time of N / c chunks
+against the three products at c = N. It writes `chunk_products.json` and `chunk_products.md` to `--out`.
 
 On a CPU it runs (for its test) but says nothing about a GPU.
 """
@@ -26,6 +27,8 @@ import torch
 
 from benchmarks import tune_fused
 from benchmarks.runner import device_name
+from grpo_kernels.backend import use_triton
+from grpo_kernels.ops.weight_grad import add_weight_grad
 
 SPLITS = (2, 4, 8)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -65,6 +68,14 @@ def measure(N: int, H: int, V: int, tokens: list[int], dtype: torch.dtype, devic
             "d_weight_write": _time(lambda dz=dz, h=h: torch.mm(dz.t(), h, out=d_w), device, runs),
             "d_weight_add": _time(lambda dz=dz, h=h: d_w.addmm_(dz.t(), h), device, runs),
         }
+        if use_triton(dz):  # the Triton addition, and its error against fp64 as a multiple of addmm_'s
+            ms["d_weight_add_triton"] = _time(lambda dz=dz, h=h: add_weight_grad(d_w, dz, h), device, runs)
+            base = (torch.randn(V, H, device=device) * 0.01).to(dtype)
+            want = base.double().addmm_(dz.double().t(), h.double())
+            triton_err = float((add_weight_grad(base.clone(), dz, h) - want).abs().max())
+            cublas_err = float((base.clone().addmm_(dz.t(), h) - want).abs().max())
+            add_error = triton_err / max(cublas_err, 1e-300)
+            del base, want
         exact = dz.double() @ weight.double()
         plain_err = float((torch.mm(dz, weight) - exact).abs().max())
         splits = {}
@@ -88,6 +99,9 @@ def measure(N: int, H: int, V: int, tokens: list[int], dtype: torch.dtype, devic
             "split_d_hidden": splits,
             "projected_ms": chunks * (ms["logits"] + ms["d_hidden"] + ms["d_weight_add"]),
         })  # fmt: skip
+        if "d_weight_add_triton" in ms:
+            rows[-1]["add_triton_error_vs_addmm"] = add_error
+            rows[-1]["projected_triton_ms"] = chunks * (ms["logits"] + ms["d_hidden"] + ms["d_weight_add_triton"])
         del h, z, dz, d_h, exact
     return rows
 
@@ -99,18 +113,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"`{meta['command']}` ({meta['date']}). N = {meta['N']:,}, H = {meta['H']:,}, V = {meta['V']:,}, "
         f"{meta['dtype']}; median of {meta['runs']} runs after a warm-up. Per chunk of c tokens: the logits "
         "`[c, H] @ [H, V]`, `d_hidden` `[c, V] @ [V, H]`, `d_weight` `[V, c] @ [c, H]` written, and added to (the "
-        "single-pass schedule adds every chunk but the first). Projected: N / c chunks of the logits, `d_hidden` "
-        "and the added `d_weight`.",
+        "single-pass schedule adds every chunk but the first), by cuBLAS's `addmm_` and by the Triton kernel of "
+        "`ops/weight_grad.py` (its error against fp64 as a multiple of `addmm_`'s). Projected: N / c chunks of the "
+        "logits, `d_hidden` and the added `d_weight` (cuBLAS; Triton).",
         "",
     ]
     if not meta["on_gpu"]:
         lines += ["**CPU**: these times say nothing about a GPU.", ""]
-    lines += ["| c | logits, ms (TFLOP/s) | d_hidden | d_weight written | d_weight added | projected for N, ms |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["| c | logits, ms (TFLOP/s) | d_hidden | d_weight written | d_weight added | added by Triton "
+              "(error) | projected for N, ms |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         cells = [f"{r['ms'][k]:.3g} ({r['tflops'][k]:.3g})" for k in ("logits", "d_hidden", "d_weight_write",
                                                                        "d_weight_add")]  # fmt: skip
-        lines.append(f"| {r['tokens']:,} | " + " | ".join(cells) + f" | {r['projected_ms']:.3g} |")
+        triton_ms = r["ms"].get("d_weight_add_triton")
+        cells.append("n/a" if triton_ms is None else f"{triton_ms:.3g} ({r['tflops']['d_weight_add_triton']:.3g}), "
+                     f"{r['add_triton_error_vs_addmm']:.2g}x")  # fmt: skip
+        projected = f"{r['projected_ms']:.3g}" + ("" if triton_ms is None else f"; {r['projected_triton_ms']:.3g}")
+        lines.append(f"| {r['tokens']:,} | " + " | ".join(cells) + f" | {projected} |")
     keys = list(rows[0]["split_d_hidden"]) if rows else []
     lines += ["", "`d_hidden` as S products over slices of the vocabulary, their partial sums (in the inputs' dtype, "
               "or in fp32: `S fp32`) added in fp32 (ms, TFLOP/s, max error against fp64 as a multiple of the plain "

@@ -121,8 +121,8 @@ run() {
   local group=()
   command -v setsid > /dev/null && group=(setsid)
   ${group[@]+"${group[@]}"} timeout --kill-after=10 $((test_seconds + 30)) \
-    python3 -m pytest tests/test_fused_linear.py tests/test_logprobs.py tests/test_grpo_loss.py \
-    tests/test_advantages.py tests/test_compile.py tests/test_memory.py tests/test_benchmarks.py \
+    python3 -m pytest tests/test_fused_linear.py tests/test_weight_grad.py tests/test_logprobs.py \
+    tests/test_grpo_loss.py tests/test_advantages.py tests/test_compile.py tests/test_memory.py tests/test_benchmarks.py \
     tests/test_edge_cases.py tests/test_validation.py tests/test_properties.py tests/test_loss_vs_trl.py \
     "${extra[@]}" -q -rfE --tb=short -p no:cacheprovider &
   local pid=$!
@@ -161,7 +161,9 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   fits 75 "the scratch strategy" && { timeout --kill-after=5 70 $B --profile --out "$scratch/fused/scratch" $target \
     --providers ours-scratch ours-tiles floor || fused=$?; }
   # one chunk's three products at chunk sizes from 128 to 2,048 tokens (the single-pass schedule under a small
-  # budget), d_hidden's also split over the vocabulary: which product loses its speed in small chunks
+  # budget), d_hidden's also split over the vocabulary, the d_weight addition by the Triton kernel of
+  # ops/weight_grad.py next to cuBLAS's: which product loses its speed in small chunks, and whether loading d_weight's
+  # tiles ahead of the products wins it back
   fits 50 "chunk products" && { timeout --kill-after=5 45 python3 -m benchmarks.chunk_products --runs 10 \
     --out "$scratch/fused/chunk-products" || fused=$?; }
   # the default at 120 MiB of fp32 logits (60 MiB of bf16 logits, 240-token chunks), profiled: under 64 MiB its three

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -271,6 +272,14 @@ def scenarios(dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
                       importance_sampling_ratio=isr, **refs).loss.backward()  # fmt: skip
 
         yield f"grpo_loss {name}", objective_loss
+    from grpo_kernels.ops.weight_grad import add_weight_grad
+
+    for dname in dtypes:  # a chunk's share of d_weight, added or written (timed against addmm_ by chunk_products)
+        for (sname, (M, N)), accumulate in itertools.product({"aligned": (1024, 128), "odd": (1000, 100)}.items(),
+                                                             (True, False)):  # fmt: skip
+            yield f"add_weight_grad {sname} {dname} accumulate={accumulate}", lambda d=DTYPES[dname], M=M, N=N, \
+                acc=accumulate: add_weight_grad(torch.randn(M, N, dtype=d), torch.randn(30, M, dtype=d),
+                                                torch.randn(30, N, dtype=d), acc)  # fmt: skip
     for dname in dtypes:
         dtype = DTYPES[dname]
         for sname, (B, T, H, V) in SHAPES.items():

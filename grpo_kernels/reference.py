@@ -55,6 +55,12 @@ def linear_logits(
     return scale_and_cap(z, logit_scale, final_logit_softcapping)
 
 
+def add_weight_grad(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = True) -> torch.Tensor:
+    """`out += a.T @ b` (`[M, N] += [K, M].T @ [K, N]`), or `out = a.T @ b` without `accumulate`: a chunk's share of
+    the LM head's weight gradient, its logits gradient `a` times its hidden rows `b`."""
+    return out.addmm_(a.t(), b) if accumulate else torch.mm(a.t(), b, out=out)
+
+
 def scale_and_cap(logits: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
     """`softcap * tanh(logit_scale * logits / softcap)`, the soft-cap only when set."""
     z = logits * logit_scale if logit_scale != 1.0 else logits

@@ -384,7 +384,8 @@ def test_tile_tuner_tries_every_candidate_and_restores_the_tiles(tmp_path, devic
 
 def test_chunk_products_times_each_product_and_projects_the_chunks(tmp_path):
     """`python -m benchmarks.chunk_products`: per chunk size, the three products, the split `d_hidden` (correct, or
-    the reason it was not run) and the projection onto N tokens; its files."""
+    the reason it was not run), the Triton `d_weight` addition (interpreted here) and the projections onto N tokens;
+    its files."""
     from benchmarks import chunk_products
 
     out = tmp_path / "cp"
@@ -394,10 +395,13 @@ def test_chunk_products_times_each_product_and_projects_the_chunks(tmp_path):
     rows = json.loads((out / "chunk_products.json").read_text())["rows"]
     assert [r["tokens"] for r in rows] == [10, 30] and [r["chunks"] for r in rows] == [10, 4]
     for r in rows:
-        assert set(r["ms"]) == {"logits", "d_hidden", "d_weight_write", "d_weight_add"}
+        assert set(r["ms"]) == {"logits", "d_hidden", "d_weight_write", "d_weight_add", "d_weight_add_triton"}
         assert all(t > 0 for t in r["ms"].values())
         assert r["projected_ms"] == pytest.approx(r["chunks"] * (r["ms"]["logits"] + r["ms"]["d_hidden"]
                                                                  + r["ms"]["d_weight_add"]))  # fmt: skip
+        assert r["projected_triton_ms"] == pytest.approx(r["chunks"] * (r["ms"]["logits"] + r["ms"]["d_hidden"]
+                                                                        + r["ms"]["d_weight_add_triton"]))  # fmt: skip
+        assert 0 <= r["add_triton_error_vs_addmm"] < 4  # fp32 sums either way
         splits = r["split_d_hidden"]
         assert splits["8"]["error"] == "V = 100 is not a multiple of 8"
         for s in ("2", "4"):  # fp32 products summed in fp32: as accurate as one product, give or take

@@ -58,3 +58,11 @@ def div(a, b, PRECISE: tl.constexpr):
     if PRECISE:
         return tl.div_rn(a, b)
     return a / b
+
+
+@triton.jit
+def dot(a, b, acc, IEEE: tl.constexpr):
+    """`acc + a @ b` with fp32 accumulation; full fp32 products for fp32 inputs (IEEE; else TF32 for them)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_kernels.ops._common import exp, interpreting, math_options, multiprocessors
+from grpo_kernels.ops._common import dot, exp, interpreting, math_options, multiprocessors
 
 
 @triton.jit
@@ -36,14 +36,6 @@ def _head_transform(acc, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.
     if HAS_SOFTCAP:
         z = softcap * (2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0)
     return z * inv_temperature
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    """`acc + a @ b` with fp32 accumulation; full fp32 products for fp32 inputs (no TF32)."""
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -59,7 +51,7 @@ def _logits_tile(
         a = tl.load(hidden_ptr + hrows[:, None] * stride_h + kk[None, :], mask=a_mask, other=0.0)
         b_mask = col_ok[None, :] & k_ok[:, None]
         b = tl.load(weight_ptr + cols[None, :] * stride_w + kk[:, None], mask=b_mask, other=0.0)
-        acc = _dot(a, b, acc, IEEE)
+        acc = dot(a, b, acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -224,7 +216,7 @@ def _linear_bwd_kernel(
             if keep > 0:
                 w = tl.load(weight_ptr + cols[:, None] * stride_w + kk[None, :],
                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-                part = _dot(dd, w, part, IEEE)
+                part = dot(dd, w, part, IEEE)
                 if IEEE:
                     w_y = tl.load(weight_ptr + y[:, None] * stride_w + kk[None, :],
                                   mask=in_tile[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
@@ -259,7 +251,7 @@ def _linear_bwd_kernel(
                 if keep > 0:
                     a = tl.load(hidden_ptr + hrows[:, None] * stride_h + kk[None, :],
                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-                    part = _dot(tl.trans(dd), a, part, IEEE)
+                    part = dot(tl.trans(dd), a, part, IEEE)
                 _turnstile_wait(lock, pid_n)
                 if keep > 0:
                     ptrs = dw_ptr + cols[:, None].to(tl.int64) * H + kk[None, :]

@@ -1,0 +1,128 @@
+"""A chunk's share of the LM head's weight gradient added to it: `out += a.T @ b` (`[M, N] += [K, M].T @ [K, N]`).
+
+In the single-pass schedule each chunk of c tokens adds `dz.T @ hidden` to the whole `d_weight` (`[V, H]`): a product
+over a short inner dimension (c = 240 at a 60 MiB budget) whose output is read and written once per chunk, 2 GiB for a
+bf16 131,072 x 4,096 head against 0.26 TFLOP of arithmetic. cuBLAS's `addmm_` did not overlap the two on an H200
+(0.92 ms a 240-token chunk, against 0.54 ms when it only writes the product, `benchmarks/chunk_products.py`). Here
+each program loads its tile of `out` before the products, so that its latency hides under them, and its tiles are
+small enough for two programs a multiprocessor, so that one's loads and stores overlap the other's products. The sum
+over the inner dimension is in fp32, added to `out` in fp32 and rounded once, as `addmm_` rounds it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from grpo_kernels.ops._common import dot
+
+
+@triton.jit
+def _weight_grad_kernel(
+    out_ptr,  # [M, N], rows stride_om apart, columns contiguous
+    a_ptr,  # [K, M], rows stride_ak apart, columns contiguous
+    b_ptr,  # [K, N], rows stride_bk apart, columns contiguous
+    M,
+    N,
+    K,
+    stride_om,
+    stride_ak,
+    stride_bk,
+    ACCUMULATE: tl.constexpr,  # add to `out` (else write it)
+    IEEE: tl.constexpr,  # fp32 inputs: full-precision products, not TF32
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    # GROUP_M consecutive row tiles share their programs' turns, so that their columns of `a` stay in L2
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    # the tile's first row and column as 64-bit offsets of the base pointers, the rest as 32-bit offsets from them
+    first_row, first_col = pid_m.to(tl.int64) * BLOCK_M, pid_n.to(tl.int64) * BLOCK_N
+    out_ptr += first_row * stride_om + first_col
+    a_ptr += first_row
+    b_ptr += first_col
+    im, in_ = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
+    ik = tl.arange(0, BLOCK_K)
+    in_m, in_n = im < M - first_row, in_ < N - first_col
+    out_ptrs = out_ptr + im[:, None] * stride_om + in_[None, :]
+    live = in_m[:, None] & in_n[None, :]
+    if ACCUMULATE:
+        before = tl.load(out_ptrs, mask=live, other=0.0)  # before the products: its latency hides under them
+    a_ptrs = a_ptr + ik[None, :] * stride_ak + im[:, None]  # [BLOCK_M, BLOCK_K]: a tile of a.T
+    b_ptrs = b_ptr + ik[:, None] * stride_bk + in_[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        in_k = ik < K - k
+        a = tl.load(a_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
+        acc = dot(a, b, acc, IEEE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if ACCUMULATE:
+        acc += before.to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=live)
+
+
+class Tiles(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Not yet timed on a GPU. Built with triton 3.9 (`benchmarks/kernel_resources.py`, aligned extents), 16-bit inputs:
+# 128 x 64 tiles in 4 warps hold their fp32 sums and the tile of `out` in 196 registers on sm_90 (255 on sm_89), no
+# spills, 72 KiB of shared memory in three stages: two programs a multiprocessor (128 x 128 in 8 warps: 163 registers,
+# 96 KiB, one). fp32 inputs: 64 x 64 tiles, three programs.
+TILES = {"low": Tiles(128, 64, 64, 4, 3), "fp32": Tiles(64, 64, 32, 4, 3)}
+GROUP_M = 8
+
+
+def add_weight_grad(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = True) -> torch.Tensor:
+    """`out += a.T @ b` (or `out = a.T @ b` without `accumulate`), summed in fp32 and rounded once into `out`.
+
+    Args:
+        out: `[M, N]` (a chunk's rows of `d_weight`), columns contiguous.
+        a: `[K, M]` (the chunk's logits gradient), columns contiguous.
+        b: `[K, N]` (the chunk's hidden rows), columns contiguous.
+        accumulate: add to `out`; else `out` is only written.
+
+    Returns:
+        `out`.
+    """
+    if a.dim() != 2 or b.dim() != 2 or out.dim() != 2:
+        raise ValueError(f"out, a and b must be 2-D; got {out.dim()}, {a.dim()} and {b.dim()} dimensions")
+    (K, M), N = a.shape, b.shape[1]
+    if b.shape[0] != K or tuple(out.shape) != (M, N):
+        raise ValueError(f"out must be [M, N] = a.T @ b: a is {tuple(a.shape)}, b {tuple(b.shape)}, "
+                         f"out {tuple(out.shape)}")  # fmt: skip
+    if not (a.dtype == b.dtype == out.dtype) or out.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"out, a and b must share one of fp16, bf16, fp32; got {out.dtype}, {a.dtype}, {b.dtype}")
+    if not (a.device == b.device == out.device):
+        raise ValueError(f"out, a and b must be on one device; got {out.device}, {a.device}, {b.device}")
+    for name, t in (("out", out), ("a", a), ("b", b)):
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name} must have contiguous columns (stride 1); got strides {t.stride()}")
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out if accumulate else out.zero_()
+    tiles = TILES["fp32" if out.dtype == torch.float32 else "low"]
+    grid = (triton.cdiv(M, tiles.block_m) * triton.cdiv(N, tiles.block_n),)
+    _weight_grad_kernel[grid](
+        out, a, b, M, N, K, out.stride(0), a.stride(0), b.stride(0), ACCUMULATE=accumulate,
+        IEEE=out.dtype == torch.float32, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        GROUP_M=GROUP_M, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+    return out
