@@ -87,6 +87,11 @@ TILES_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 64 << 20}
 SCRATCH_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 120 << 20}
 # where its fp32 d_hidden sums start in d_weight's memory: aligned for cuBLAS's fast kernels
 SCRATCH_ALIGN = 256
+# What adds each chunk's share to d_weight on the Triton path (the chunked and scratch strategies): "cublas"
+# (`addmm_`) or, on trial, "triton" (`ops/weight_grad.py`, which loads d_weight's tiles ahead of its products; the
+# benchmarks' ours-scratch-tadd provider sets it around its calls). Read when a call's forward (or, for two passes, its
+# backward) starts.
+ADD_WEIGHT_GRAD = "cublas"
 STRATEGIES = ("chunked", "fused", "vocab-blocks", "tiles", "scratch")
 # Gradient filtering leaves a chunk's small columns out only while no token loses more than this many times its
 # threshold in all (its left-out probability mass, without the entropy bonus, at most 64 * grad_filter_eps: 1.6% at
@@ -279,6 +284,9 @@ class _Head:
         self._buffer: torch.Tensor | None = None
         self.args = (head.temperature, head.logit_scale, head.final_logit_softcapping)
         self.filter_eps = head.grad_filter_eps
+        if ADD_WEIGHT_GRAD not in ("cublas", "triton"):
+            raise ValueError(f'fused_linear.ADD_WEIGHT_GRAD must be "cublas" or "triton"; got {ADD_WEIGHT_GRAD!r}')
+        self.triton_add = ADD_WEIGHT_GRAD == "triton" and self.ops is not cpu and weight.dtype != torch.float64
         if self.strategy in ("tiles", "scratch") and self.filter_eps is not None:
             raise ValueError(
                 f"grad_filter_eps is not supported with GRPO_KERNELS_LINEAR={self.strategy}: pass grad_filter_eps=None "
@@ -366,7 +374,12 @@ class _Head:
         if self.d_w is not None:
             rows = self.rows(sl)
             for part in column_parts(self.weight.shape[0], rows.device):
-                _product(dz[:, part].t(), rows, out=self.d_w[part], accumulate=self.d_w_written)
+                if self.triton_add:
+                    from grpo_kernels.ops.weight_grad import add_weight_grad
+
+                    add_weight_grad(self.d_w[part], dz[:, part], rows, accumulate=self.d_w_written)
+                else:
+                    _product(dz[:, part].t(), rows, out=self.d_w[part], accumulate=self.d_w_written)
             self.d_w_written = True
         if self.d_b is not None:
             self.d_b += dz.sum(0, dtype=self.d_b.dtype)

@@ -567,6 +567,31 @@ def test_scratch_edge_cases(impl, device, monkeypatch):
     assert sizes and max(sizes) <= 5, sizes
 
 
+@pytest.mark.parametrize("impl", ["triton-chunked", "triton-scratch"], indirect=True)
+@pytest.mark.parametrize("options", [{"loss_type": "dapo", "entropy_coef": 0.1}, {"loss_type": "vespo"}])
+def test_triton_weight_grad_additions(impl, options, device, monkeypatch):
+    """`fused_linear.ADD_WEIGHT_GRAD = "triton"`: every chunk's share of `d_weight` after the first is added by
+    `ops/weight_grad.py` (single pass and, for VESPO rows longer than a chunk, two passes), and the loss and gradients
+    match the reference; a bad value fails clearly."""
+    from grpo_kernels.ops import weight_grad
+
+    dev = device
+    kind = "cuda" if dev == "cuda" else "cpu"
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, 3 * 4 * 61)  # 3-token chunks
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    monkeypatch.setattr(fl, "ADD_WEIGHT_GRAD", "triton")
+    calls, real = [], weight_grad.add_weight_grad
+    monkeypatch.setattr(weight_grad, "add_weight_grad", lambda out, a, b, accumulate: calls.append(accumulate)
+                        or real(out, a, b, accumulate))  # fmt: skip
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(6, 5, 12, 61, torch.float32, dev)
+    check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=GRPOLossConfig(**options), **extra)
+    assert calls and all(calls) == (impl == "triton-scratch")  # the default's first chunk writes d_weight
+    assert calls.count(False) == (impl == "triton-chunked")
+    monkeypatch.setattr(fl, "ADD_WEIGHT_GRAD", "cutlass")
+    with pytest.raises(ValueError, match='ADD_WEIGHT_GRAD must be "cublas" or "triton"'):
+        fused_linear_grpo_loss(hidden, weight, ids, adv, mask, bias=bias, **extra)
+
+
 def test_scratch_allocates_no_logits_for_its_first_chunk(monkeypatch):
     """At N = 512, H = 64, V = 8,192 in fp32 on the CPU path, the scratch strategy's first chunk takes 63 tokens,
     whose logits (2 MiB) live in `d_weight`'s memory: forward + backward allocate under a quarter of that beyond the
