@@ -331,8 +331,8 @@ class _Head:
 
     def _scratch_as(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """`numel` elements of `dtype` at the start of the logits buffer."""
-        size, lb = torch.empty((), dtype=dtype).element_size(), torch.empty((), dtype=self.logits_dtype).element_size()
-        return self._scratch(-(-numel * size // lb)).view(torch.uint8)[: numel * size].view(dtype)
+        size = numel * dtype.itemsize
+        return self._scratch(-(-size // self.logits_dtype.itemsize)).view(torch.uint8)[:size].view(dtype)
 
     def stats(self, z: torch.Tensor, sl: slice):
         """`(logp, entropy, state)` of the chunk; `state` feeds `add_grads` for the same `z`."""
@@ -435,20 +435,30 @@ class _Head:
             dz = self.ops.block_grad(z, ids, start, m, log_s, entropy, grad_logp, grad_entropy, None, *self.args)
             dz = dz.to(self.weight.dtype)
             if acc is not None:
-                if rows_out is None:
-                    _product(dz, self.weight[cols], out=acc, accumulate=True)  # fp32 (fp64) products sum in place
-                else:  # 16-bit products through a buffer
-                    acc += _product(dz, self.weight[cols], out=rows_out)
+                self._sum_rows(acc, dz, cols, rows_out)
             if self.d_w is not None:
                 _product(dz.t(), h, out=self.d_w[cols], accumulate=accumulate)
                 self.d_w_written = True
             if self.d_b is not None:
                 self.d_b[cols] += dz.sum(0, dtype=self.d_b.dtype)
         if acc is not None and not direct:
-            if self.positions is None:
-                self.d_h[sl] = acc
-            else:  # 16-bit rows through the products' buffer
-                self.d_h.index_copy_(0, self.positions[sl], acc if rows_out is None else rows_out.copy_(acc))
+            self._store_rows(sl, acc, rows_out)
+
+    def _sum_rows(self, acc: torch.Tensor, dz: torch.Tensor, cols: slice, rows_out: torch.Tensor | None) -> None:
+        """`acc += dz @ weight[cols]`: a block's share of `d_hidden`'s rows, summed in fp32 (fp64) in place, or for
+        16-bit weights through the 16-bit products' buffer `rows_out`."""
+        if rows_out is None:
+            _product(dz, self.weight[cols], out=acc, accumulate=True)
+        else:
+            acc += _product(dz, self.weight[cols], out=rows_out)
+
+    def _store_rows(self, sl: slice, acc: torch.Tensor, rows_out: torch.Tensor | None) -> None:
+        """The chunk `sl`'s summed `d_hidden` rows `acc` into `d_hidden` (at its tokens' positions; 16-bit rows
+        through the products' buffer `rows_out`)."""
+        if self.positions is None:
+            self.d_h[sl] = acc
+        else:
+            self.d_h.index_copy_(0, self.positions[sl], acc if rows_out is None else rows_out.copy_(acc))
 
     def scratch_fits(self, sl: slice) -> bool:
         """Whether the scratch strategy keeps the chunk `sl`'s logits in `d_weight`'s memory: it is the strategy, the
@@ -473,7 +483,7 @@ class _Head:
         V, wdt = self.weight.shape[0], self.weight.dtype
         math, ldt = cpu.math_dtype(self.flat), self.logits_dtype
         memory = self.d_w.view(-1).view(torch.uint8)
-        lb = torch.empty((), dtype=ldt).element_size()
+        lb = ldt.itemsize
         width = block_width(V, self.chunk_bytes // (8 * max(n, 1)), even=True)
         blocks = [slice(start, min(start + width, V)) for start in range(0, V, width)]
 
@@ -490,7 +500,7 @@ class _Head:
         g_lp, g_ent = coefficients(logp, entropy)
         acc = rows_out = None
         if self.d_h is not None:  # fp32 (fp64) sums of d_hidden's rows, in the last bytes of d_weight
-            ab = torch.empty((), dtype=math).element_size()
+            ab = math.itemsize
             start = (memory.numel() - n * H * ab) // SCRATCH_ALIGN * SCRATCH_ALIGN
             acc = memory[start : start + n * H * ab].view(math).view(n, H).zero_()
             if wdt != math:  # 16-bit products through a buffer
@@ -499,19 +509,12 @@ class _Head:
             dz = self.ops.block_grad(block(cols), ids, cols.start, m, log_s, entropy, g_lp, g_ent, None, *self.args)
             dz = dz.to(wdt)
             if acc is not None:
-                if rows_out is None:
-                    _product(dz, self.weight[cols], out=acc, accumulate=True)
-                else:
-                    acc += _product(dz, self.weight[cols], out=rows_out)
+                self._sum_rows(acc, dz, cols, rows_out)
             if self.d_b is not None:
                 self.d_b[cols] += dz.sum(0, dtype=self.d_b.dtype)
         if acc is not None:
-            rows = acc if rows_out is None else rows_out.copy_(acc)
-            if self.positions is None:
-                self.d_h[sl] = rows
-            else:
-                self.d_h.index_copy_(0, self.positions[sl], rows)
-            acc = rows_out = rows = None  # the buffer is free for the staging below
+            self._store_rows(sl, acc, rows_out)
+            acc = rows_out = None  # the buffer is free for the staging below
         for cols in reversed(blocks):
             dz = block(cols)
             rows = (cols.start * H * wdt.itemsize, cols.stop * H * wdt.itemsize)  # d_weight[cols]'s bytes
@@ -668,9 +671,8 @@ def scratch_tokens(hidden: torch.Tensor, weight: torch.Tensor, d_hidden: bool = 
     if not weight.is_contiguous():  # its gradient takes its strides: its memory is not one run of bytes
         return 0
     ops = _row_ops(hidden) if ops is None else ops
-    lb = torch.empty((), dtype=_logits_dtype(hidden, ops)).element_size()
-    ab = torch.empty((), dtype=cpu.math_dtype(hidden)).element_size() if d_hidden else 0
-    return _scratch_capacity(V, H, weight.element_size(), lb, ab)
+    ab = cpu.math_dtype(hidden).itemsize if d_hidden else 0
+    return _scratch_capacity(V, H, weight.element_size(), _logits_dtype(hidden, ops).itemsize, ab)
 
 
 def _scratch_capacity(V: int, H: int, weight_bytes: int, logit_bytes: int, sum_bytes: int) -> int:

@@ -6,6 +6,7 @@ import socket
 import warnings
 
 import torch
+import torch.autograd.forward_ad as fwad
 
 from grpo_kernels import reference
 
@@ -70,8 +71,7 @@ def loss_condition(
     in 2 of 300 draws of `test_fused_linear`'s Qwen-vocabulary case."""
     lp = logps.detach().double().cpu().requires_grad_()
     ent = entropy.detach().double().cpu().requires_grad_()
-    args = {k: (v.detach().cpu().double() if v.is_floating_point() else v.cpu()) if isinstance(v, torch.Tensor) else v
-            for k, v in inputs.items()}  # fmt: skip
+    args = _on_cpu_in_fp64(inputs)
     m = None if mask is None else mask.cpu()
     loss, _ = reference.grpo_loss_from_logps(lp, ent, advantages.detach().double().cpu(), m, **args)
     g_lp, g_ent = torch.autograd.grad(loss, (lp, ent), allow_unused=True)
@@ -82,6 +82,12 @@ def loss_condition(
     return total
 
 
+def _on_cpu_in_fp64(inputs: dict) -> dict:
+    """The loss's keyword inputs on the CPU, floating-point tensors in fp64."""
+    return {k: (v.detach().cpu().double() if v.is_floating_point() else v.cpu()) if isinstance(v, torch.Tensor) else v
+            for k, v in inputs.items()}  # fmt: skip
+
+
 def metric_conditions(
     logps: torch.Tensor, entropy: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None, **inputs
 ) -> dict[str, float]:
@@ -90,32 +96,25 @@ def metric_conditions(
     metric moves by `|1 - e^(ref - logp)|` times a log-prob's rounding, several units of its own last place where
     the reference log-prob is far from the policy's."""
     lp, ent = (x.detach().double().cpu() for x in (logps, entropy))
-    args = {k: (v.detach().cpu().double() if v.is_floating_point() else v.cpu()) if isinstance(v, torch.Tensor) else v
-            for k, v in inputs.items()}  # fmt: skip
+    args = _on_cpu_in_fp64(inputs)
     m = None if mask is None else mask.cpu()
     adv = advantages.detach().double().cpu()
     totals: dict[str, float] = {}
     active = range(lp.numel()) if m is None else m.reshape(-1).nonzero().squeeze(1).tolist()
     with warnings.catch_warnings():  # PyTorch scripts its forward-mode decompositions on first use, and warns
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
-        _forward_derivatives(lp, ent, adv, m, args, active, totals)
+        for x in (lp, ent):
+            for i in active:
+                tangent = torch.zeros_like(x)
+                tangent.view(-1)[i] = abs(float(x.view(-1)[i]))
+                with fwad.dual_level():
+                    dual = fwad.make_dual(x, tangent)
+                    lp_in, ent_in = (dual, ent) if x is lp else (lp, dual)
+                    _, metrics = reference.grpo_loss_from_logps(lp_in, ent_in, adv, m, **args)
+                    for k, v in metrics.items():
+                        d = fwad.unpack_dual(v).tangent
+                        totals[k] = totals.get(k, 0.0) + (0.0 if d is None else abs(float(torch.nan_to_num(d))))
     return totals
-
-
-def _forward_derivatives(lp, ent, adv, m, args, active, totals) -> None:
-    import torch.autograd.forward_ad as fwad
-
-    for x in (lp, ent):
-        for i in active:
-            tangent = torch.zeros_like(x)
-            tangent.view(-1)[i] = abs(float(x.view(-1)[i]))
-            with fwad.dual_level():
-                dual = fwad.make_dual(x, tangent)
-                lp_in, ent_in = (dual, ent) if x is lp else (lp, dual)
-                _, metrics = reference.grpo_loss_from_logps(lp_in, ent_in, adv, m, **args)
-                for k, v in metrics.items():
-                    d = fwad.unpack_dual(v).tangent
-                    totals[k] = totals.get(k, 0.0) + (0.0 if d is None else abs(float(torch.nan_to_num(d))))
 
 
 def assert_none_rounded_to_zero(actual: torch.Tensor, exact: torch.Tensor, *, name: str = "") -> None:
