@@ -139,7 +139,7 @@ run() {
   if [ -n "${SWEEP_RESUME:-}" ]; then cp "$SWEEP_RESUME" "$out/results.json" && resume=(--resume); fi
   providers=$(python3 -c "from benchmarks.providers import PROVIDERS as P
 print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', 'ours-scratch', 'ours-scratch-tadd',
-                                     'ours-filter'}))")
+                                     'ours-scratch-own', 'ours-filter'}))")
   # shellcheck disable=SC2086
   [ "$sweep_seconds" -gt 0 ] && { timeout --kill-after=10 $((sweep_seconds + 45)) python3 -m benchmarks --device cuda \
     --out "$out" --no-progress --time-limit "$sweep_seconds" --max-run-ms 1000 ${resume[@]+"${resume[@]}"} \
@@ -155,12 +155,13 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   # each stage starts only when its time limit still fits before the run's end ($end_seconds)
   fits() { if [ $((SECONDS + $1)) -gt "$end_seconds" ]; then echo "skipped $2: the run is at $SECONDS s"; return 1; fi; }
   local B="python3 -m benchmarks --device cuda --no-progress" target="--ops fused_linear --shapes 8x1024x4096x131072"
-  # the scratch strategy (the first chunk's logits in d_weight's memory, 240-token chunks after it: 60 MiB of bf16
-  # logits) at the target shape, profiled, with the chunks' d_weight additions by cuBLAS and by ops/weight_grad.py,
-  # next to tiles: the 64 MiB target's candidates; the default at the same budget comes next
+  # the scratch strategy (the first chunk's logits in d_weight's memory, then chunks of 364 down to 240 tokens: 60 MiB
+  # of bf16 logits and d_hidden's unwritten rows) at the target shape, profiled, with the chunks' d_weight additions by
+  # cuBLAS and by ops/weight_grad.py, and without the borrowed rows (240-token chunks), next to tiles: the 64 MiB
+  # target's candidates; the default at the same budget comes next
   # shellcheck disable=SC2086
-  fits 90 "the scratch strategy" && { timeout --kill-after=5 85 $B --profile --out "$scratch/fused/scratch" $target \
-    --providers ours-scratch ours-scratch-tadd ours-tiles floor || fused=$?; }
+  fits 115 "the scratch strategy" && { timeout --kill-after=5 110 $B --profile --out "$scratch/fused/scratch" \
+    $target --providers ours-scratch ours-scratch-tadd ours-scratch-own ours-tiles floor || fused=$?; }
   # one chunk's three products at chunk sizes from 128 to 2,048 tokens (the single-pass schedule under a small
   # budget), d_hidden's also split over the vocabulary, the d_weight addition by the Triton kernel of
   # ops/weight_grad.py next to cuBLAS's: which product loses its speed in small chunks, and whether loading d_weight's

@@ -273,7 +273,11 @@ class Provider:
 
 
 def _ours_linear(
-    name: str, strategy: str = "chunked", grad_filter_eps: float | None = None, add_weight_grad: str = "cublas"
+    name: str,
+    strategy: str = "chunked",
+    grad_filter_eps: float | None = None,
+    add_weight_grad: str = "cublas",
+    borrow_rows: bool = True,
 ) -> Callable[[Case, dict], Bound]:
     def bind(case: Case, x: dict) -> Bound:
         if strategy == "fused" and not hasattr(fused_linear, "use_fused_kernels"):
@@ -281,13 +285,20 @@ def _ours_linear(
         extra = {} if grad_filter_eps is None else {"grad_filter_eps": grad_filter_eps}
 
         def forward() -> torch.Tensor:
+            # both read as the call's forward starts
             before = getattr(fused_linear, "ADD_WEIGHT_GRAD", "cublas")
-            fused_linear.ADD_WEIGHT_GRAD = add_weight_grad  # read as the call's forward starts
+            fused_linear.ADD_WEIGHT_GRAD = add_weight_grad
+            rows = getattr(fused_linear, "BORROW_ROWS", None)
+            rows_before = None if rows is None else dict(rows)
+            if rows is not None and not borrow_rows:
+                rows.update(cuda=False)
             try:
                 with backend(name), fused_linear.schedule(strategy):
                     return fused_linear_grpo_loss(*(x[k] for k in LINEAR_ARGS), config=CONFIG, **extra).loss
             finally:
                 fused_linear.ADD_WEIGHT_GRAD = before
+                if rows is not None:
+                    rows.update(rows_before)
 
         return Bound(forward, grads=(x["hidden"], x["weight"]))
 
@@ -542,11 +553,17 @@ _OURS_VOCAB = Provider(
 # product, large ones, little memory), any device
 _OURS_TILES = Provider("ours-tiles", "fused_linear", "grpo_kernels (tiles)", _ours_linear("auto", "tiles"), role="ours")
 
-# `GRPO_KERNELS_LINEAR=scratch`: the single pass with small chunks, the first chunk's logits kept in d_weight's memory;
-# and the same with the chunks' d_weight additions by ops/weight_grad.py (`fused_linear.ADD_WEIGHT_GRAD = "triton"`)
+# `GRPO_KERNELS_LINEAR=scratch`: the single pass with small chunks, the first chunk's logits kept in d_weight's memory,
+# part of the later chunks' in d_hidden's unwritten rows on CUDA; the same without those rows
+# (`fused_linear.BORROW_ROWS`), and with the chunks' d_weight additions by ops/weight_grad.py
+# (`fused_linear.ADD_WEIGHT_GRAD = "triton"`)
 _OURS_SCRATCH = Provider(
     "ours-scratch", "fused_linear", "grpo_kernels (scratch)", _ours_linear("auto", "scratch"), role="ours"
 )
+_OURS_SCRATCH_OWN = Provider(
+    "ours-scratch-own", "fused_linear", "grpo_kernels (scratch, no borrowed rows)",
+    _ours_linear("triton", "scratch", borrow_rows=False), devices=("cuda",), role="ours",
+)  # fmt: skip
 _OURS_SCRATCH_TADD = Provider(
     "ours-scratch-tadd", "fused_linear", "grpo_kernels (scratch, Triton additions)",
     _ours_linear("triton", "scratch", add_weight_grad="triton"), devices=("cuda",), role="ours",
@@ -568,6 +585,7 @@ PROVIDERS: tuple[Provider, ...] = (
     _OURS_VOCAB,
     _OURS_TILES,
     _OURS_SCRATCH,
+    _OURS_SCRATCH_OWN,
     _OURS_SCRATCH_TADD,
     _OURS_FILTER,
     Provider("eager", "fused_linear", "eager PyTorch", _eager_linear, memory=_eager_linear_memory),

@@ -43,8 +43,9 @@ How to read these tables:
   `GRPO_KERNELS_LINEAR=tiles` strategy (per chunk of tokens, the gradients a block of vocabulary columns at a time:
   one more matrix product, in few large chunks, with 32 MiB of bf16 logits); grpo_kernels (scratch) is the opt-in
   `GRPO_KERNELS_LINEAR=scratch` strategy (three products in 60 MiB chunks of bf16 logits, the first chunk's logits
-  kept in d_weight's own memory), "Triton additions" with the chunks' d_weight additions by ops/weight_grad.py instead
-  of cuBLAS; grpo_kernels (filter 2^-12) is the default
+  kept in d_weight's own memory, part of the later chunks' in d_hidden's unwritten rows on CUDA), "no borrowed rows"
+  without the latter, "Triton additions" with the chunks' d_weight additions by ops/weight_grad.py instead of
+  cuBLAS; grpo_kernels (filter 2^-12) is the default
   strategy with gradient filtering (`grad_filter_eps=2**-12`, approximate), which pays on "peaked inputs" (a trained
   model's peaked softmax; see benchmarks/providers.py) and keeps every column of a flat softmax.
 - Every loss is TRL's default (dapo, beta 0, on-policy) over every token. Liger's fused linear loss runs with

@@ -41,8 +41,10 @@ weights each chunk's product is added in bf16, as chunked losses usually do). Ea
   about H tokens (with their fp32 `d_hidden` rows), in blocks of vocabulary columns. That chunk forms its gradients
   from them, the blocks' `d_weight` rows written last to first so that none overwrites logits still to be read; the
   chunks after it add to `d_weight`. Three products, as the default, and half the rereading of `d_weight` that small
-  chunks alone would need at N = 2H. No gradient filtering. Where the single pass does not apply, two passes in
-  small chunks, whose backward keeps its first chunk's logits in `d_weight`'s memory the same way.
+  chunks alone would need at N = 2H. On CUDA the chunks after the first also keep part of their logits in the rows
+  of `d_hidden` of the tokens after them, which nothing has written yet (`_Borrow`): larger chunks, fewer
+  rereadings. No gradient filtering. Where the single pass does not apply, two passes in small chunks, whose backward
+  keeps its first chunk's logits in `d_weight`'s memory the same way.
 - `fused`: the Triton kernels of `ops/linear.py` (CUDA), which keep each logits tile in registers.
 
 Gradient filtering (`HeadOptions.grad_filter_eps`, approximate, off by default): once a chunk's logits gradient is
@@ -55,7 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -87,6 +89,10 @@ TILES_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 64 << 20}
 SCRATCH_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 120 << 20}
 # where its fp32 d_hidden sums start in d_weight's memory: aligned for cuBLAS's fast kernels
 SCRATCH_ALIGN = 256
+# GRPO_KERNELS_LINEAR=scratch: whether the chunks after the first may keep part of their logits in d_hidden's rows of
+# the tokens after them (`_Borrow`). On CUDA small chunks are bound by rereading d_weight, so fewer of them pay; on the
+# CPU the products are bound by arithmetic, and the row kernels' copies of a block's rows would add to the peak.
+BORROW_ROWS = {"cpu": False, "cuda": True}
 # What adds each chunk's share to d_weight on the Triton path (the chunked and scratch strategies): "cublas"
 # (`addmm_`) or, on trial, "triton" (`ops/weight_grad.py`, which loads d_weight's tiles ahead of its products; the
 # benchmarks' ours-scratch-tadd provider sets it around its calls). Read when a call's forward (or, for two passes, its
@@ -202,9 +208,14 @@ def workspace_bytes(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtyp
         lb = b if kind == "cuda" else max(b, 4)
         room = _scratch_capacity(vocab, hidden_size, b, lb, max(b, 4))
         c = min(room, tokens) if room > rows or tokens <= room else 0  # as single_pass_chunks and scratch_fits take it
+        # the largest chunk after it: d_hidden's rows may hold part of its logits (`_Borrow`), not of its gathered rows
+        borrow = _Borrow(vocab, hidden_size, lb, b, rows, ROW_ALIGN[kind]) if lb == b and BORROW_ROWS[kind] else None
+        rest = min(tokens - c, rows) if borrow is None else borrow.limit(tokens - c)
+        if c or rest > rows:
+            buffer, extra = min(rest, rows) * padded_vocab(vocab, device) * per_logit, 2 * rest * hidden_size * b
+            if kind == "cpu" and rest > rows:  # and the row kernels' temporaries, a few rows of a block at a time
+                buffer = max(buffer, rows * vocab * lb + min(rest * vocab, cpu.BLOCK_ELEMENTS) * (3 * lb + 1))
         if c:
-            rest = min(tokens - c, rows)  # the largest chunk after it
-            buffer, extra = rest * padded_vocab(vocab, device) * per_logit, 2 * rest * hidden_size * b
             block = c * block_width(vocab, budget // (8 * c), even=True)
             if kind == "cpu":  # the row kernels' copies and temporaries, a few rows of the block at a time
                 block = max(block * b, min(block, cpu.BLOCK_ELEMENTS) * (3 * lb + 1))
@@ -282,6 +293,8 @@ class _Head:
         self._rows: dict[str, torch.Tensor] | None = None
         self.ops = _row_ops(hidden) if ops is None else ops  # the backward reuses the forward's choice
         self._buffer: torch.Tensor | None = None
+        self.borrow: _Borrow | None = None  # set with the gradients (start_grads)
+        self.borrowed: int | None = None
         self.args = (head.temperature, head.logit_scale, head.final_logit_softcapping)
         self.filter_eps = head.grad_filter_eps
         if ADD_WEIGHT_GRAD not in ("cublas", "triton"):
@@ -349,6 +362,10 @@ class _Head:
         self.d_b = torch.zeros(V, dtype=cpu.math_dtype(self.flat), device=dev) if needs[2] else None
         if self.vocab_blocks and (needs[1] or needs[2]):
             self._rows = {}
+        contiguous = self.d_h is not None and self.d_h.is_contiguous()
+        self.borrow = borrowing(self.flat, self.weight, needs, self.strategy, self.ops, self.chunk_bytes)
+        self.borrow = self.borrow if contiguous else None
+        self.borrowed = None  # the first row of d_hidden a chunk's logits took
 
     def add_grads(self, z, sl, state, entropy, grad_logp, grad_entropy) -> None:
         """Turn the chunk's logits `z` into their gradient (in place), then into the weights' gradients (with
@@ -372,17 +389,22 @@ class _Head:
         if self._rows is not None:
             return
         if self.d_w is not None:
-            rows = self.rows(sl)
-            for part in column_parts(self.weight.shape[0], rows.device):
-                if self.triton_add:
-                    from grpo_kernels.ops.weight_grad import add_weight_grad
-
-                    add_weight_grad(self.d_w[part], dz[:, part], rows, accumulate=self.d_w_written)
-                else:
-                    _product(dz[:, part].t(), rows, out=self.d_w[part], accumulate=self.d_w_written)
+            self._add_weight_grad(slice(0, self.weight.shape[0]), dz, self.rows(sl), self.d_w_written)
             self.d_w_written = True
         if self.d_b is not None:
             self.d_b += dz.sum(0, dtype=self.d_b.dtype)
+
+    def _add_weight_grad(self, cols: slice, dz: torch.Tensor, rows: torch.Tensor, accumulate: bool) -> None:
+        """`d_weight[cols] (+)= dz.T @ rows` for a chunk's logits gradient `dz` `[c, w]` over the vocabulary columns
+        `cols` (starting at a whole multiple of `ROW_ALIGN`), in the products `column_parts` says."""
+        for part in column_parts(cols.stop - cols.start, rows.device):
+            out = self.d_w[cols][part]
+            if self.triton_add:
+                from grpo_kernels.ops.weight_grad import add_weight_grad
+
+                add_weight_grad(out, dz[:, part], rows, accumulate=accumulate)
+            else:
+                _product(dz[:, part].t(), rows, out=out, accumulate=accumulate)
 
     def tile_chunks(self) -> list[slice]:
         """The tiles strategy's chunks of active tokens: as many as `tile_tokens` needs, of near-equal sizes."""
@@ -526,6 +548,63 @@ class _Head:
         self.d_w_written = True
         return logp, entropy
 
+    def borrows(self, sl: slice) -> bool:
+        """Whether the chunk `sl` keeps part of its logits in `d_hidden`'s rows (`_Borrow`): more tokens than the
+        chunk buffer holds, under the scratch strategy with `d_hidden` and `d_weight` formed."""
+        return self.borrow is not None and sl.stop - sl.start > self.borrow.size
+
+    def borrow_grads(self, sl: slice, coefficients) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk `sl`'s `(logp, entropy)` `[c]`, and its gradients (`borrows`): the logits of its first `width`
+        vocabulary columns lie in the last rows of `d_hidden`, those of the tokens after the chunk, the rest in the
+        chunk buffer (its rows padded to `ROW_ALIGN`). Each block is folded into the rows' statistics;
+        `coefficients(logp, entropy)` gives `(dL/dlogp, dL/dentropy)`; each block is then turned into its gradient in
+        place and into its share of `d_hidden` (the first block writes the chunk's rows, the second adds to them:
+        16-bit rows are rounded once per block), `d_weight` and `d_bias`. Inactive rows of `d_hidden` taken so are
+        zeroed again in `finish_grads`."""
+        h = self.rows(sl)
+        n, V = h.shape[0], self.weight.shape[0]
+        math, ldt = cpu.math_dtype(self.flat), self.logits_dtype
+        left = self.n - sl.start
+        width = self.borrow.width(n, left)
+        if width is None:
+            raise RuntimeError(f"a chunk of {n} tokens with {left} to come does not fit its buffers")
+        rows = left - n  # d_hidden's last rows, from an aligned byte on
+        memory = self.d_h.view(-1).view(torch.uint8)
+        start = -(-(memory.numel() - rows * self.d_h.shape[1] * self.d_h.element_size()) // SCRATCH_ALIGN)
+        start *= SCRATCH_ALIGN
+        first_row = self.d_h.shape[0] - rows
+        self.borrowed = first_row if self.borrowed is None else min(self.borrowed, first_row)
+        blocks = []
+        if width:
+            blocks.append((slice(0, width), memory[start : start + n * width * ldt.itemsize].view(ldt).view(n, width)))
+        if width < V:
+            rest = V - width
+            pad = self.borrow.padded(rest)
+            blocks.append((slice(width, V), self._scratch(n * pad).view(n, pad)[:, :rest]))
+        ids = self.ids[sl]
+        state = torch.empty(4, n, dtype=math, device=h.device)
+        for i, (cols, z) in enumerate(blocks):
+            self.project(h, cols, z)
+            self.ops.block_stats(z, ids, cols.start, state, i == 0, i == len(blocks) - 1, *self.args, keep=True)
+        logp, entropy, m, log_s = state
+        g_lp, g_ent = coefficients(logp, entropy)
+        d_rows, accumulate = None, self.d_w_written
+        for i, (cols, z) in enumerate(blocks):
+            dz = self.ops.block_grad(z, ids, cols.start, m, log_s, entropy, g_lp, g_ent, None, *self.args)
+            if self.positions is None:
+                _product(dz, self.weight[cols], out=self.d_h[sl], accumulate=i > 0)
+            elif i == 0:
+                d_rows = _product(dz, self.weight[cols])
+            else:
+                _product(dz, self.weight[cols], out=d_rows, accumulate=True)
+            self._add_weight_grad(cols, dz, h, accumulate)
+            if self.d_b is not None:
+                self.d_b[cols] += dz.sum(0, dtype=self.d_b.dtype)
+        if d_rows is not None:
+            self.d_h.index_copy_(0, self.positions[sl], d_rows)
+        self.d_w_written = True
+        return logp, entropy
+
     def _kept_columns(self, dz: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None):
         """Gradient filtering: the vocabulary columns of the chunk's logits gradient `dz` `[c, V]` with an entry above
         its token's threshold (see `HeadOptions.grad_filter_eps`), or None to keep them all (filtering off, a token
@@ -631,6 +710,9 @@ class _Head:
             self._vocab_block_grads()
         d_h, d_w, d_b = self.d_h, self.d_w, self.d_b
         self.d_h = self.d_w = self.d_b = None
+        if self.borrowed is not None and self.positions is not None:  # inactive rows a chunk's logits took
+            active = torch.zeros(d_h.shape[0], dtype=torch.bool, device=d_h.device).index_fill_(0, self.positions, 1)
+            d_h[self.borrowed :].masked_fill_(~active[self.borrowed :, None], 0)
         if d_w is not None and not self.d_w_written:  # no token in the loss: nothing was written
             d_w.zero_()
         if scale is not None:
@@ -680,6 +762,55 @@ def _scratch_capacity(V: int, H: int, weight_bytes: int, logit_bytes: int, sum_b
     multiple of `SCRATCH_ALIGN` bytes."""
     room = V * H * weight_bytes - (SCRATCH_ALIGN if sum_bytes else 0)
     return max(0, room // max(V * logit_bytes + H * sum_bytes, 1))
+
+
+class _Borrow:
+    """The scratch strategy's chunks after its first, where `d_hidden` and `d_weight` are both formed: beyond the chunk
+    buffer (`size` tokens' logits, rows `align` elements apart), a chunk's logits may take the last rows of `d_hidden`,
+    those of the tokens after it, which nothing has written yet. Its first `width` vocabulary columns then lie there,
+    the rest in the buffer. At H = 4,096, V = 131,072 in bf16 the 4,337 tokens after a 3,855-token first chunk take 15
+    chunks instead of 19 (364 tokens at first, 240 the buffer alone): 4 fewer rereadings of `d_weight`."""
+
+    def __init__(self, vocab: int, hidden_size: int, logit_bytes: int, row_bytes: int, size: int, align: int):
+        self.V, self.H, self.lb, self.rb = vocab, hidden_size, logit_bytes, row_bytes
+        self.size, self.align = size, align
+        self.cap = size * (-(-vocab // align) * align)  # the buffer's elements
+
+    def width(self, tokens: int, left: int) -> int | None:
+        """Columns of a chunk of `tokens` tokens (`left` still to come, itself among them) kept in `d_hidden`'s rows,
+        a whole multiple of `BLOCK_COLUMNS` (or all of them): None where the rest does not fit in the buffer."""
+        free = (left - tokens) * self.H * self.rb - SCRATCH_ALIGN  # from an aligned byte on
+        w = min(self.V, max(0, free) // (tokens * self.lb))
+        if w < self.V:
+            w -= w % BLOCK_COLUMNS
+        return w if tokens * self.padded(self.V - w) <= self.cap else None
+
+    def padded(self, width: int) -> int:
+        return -(-width // self.align) * self.align
+
+    def limit(self, left: int) -> int:
+        """The most tokens the next chunk may take when `left` tokens are still to come."""
+        if left <= self.size:
+            return left
+        most = (self.cap * self.lb + left * self.H * self.rb - SCRATCH_ALIGN) // (self.V * self.lb + self.H * self.rb)
+        c = min(left, most)
+        while c > self.size and self.width(c, left) is None:
+            c -= 1
+        return max(c, self.size)
+
+
+def borrowing(hidden: torch.Tensor, weight: torch.Tensor, needs, strategy: str, ops=None,
+              budget: int | None = None) -> _Borrow | None:  # fmt: skip
+    """The scratch strategy's `_Borrow` for a call whose backward forms `needs` (hidden, weight, bias), or None where
+    its chunks do not borrow `d_hidden`'s rows (another strategy; `d_hidden` or `d_weight` not formed; logits of
+    another dtype than the weight's, as on the CPU path for 16-bit weights; `BORROW_ROWS` off for the device)."""
+    ops = _row_ops(hidden) if ops is None else ops
+    ldt, kind = _logits_dtype(hidden, ops), _kind(hidden.device)
+    if strategy != "scratch" or not (needs[0] and needs[1]) or ldt != weight.dtype or not BORROW_ROWS[kind]:
+        return None
+    V, H = weight.shape
+    size = chunk_tokens(V, hidden.device, _chunk_bytes(kind, strategy) if budget is None else budget)
+    return _Borrow(V, H, ldt.itemsize, hidden.element_size(), size, ROW_ALIGN[kind])
 
 
 def padded_vocab(vocab: int, device: torch.device) -> int:
@@ -773,24 +904,34 @@ def _row_ops(t: torch.Tensor):
     return cpu
 
 
-def _token_ranges(n: int, size: int, even: bool = False, first: int | None = None) -> list[slice]:
-    """Consecutive slices of at most `size` of `range(n)` (the first of at most `first` where given); `even`: as few
-    as that allows, of near-equal sizes."""
+def _token_ranges(n: int, size: int, even: bool = False, first: int | None = None,
+                  limit: Callable[[int], int] | None = None) -> list[slice]:  # fmt: skip
+    """Consecutive slices of at most `size` of `range(n)` (the first of at most `first` where given; with `limit`,
+    each later one of at most `limit(tokens still to come)`); `even`: as few as that allows, of near-equal sizes."""
     if even and n > 0:
         count = -(-n // size)
         return [slice(i * n // count, (i + 1) * n // count) for i in range(count)]
-    head = [] if first is None or n == 0 else [slice(0, min(first, n))]
-    return head + [slice(s, min(s + size, n)) for s in range(0 if first is None else first, n, size)]
+    out = [] if first is None or n == 0 else [slice(0, min(first, n))]
+    start = 0 if first is None else min(first, n)
+    while start < n:
+        stop = min(start + (size if limit is None else max(1, limit(n - start))), n)
+        out.append(slice(start, stop))
+        start = stop
+    return out
 
 
-def _row_ranges(counts: list[int], size: int, first: int | None = None) -> list[tuple[slice, slice]] | None:
+def _row_ranges(counts: list[int], size: int, first: int | None = None,
+                limit: Callable[[int], int] | None = None) -> list[tuple[slice, slice]] | None:  # fmt: skip
     """Pack whole rows (`counts[b]` active tokens each) into chunks of at most `size` tokens (the first of at most
-    `first` where given): `[(row slice, token slice)]`, or None when one row alone is larger than a chunk."""
+    `first` where given; with `limit`, each later one of at most `limit(tokens still to come)`):
+    `[(row slice, token slice)]`, or None when one row alone is larger than `size`."""
     if counts and max(counts) > size:
         return None
+    total = sum(counts)
     out, start_row, start_tok, tok = [], 0, 0, 0
     for b, c in enumerate(counts):
-        if tok - start_tok + c > (size if out or first is None else first) and b > start_row:
+        most = first if not out and first is not None else size if limit is None else limit(total - start_tok)
+        if tok - start_tok + c > most and b > start_row:
             out.append((slice(start_row, b), slice(start_tok, tok)))
             start_row, start_tok = b, tok
         tok += c
@@ -851,9 +992,11 @@ def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fus
     size = chunk_tokens(weight.shape[0], hidden.device, lm.chunk_bytes)
     # the scratch strategy: as many tokens in the first chunk as d_weight's memory holds the logits of
     first = scratch_tokens(hidden, weight, needs[0], ops) if lm.strategy == "scratch" and needs[1] else None
-    for sl in _token_ranges(lm.n, size, first=first if first is not None and first > size else None):
-        if lm.scratch_fits(sl):
-            lm.scratch_grads(sl, lambda lp, ent, sl=sl: (g_lp[sl], None if g_ent is None else g_ent[sl]))
+    limit = None if lm.borrow is None else lm.borrow.limit  # and the chunks after it, borrowing d_hidden's rows
+    for sl in _token_ranges(lm.n, size, first=first if first is not None and first > size else None, limit=limit):
+        if lm.scratch_fits(sl) or lm.borrows(sl):
+            grads = lm.scratch_grads if lm.scratch_fits(sl) else lm.borrow_grads
+            grads(sl, lambda lp, ent, sl=sl: (g_lp[sl], None if g_ent is None else g_ent[sl]))
             continue
         z = lm.logits(sl)
         _, _, state = lm.stats(z, sl)  # recomputed: the forward kept only [N]-sized results
@@ -896,20 +1039,22 @@ def single_pass_chunks(
     vocab: int,
     device: torch.device,
     first: int | None = None,
+    limit: Callable[[int], int] | None = None,
 ) -> list[tuple[slice, slice]] | None:
     """Chunks for the single-pass schedule as `(row slice, token slice)` over the active tokens, or None when it
     does not apply (the tiles strategy always takes two passes: its statistics pass is the product it does anyway).
     `first`: the first chunk may hold that many tokens where that is more than the others (the scratch strategy's
-    `scratch_tokens`)."""
+    `scratch_tokens`); `limit`: the most tokens of each chunk after it, given the tokens still to come (the scratch
+    strategy's `_Borrow.limit`)."""
     if config.top_entropy_quantile < 1.0 or linear_strategy() == "tiles":
         return None
     size = chunk_tokens(vocab, device)
     first = first if first is not None and first > size else None
     if not token_local(config):
-        return _row_ranges(inputs.mask.sum(-1).tolist(), size, first)
+        return _row_ranges(inputs.mask.sum(-1).tolist(), size, first, limit)
     T = inputs.mask.shape[1]
     n = inputs.mask.numel() if positions is None else positions.numel()
-    ranges = _token_ranges(n, size, first=first)
+    ranges = _token_ranges(n, size, first=first, limit=limit)
     ends = [i for sl in ranges for i in (sl.start, sl.stop - 1)]
     if positions is not None and ends:  # the chunks' first and last tokens' flat positions, in one read
         ends = positions[torch.tensor(ends, device=positions.device)].tolist()
@@ -938,13 +1083,13 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             else:  # each chunk's whole rows
                 row_grads = _RowGrads(inputs, config, plan, positions, logp)
         for rows, sl in chunks:
-            if grads and lm.scratch_fits(sl):  # the scratch strategy's first chunk
+            if grads and (lm.scratch_fits(sl) or lm.borrows(sl)):  # the scratch strategy's chunks in blocks
 
                 def coefficients(lp, ent, rows=rows, sl=sl):
                     logp[sl], entropy[sl] = lp, ent
                     return token_grads(logp[sl], sl) if row_grads is None else row_grads(rows, sl)
 
-                lm.scratch_grads(sl, coefficients)
+                (lm.scratch_grads if lm.scratch_fits(sl) else lm.borrow_grads)(sl, coefficients)
                 continue
             z = lm.logits(sl)
             logp[sl], entropy[sl], state = lm.stats(z, sl)
@@ -1012,8 +1157,11 @@ def fused_linear_loss(
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not use_fused_kernels(hidden) and hidden.dtype != torch.float16:
         # the scratch strategy: as many tokens in the first chunk as d_weight's memory holds the logits of
-        first = scratch_tokens(hidden, weight, needs[0]) if needs[1] and linear_strategy() == "scratch" else None
-        chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device, first)
+        strategy = linear_strategy()
+        first = scratch_tokens(hidden, weight, needs[0]) if needs[1] and strategy == "scratch" else None
+        borrow = borrowing(hidden, weight, needs, strategy)  # and the chunks after it, borrowing d_hidden's rows
+        limit = None if borrow is None or not hidden.is_contiguous() else borrow.limit
+        chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device, first, limit)
     if chunks is not None:
         anchor, logps, entropy = FusedLinearGRPOFunction.apply(
             hidden, weight, bias, ids, positions, inputs, config, head, chunks, num_items_in_batch, needs

@@ -434,17 +434,20 @@ def test_the_backward_keeps_the_strategy_and_budget_of_its_forward(top_entropy_q
     assert meter.peak_bytes - grads < 3 * (64 << 10), f"{(meter.peak_bytes - grads) / 2**10:.0f} KiB beyond the grads"
 
 
-@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks", "tiles", "scratch"])
+@pytest.mark.parametrize("strategy", ["chunked", "vocab-blocks", "tiles", "scratch", "scratch-borrow"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("masked", "top_entropy_quantile"), [(False, 1.0), (True, 0.5)])
 def test_workspace_bytes_bounds_what_a_call_allocates(strategy, dtype, masked, top_entropy_quantile, monkeypatch):
     """`workspace_bytes` (the trainer's memory estimate uses it) is at least what forward + backward allocate beyond
-    the gradients on the CPU path, and not far above it: 1 MiB chunks at N = 2,048, V = 8,192."""
+    the gradients on the CPU path, and not far above it: 1 MiB chunks at N = 2,048, V = 8,192 (scratch-borrow: the
+    scratch strategy with `BORROW_ROWS` on)."""
     from grpo_kernels.memory import MemoryMeter
 
     B, T, H, V = 8, 256, 64, 8192
     monkeypatch.setitem(fl.CHUNK_BYTES, "cpu", 1 << 20)
     monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, "cpu", 1)
+    monkeypatch.setitem(fl.BORROW_ROWS, "cpu", strategy.endswith("-borrow"))
+    strategy = strategy.removesuffix("-borrow")
     monkeypatch.setenv("GRPO_KERNELS_LINEAR", strategy)
     hidden = torch.randn(B, T, H, dtype=dtype, requires_grad=True)
     weight = (torch.randn(V, H) / 8).to(dtype).requires_grad_()
@@ -543,6 +546,89 @@ def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, 
 
 
 @pytest.mark.parametrize("impl", ["triton-scratch", "torch-scratch"], indirect=True)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"loss_type": "dapo", "beta": 0.1, "entropy_coef": 0.1},
+        {"loss_type": "luspo", "importance_sampling_level": "sequence"},  # whole rows per chunk
+        {"loss_type": "grpo", "entropy_coef": 0.1, "top_entropy_quantile": 0.5},  # two passes
+    ],
+)
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.bf16)])
+def test_scratch_chunks_borrow_d_hidden_rows(impl, options, masked, dtype, device, monkeypatch):
+    """Under the scratch strategy with `BORROW_ROWS` on, the chunks after the first take more tokens than the chunk
+    buffer holds (4 here, at H = 64, V = 200), part of their logits in the rows of `d_hidden` after the chunk's last
+    token, which nothing has written yet; fewer chunks in all, and the loss and gradients (`d_hidden`'s masked rows
+    zero again) match the reference."""
+    dev = "cpu" if impl.startswith("torch") else device
+    kind = "cuda" if dev == "cuda" else "cpu"
+    borrows = impl != "torch-scratch" or dtype == torch.float32  # the CPU path's logits are fp32: none for bf16
+    H, V, size = 64, 200, 4
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, size * 4 * V)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    monkeypatch.setitem(fl.BORROW_ROWS, kind, True)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(32, 4, H, V, dtype, dev)
+    if not masked:
+        mask = torch.ones_like(mask)
+        extra = {k: v.where(v != 0, -1.0) for k, v in extra.items()}  # log-probs for every token
+    first = fl.scratch_tokens(hidden, weight)
+    assert first == (48 if dtype == torch.float32 else 38 if borrows else 24)  # fp32 logits on the CPU path
+    chunks, spans = [], []
+    real_borrow, real_stats, real_scratch = fl._Head.borrow_grads, fl._Head.stats, fl._Head.scratch_grads
+
+    def borrow_grads(self, sl, coefficients):
+        n = sl.stop - sl.start
+        chunks.append(("borrow", n))
+        assert size < n <= self.borrow.limit(self.n - sl.start)
+        size_h = self.d_h.element_size()
+        last = sl.stop - 1 if self.positions is None else int(self.positions[sl.stop - 1])
+        free = self.d_h.data_ptr() + (last + 1) * H * size_h, self.d_h.data_ptr() + self.d_h.numel() * size_h
+        real_project = self.project
+
+        def project(h, cols, out):  # a block in d_hidden lies past the chunk's rows; the other in the buffer
+            start = out.data_ptr()
+            end = start + ((out.shape[0] - 1) * out.stride(0) + out.shape[1]) * out.element_size()
+            spans.append(free[0] <= start and end <= free[1] if cols.start == 0 else self._buffer is not None)
+            return real_project(h, cols, out)
+
+        self.project = project
+        try:
+            return real_borrow(self, sl, coefficients)
+        finally:
+            del self.project
+
+    def stats(self, z, sl):
+        chunks.append(("chunk", sl.stop - sl.start))
+        return real_stats(self, z, sl)
+
+    def scratch_grads(self, sl, coefficients):
+        chunks.append(("scratch", sl.stop - sl.start))
+        return real_scratch(self, sl, coefficients)
+
+    monkeypatch.setattr(fl._Head, "borrow_grads", borrow_grads)
+    monkeypatch.setattr(fl._Head, "stats", stats)
+    monkeypatch.setattr(fl._Head, "scratch_grads", scratch_grads)
+    config = GRPOLossConfig(max_completion_length=4, **options)
+    check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+    if options.get("top_entropy_quantile"):  # the forward's chunks first
+        chunks = chunks[next(i for i, (k, _) in enumerate(chunks) if k == "scratch") :]
+    tokens = int(mask.sum())
+    assert chunks[0][0] == "scratch" and sum(n for _, n in chunks) == tokens, chunks
+    borrowed = [n for k, n in chunks if k == "borrow"]
+    assert all(k != "chunk" or n <= size for k, n in chunks), chunks
+    if not borrows:
+        assert not borrowed, chunks
+        return
+    assert borrowed and spans and all(spans), (chunks, spans)
+    if options["loss_type"] == "luspo":  # fewer chunks than the buffer alone would take
+        alone = fl._row_ranges(mask.sum(-1).tolist(), size, first)
+    else:
+        alone = fl._token_ranges(tokens, size, first=first)
+    assert len(chunks) < len(alone), (chunks, alone)
+
+
+@pytest.mark.parametrize("impl", ["triton-scratch", "torch-scratch"], indirect=True)
 def test_scratch_edge_cases(impl, device, monkeypatch):
     """Under the scratch strategy, a batch with no token in the loss (a sequence-level loss: one empty chunk) and a
     column-major weight (whose gradient takes its strides, so that its memory is not one run of bytes: plain chunks,
@@ -558,6 +644,7 @@ def test_scratch_edge_cases(impl, device, monkeypatch):
     assert fl.scratch_tokens(hidden, weight) == 9 and fl.scratch_tokens(hidden, column_major) == 0
     sizes = []
     real_stats = fl._Head.stats
+
     def stats(self, z, sl):
         sizes.append(sl.stop - sl.start)
         return real_stats(self, z, sl)
