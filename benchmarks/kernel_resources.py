@@ -317,6 +317,38 @@ def scenarios(dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
                 name = f"fused_linear_grpo_loss {strategy} {sname} {dname}"
                 yield name, lambda f=linear_loss: f(plain, False)
                 yield f"{name} bias softcap filter entropy_coef", lambda f=linear_loss: f(rich, True)
+    for dname in dtypes:  # the scratch strategy's chunks with part of their logits in d_hidden's rows, as on CUDA
+
+        def borrowing(config, dtype=DTYPES[dname], B=1, T=16, H=100, V=1000):
+            hidden = torch.randn(B, T, H, dtype=dtype, requires_grad=True)
+            # column-major: no first chunk in d_weight's memory, so that the first chunk borrows (3 tokens, its first
+            # 384 columns in d_hidden's rows and the other 616 in the buffer, whose rows are padded to 64 elements as
+            # on CUDA), then 2-token chunks in the buffer
+            weight = torch.randn(H, V, dtype=dtype).t().requires_grad_()
+            ids, mask = torch.randint(0, V, (B, T)), None
+            with contextlib.ExitStack() as stack:
+                for table, value in ((fused_linear.BORROW_ROWS, True), (fused_linear.ROW_ALIGN, 64),
+                                     (fused_linear.MIN_CHUNK_TOKENS, 1)):  # fmt: skip
+                    stack.enter_context(_item(table, "cpu", value))
+                stack.enter_context(fused_linear.schedule("scratch", 2 * 4 * V / 2**20))
+                refs = {"ref_logps": torch.zeros(B, T)} if config.beta else {}
+                loss = fused_linear_grpo_loss(hidden, weight, ids, torch.randn(B), mask, config=config, **refs).loss
+                loss.backward()
+
+        name = f"fused_linear_grpo_loss scratch borrowing d_hidden's rows {dname}"
+        yield name, lambda f=borrowing: f(plain)
+        yield f"{name} entropy_coef", lambda f=borrowing: f(rich)
+
+
+@contextlib.contextmanager
+def _item(table: dict, key, value) -> Iterator[None]:
+    """`table[key] = value` for the block's duration."""
+    before = table[key]
+    table[key] = value
+    try:
+        yield
+    finally:
+        table[key] = before
 
 
 def row_kernels_at(V: int, dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
