@@ -208,13 +208,14 @@ def workspace_bytes(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtyp
         lb = b if kind == "cuda" else max(b, 4)
         room = _scratch_capacity(vocab, hidden_size, b, lb, max(b, 4))
         c = min(room, tokens) if room > rows or tokens <= room else 0  # as single_pass_chunks and scratch_fits take it
-        # the largest chunk after it: d_hidden's rows may hold part of its logits (`_Borrow`), not of its gathered rows
+        # a chunk that borrows d_hidden's rows (`_Borrow`) gathers more rows than the buffer holds: at most the first
+        # chunk's, where the weight's layout leaves no room in d_weight's memory
         borrow = _Borrow(vocab, hidden_size, lb, b, rows, ROW_ALIGN[kind]) if lb == b and BORROW_ROWS[kind] else None
-        rest = min(tokens - c, rows) if borrow is None else borrow.limit(tokens - c)
-        if c or rest > rows:
-            buffer, extra = min(rest, rows) * padded_vocab(vocab, device) * per_logit, 2 * rest * hidden_size * b
-            if kind == "cpu" and rest > rows:  # and the row kernels' temporaries, a few rows of a block at a time
-                buffer = max(buffer, rows * vocab * lb + min(rest * vocab, cpu.BLOCK_ELEMENTS) * (3 * lb + 1))
+        most = rows if borrow is None else borrow.limit(tokens)
+        if most > rows:
+            extra = 2 * most * hidden_size * b
+            if kind == "cpu":  # and the row kernels' temporaries, a few rows of a block at a time
+                buffer = max(buffer, rows * vocab * lb + min(most * vocab, cpu.BLOCK_ELEMENTS) * (3 * lb + 1))
         if c:
             block = c * block_width(vocab, budget // (8 * c), even=True)
             if kind == "cpu":  # the row kernels' copies and temporaries, a few rows of the block at a time
@@ -355,16 +356,16 @@ class _Head:
         V, dev = self.weight.shape[0], self.flat.device
         self.d_h = None
         if needs[0]:
-            self.d_h = torch.empty_like(self.flat) if self.positions is None else torch.zeros_like(self.flat)
+            # contiguous whatever the hidden states' strides: the scratch strategy's chunks borrow its last rows
+            make = torch.empty if self.positions is None else torch.zeros
+            self.d_h = make(self.flat.shape, dtype=self.flat.dtype, device=self.flat.device)
         # d_weight is not zeroed: the first product written to each of its rows writes, later ones add
         self.d_w = torch.empty_like(self.weight) if needs[1] else None
         self.d_w_written = False
         self.d_b = torch.zeros(V, dtype=cpu.math_dtype(self.flat), device=dev) if needs[2] else None
         if self.vocab_blocks and (needs[1] or needs[2]):
             self._rows = {}
-        contiguous = self.d_h is not None and self.d_h.is_contiguous()
         self.borrow = borrowing(self.flat, self.weight, needs, self.strategy, self.ops, self.chunk_bytes)
-        self.borrow = self.borrow if contiguous else None
         self.borrowed = None  # the first row of d_hidden a chunk's logits took
 
     def add_grads(self, z, sl, state, entropy, grad_logp, grad_entropy) -> None:
@@ -1160,7 +1161,7 @@ def fused_linear_loss(
         strategy = linear_strategy()
         first = scratch_tokens(hidden, weight, needs[0]) if needs[1] and strategy == "scratch" else None
         borrow = borrowing(hidden, weight, needs, strategy)  # and the chunks after it, borrowing d_hidden's rows
-        limit = None if borrow is None or not hidden.is_contiguous() else borrow.limit
+        limit = None if borrow is None else borrow.limit
         chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device, first, limit)
     if chunks is not None:
         anchor, logps, entropy = FusedLinearGRPOFunction.apply(

@@ -68,7 +68,9 @@ def make_inputs(B, T, H, V, dtype, dev, bias=True):
 
 
 def run(fn, hidden, weight, bias, ids, adv, mask, upcast_to=None, **kwargs):
-    leaves = [x.detach().clone() for x in (hidden, weight) + ((bias,) if bias is not None else ())]
+    # copies with the same strides (a slice of a larger tensor stays one; `clone` would make it contiguous)
+    leaves = [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x.detach())
+              for x in (hidden, weight) + ((bias,) if bias is not None else ())]  # fmt: skip
     leaves = [(x if upcast_to is None else x.to(upcast_to)).requires_grad_() for x in leaves]
     out = fn(leaves[0], leaves[1], ids, adv, mask, bias=leaves[2] if bias is not None else None, **kwargs)
     grads = torch.autograd.grad(out.loss, leaves)
@@ -554,13 +556,15 @@ def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, 
         {"loss_type": "grpo", "entropy_coef": 0.1, "top_entropy_quantile": 0.5},  # two passes
     ],
 )
-@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("layout", ["masked", "all", "sliced"])
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.bf16)])
-def test_scratch_chunks_borrow_d_hidden_rows(impl, options, masked, dtype, device, monkeypatch):
+def test_scratch_chunks_borrow_d_hidden_rows(impl, options, layout, dtype, device, monkeypatch):
     """Under the scratch strategy with `BORROW_ROWS` on, the chunks after the first take more tokens than the chunk
     buffer holds (4 here, at H = 64, V = 200), part of their logits in the rows of `d_hidden` after the chunk's last
     token, which nothing has written yet; fewer chunks in all, and the loss and gradients (`d_hidden`'s masked rows
-    zero again) match the reference."""
+    zero again) match the reference. Every token in the loss or some masked out, and hidden states that are a slice
+    of a larger tensor (as a model's last hidden state without its last position: `d_hidden` is contiguous
+    anyway)."""
     dev = "cpu" if impl.startswith("torch") else device
     kind = "cuda" if dev == "cuda" else "cpu"
     borrows = impl != "torch-scratch" or dtype == torch.float32  # the CPU path's logits are fp32: none for bf16
@@ -569,9 +573,12 @@ def test_scratch_chunks_borrow_d_hidden_rows(impl, options, masked, dtype, devic
     monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
     monkeypatch.setitem(fl.BORROW_ROWS, kind, True)
     hidden, weight, bias, ids, adv, mask, extra = make_inputs(32, 4, H, V, dtype, dev)
-    if not masked:
+    if layout != "masked":
         mask = torch.ones_like(mask)
         extra = {k: v.where(v != 0, -1.0) for k, v in extra.items()}  # log-probs for every token
+    if layout == "sliced":
+        hidden = torch.cat((hidden, hidden[:, :1]), 1)[:, :-1]
+        assert not hidden.is_contiguous()
     first = fl.scratch_tokens(hidden, weight)
     assert first == (48 if dtype == torch.float32 else 38 if borrows else 24)  # fp32 logits on the CPU path
     chunks, spans = [], []
@@ -626,6 +633,35 @@ def test_scratch_chunks_borrow_d_hidden_rows(impl, options, masked, dtype, devic
     else:
         alone = fl._token_ranges(tokens, size, first=first)
     assert len(chunks) < len(alone), (chunks, alone)
+
+
+@pytest.mark.parametrize("column_major", [True, False])
+def test_workspace_bytes_bounds_borrowing_chunks(column_major, monkeypatch):
+    """With `BORROW_ROWS` on, `workspace_bytes` still bounds what the scratch strategy allocates, where a column-major
+    weight leaves its first chunk no room in `d_weight`'s memory, so that it borrows `d_hidden`'s rows too (and
+    gathers more rows than the buffer holds: 1 MiB chunks of 256 tokens at N = 2,048, H = 2,048, V = 1,024, 360 tokens
+    of each row's 512 in the loss)."""
+    from grpo_kernels.memory import MemoryMeter
+
+    B, T, H, V = 4, 512, 2048, 1024
+    monkeypatch.setitem(fl.CHUNK_BYTES, "cpu", 1 << 20)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, "cpu", 1)
+    monkeypatch.setitem(fl.BORROW_ROWS, "cpu", True)
+    monkeypatch.setenv("GRPO_KERNELS_LINEAR", "scratch")
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = torch.randn(V, H) / 8
+    weight = (weight.t().contiguous().t() if column_major else weight).requires_grad_()
+    ids = torch.randint(0, V, (B, T))
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, :360] = True
+    borrowed, real = [], fl._Head.borrow_grads
+    monkeypatch.setattr(fl._Head, "borrow_grads", lambda self, sl, c: borrowed.append(sl.start) or real(self, sl, c))
+    with backend("torch"), MemoryMeter() as meter:
+        fused_linear_grpo_loss(hidden, weight, ids, torch.randn(B), mask, config=GRPOLossConfig()).loss.backward()
+    assert borrowed and (borrowed[0] == 0) == column_major, borrowed  # the first chunk borrows where it has no room
+    beyond = meter.peak_bytes - (hidden.numel() + weight.numel()) * 4
+    estimate = fl.workspace_bytes(int(mask.sum()), H, V, torch.float32, torch.device("cpu"))
+    assert 0.4 * estimate <= beyond <= estimate, f"{beyond / 2**20:.3f} MiB allocated, {estimate / 2**20:.3f} estimated"
 
 
 @pytest.mark.parametrize("impl", ["triton-scratch", "torch-scratch"], indirect=True)
