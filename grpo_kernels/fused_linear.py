@@ -814,6 +814,21 @@ def borrowing(hidden: torch.Tensor, weight: torch.Tensor, needs, strategy: str, 
     return _Borrow(V, H, ldt.itemsize, hidden.element_size(), size, ROW_ALIGN[kind])
 
 
+def scratch_plan(hidden: torch.Tensor, weight: torch.Tensor, needs, strategy: str, ops=None,
+                 budget: int | None = None) -> tuple[int | None, Callable[[int], int] | None]:  # fmt: skip
+    """`(first, limit)` of the scratch strategy's chunks for `_token_ranges` and `_row_ranges`: the first chunk's
+    tokens where `d_weight`'s memory holds more than a chunk (`scratch_tokens`), and the most tokens of each later
+    chunk that borrows `d_hidden`'s rows (`_Borrow.limit`); None for what does not apply (other strategies, `d_weight`
+    not formed)."""
+    if strategy != "scratch" or not needs[1]:
+        return None, None
+    kind = _kind(hidden.device)
+    size = chunk_tokens(weight.shape[0], hidden.device, _chunk_bytes(kind, strategy) if budget is None else budget)
+    first = scratch_tokens(hidden, weight, needs[0], ops)
+    borrow = borrowing(hidden, weight, needs, strategy, ops, budget)
+    return first if first > size else None, None if borrow is None else borrow.limit
+
+
 def padded_vocab(vocab: int, device: torch.device) -> int:
     """The distance between rows of a chunk's logits: `vocab` rounded up to a multiple of `ROW_ALIGN`."""
     align = ROW_ALIGN[_kind(device)]
@@ -991,10 +1006,8 @@ def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fus
             lm.tile_grads(sl, stats[0, sl], stats[1, sl], entropy[sl], g_lp[sl], None if g_ent is None else g_ent[sl])
         return lm.finish_grads()
     size = chunk_tokens(weight.shape[0], hidden.device, lm.chunk_bytes)
-    # the scratch strategy: as many tokens in the first chunk as d_weight's memory holds the logits of
-    first = scratch_tokens(hidden, weight, needs[0], ops) if lm.strategy == "scratch" and needs[1] else None
-    limit = None if lm.borrow is None else lm.borrow.limit  # and the chunks after it, borrowing d_hidden's rows
-    for sl in _token_ranges(lm.n, size, first=first if first is not None and first > size else None, limit=limit):
+    first, limit = scratch_plan(hidden, weight, needs, lm.strategy, ops, lm.chunk_bytes)
+    for sl in _token_ranges(lm.n, size, first=first, limit=limit):
         if lm.scratch_fits(sl) or lm.borrows(sl):
             grads = lm.scratch_grads if lm.scratch_fits(sl) else lm.borrow_grads
             grads(sl, lambda lp, ent, sl=sl: (g_lp[sl], None if g_ent is None else g_ent[sl]))
@@ -1044,9 +1057,8 @@ def single_pass_chunks(
 ) -> list[tuple[slice, slice]] | None:
     """Chunks for the single-pass schedule as `(row slice, token slice)` over the active tokens, or None when it
     does not apply (the tiles strategy always takes two passes: its statistics pass is the product it does anyway).
-    `first`: the first chunk may hold that many tokens where that is more than the others (the scratch strategy's
-    `scratch_tokens`); `limit`: the most tokens of each chunk after it, given the tokens still to come (the scratch
-    strategy's `_Borrow.limit`)."""
+    `first`: the first chunk may hold that many tokens where that is more than the others; `limit`: the most tokens
+    of each chunk after it, given the tokens still to come (the scratch strategy's `scratch_plan`)."""
     if config.top_entropy_quantile < 1.0 or linear_strategy() == "tiles":
         return None
     size = chunk_tokens(vocab, device)
@@ -1157,11 +1169,7 @@ def fused_linear_loss(
     # against fp16 underflow) has multiplied them; formed in the forward, entries below fp16's range would be lost
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not use_fused_kernels(hidden) and hidden.dtype != torch.float16:
-        # the scratch strategy: as many tokens in the first chunk as d_weight's memory holds the logits of
-        strategy = linear_strategy()
-        first = scratch_tokens(hidden, weight, needs[0]) if needs[1] and strategy == "scratch" else None
-        borrow = borrowing(hidden, weight, needs, strategy)  # and the chunks after it, borrowing d_hidden's rows
-        limit = None if borrow is None else borrow.limit
+        first, limit = scratch_plan(hidden, weight, needs, linear_strategy())
         chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device, first, limit)
     if chunks is not None:
         anchor, logps, entropy = FusedLinearGRPOFunction.apply(
