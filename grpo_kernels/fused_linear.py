@@ -589,20 +589,17 @@ class _Head:
             self.ops.block_stats(z, ids, cols.start, state, i == 0, i == len(blocks) - 1, *self.args, keep=True)
         logp, entropy, m, log_s = state
         g_lp, g_ent = coefficients(logp, entropy)
-        d_rows, accumulate = None, self.d_w_written
+        # d_hidden's rows of the chunk: in place, or gathered for the tokens' positions
+        d_rows = self.d_h[sl] if self.positions is None else torch.empty(n, h.shape[1], dtype=h.dtype, device=h.device)
+        accumulate = self.d_w_written
         for i, (cols, z) in enumerate(blocks):
             dz = self.ops.block_grad(z, ids, cols.start, m, log_s, entropy, g_lp, g_ent, None, *self.args)
-            if self.positions is None:
-                _product(dz, self.weight[cols], out=self.d_h[sl], accumulate=i > 0)
-            elif i == 0:
-                d_rows = _product(dz, self.weight[cols])
-            else:
-                _product(dz, self.weight[cols], out=d_rows, accumulate=True)
+            _product(dz, self.weight[cols], out=d_rows, accumulate=i > 0)
             self._add_weight_grad(cols, dz, h, accumulate)
             if self.d_b is not None:
                 self.d_b[cols] += dz.sum(0, dtype=self.d_b.dtype)
-        if d_rows is not None:
-            self.d_h.index_copy_(0, self.positions[sl], d_rows)
+        if self.positions is not None:
+            self._store_rows(sl, d_rows, None)
         self.d_w_written = True
         return logp, entropy
 
@@ -775,7 +772,7 @@ class _Borrow:
     def __init__(self, vocab: int, hidden_size: int, logit_bytes: int, row_bytes: int, size: int, align: int):
         self.V, self.H, self.lb, self.rb = vocab, hidden_size, logit_bytes, row_bytes
         self.size, self.align = size, align
-        self.cap = size * (-(-vocab // align) * align)  # the buffer's elements
+        self.cap = size * self.padded(vocab)  # the buffer's elements
 
     def width(self, tokens: int, left: int) -> int | None:
         """Columns of a chunk of `tokens` tokens (`left` still to come, itself among them) kept in `d_hidden`'s rows,

@@ -464,6 +464,28 @@ def test_workspace_bytes_bounds_what_a_call_allocates(strategy, dtype, masked, t
     assert 0.6 * estimate <= beyond <= estimate, f"{beyond / 2**20:.3f} MiB allocated, {estimate / 2**20:.3f} estimated"
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes a view reaches: `(first, past the last)`."""
+    start = t.data_ptr()
+    return start, start + (1 + sum((n - 1) * d for n, d in zip(t.shape, t.stride(), strict=True))) * t.itemsize
+
+
+def _with_projections(head, method, sl, coefficients, seen):
+    """`method(head, sl, coefficients)` (a `_Head` strategy's chunk), with `seen(cols, out)` called for each block of
+    logits `head.project` writes, before it does."""
+    real_project = head.project
+
+    def project(h, cols, out):
+        seen(cols, out)
+        return real_project(h, cols, out)
+
+    head.project = project
+    try:
+        return method(head, sl, coefficients)
+    finally:
+        del head.project
+
+
 @pytest.mark.parametrize("impl", ["triton-scratch", "torch-scratch"], indirect=True)
 @pytest.mark.parametrize(
     "options",
@@ -495,32 +517,22 @@ def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, 
     def scratch_grads(self, sl, coefficients):
         chunks.append(("scratch", sl.stop - sl.start))
         memory = self.d_w.untyped_storage().data_ptr()
-        real_project = self.project
 
-        def project(h, cols, out):  # each block's logits lie within d_weight's bytes
+        def seen(cols, out):  # each block's logits lie within d_weight's bytes
             offset = out.data_ptr() - memory
             blocks.append(offset >= 0 and offset + out.numel() * out.element_size() <= self.d_w.numel() * 4)
-            return real_project(h, cols, out)
 
-        self.project = project
-        try:
-            return real_grads(self, sl, coefficients)
-        finally:
-            del self.project
+        return _with_projections(self, real_grads, sl, coefficients, seen)
 
     def stats(self, z, sl):
         chunks.append(("chunk", sl.stop - sl.start))
         return real_stats(self, z, sl)
 
-    def span(t):  # the bytes a view reaches
-        start = t.data_ptr()
-        return start, start + (1 + sum((n - 1) * d for n, d in zip(t.shape, t.stride(), strict=True))) * t.itemsize
-
     overlaps, real_product = [], fl._product
 
     def product(a, b, out=None, accumulate=False):  # no product reads memory it writes
         if out is not None:
-            (a0, a1), (o0, o1) = span(a), span(out)
+            (a0, a1), (o0, o1) = _span(a), _span(out)
             overlaps.append(a0 < o1 and o0 < a1)
         return real_product(a, b, out=out, accumulate=accumulate)
 
@@ -591,19 +603,12 @@ def test_scratch_chunks_borrow_d_hidden_rows(impl, options, layout, dtype, devic
         size_h = self.d_h.element_size()
         last = sl.stop - 1 if self.positions is None else int(self.positions[sl.stop - 1])
         free = self.d_h.data_ptr() + (last + 1) * H * size_h, self.d_h.data_ptr() + self.d_h.numel() * size_h
-        real_project = self.project
 
-        def project(h, cols, out):  # a block in d_hidden lies past the chunk's rows; the other in the buffer
-            start = out.data_ptr()
-            end = start + ((out.shape[0] - 1) * out.stride(0) + out.shape[1]) * out.element_size()
+        def seen(cols, out):  # a block in d_hidden lies past the chunk's rows; the other in the buffer
+            start, end = _span(out)
             spans.append(free[0] <= start and end <= free[1] if cols.start == 0 else self._buffer is not None)
-            return real_project(h, cols, out)
 
-        self.project = project
-        try:
-            return real_borrow(self, sl, coefficients)
-        finally:
-            del self.project
+        return _with_projections(self, real_borrow, sl, coefficients, seen)
 
     def stats(self, z, sl):
         chunks.append(("chunk", sl.stop - sl.start))
