@@ -13,8 +13,9 @@ from typing import Any
 
 # 2: rows carry "inputs" (random or peaked); rows of schema 1 are random. 3: rows carry "profile" and "profile_file"
 # (None unless profiled), and profiled rows "peak_detail" (where the memory live at the peak was allocated). 4: rows
-# carry "profile_busy" (a profiled GPU run's span and the device's busy time in it; None otherwise)
-SCHEMA = 4
+# carry "profile_busy" (a profiled GPU run's span and the device's busy time in it; None otherwise). 5: "profile_busy"
+# carries "idle" (where the host was while the device waited: `runner.idle_sources`)
+SCHEMA = 5
 MODE_ORDER = ("forward+backward", "forward", "backward")
 FORWARD_ONLY = ("linear_logprobs", "advantages")  # ops with no backward: plotted from their forward rows
 OP_TITLES = {
@@ -256,6 +257,14 @@ def _profiles(rows: list[dict]) -> list[str]:
             span, on = busy["span_ms"], busy["device_busy_ms"]
             lines += [f"The device was busy {_num(on)} ms of the profiled run's {_num(span)} ms ({on / span:.0%}); "
                       "the rest it sat idle, waiting for the host (which the profiler slows down).", ""]  # fmt: skip
+            idle = busy.get("idle") or {}
+            for key, what in (("frames", "in grpo_kernels' code (its innermost frame)"),
+                              ("ops", "in the op or runtime call under way")):  # fmt: skip
+                if idle.get(key):
+                    lines += [f"Where the host was while the device waited, {what}:", "", "| host | idle ms |",
+                              "|---|---|"]  # fmt: skip
+                    lines += [f"| `{e['where'].replace('|', '/')}` | {_num(e['ms'])} |" for e in idle[key]]
+                    lines.append("")
         if r.get("peak_detail"):
             lines += [f"Live at the peak ({_num(r['peak_mib'])} MiB beyond the inputs), by where it was allocated:", "",
                       "| allocated at | MiB |", "|---|---|"]  # fmt: skip

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
+import math
 import platform
 import re
 import time
@@ -138,6 +139,61 @@ def busy_span(host: list[tuple[float, float]], device: list[tuple[float, float]]
     return {"span_ms": (end - start) / 1e3, "device_busy_ms": busy / 1e3}
 
 
+IDLE_STEP_US = 5.0  # idle_sources samples the device's idle time about this often...
+IDLE_TOP = 10  # ...and names this many places
+_OUR_FRAME = re.compile(r"grpo_kernels/(\S+\(\d+\): \S+)")  # a Python frame of the package, as the profiler names it
+_ADDRESS = re.compile(r" (of \S+ object )?at 0x[0-9a-f]+")
+
+
+def idle_sources(
+    host: list[tuple[float, float, str]], device: list[tuple[float, float]], top: int = IDLE_TOP
+) -> dict[str, list[dict[str, Any]]]:
+    """Where the host was while the device waited, from a profiled run's host events `(start, end, name)` (ops,
+    runtime calls and, with the profiler's `with_stack`, Python frames) and device events `(start, end)` in
+    microseconds: the idle time between the first host event and the last event, sampled about every `IDLE_STEP_US`.
+    `{"frames": [...], "ops": [...]}`: each sample credited to the innermost frame of grpo_kernels then running
+    ("(none)" outside the package), and to the innermost event then under way, an op or runtime call ("(Python)" where
+    the innermost is a Python frame: the code between ops); each as `{"where", "ms"}`, the largest `top` and the rest as
+    one entry. Empty lists without device events."""
+    if not device or not host:
+        return {"frames": [], "ops": []}
+    start = min(s for s, _, _ in host)
+    end = max(max(e for _, e, _ in host), max(e for _, e in device))
+    idle, reach = [], start
+    for s, e in sorted(device):
+        if s > reach:
+            idle.append((reach, s))
+        reach = max(reach, e)
+    if end > reach:
+        idle.append((reach, end))
+    events = sorted(host, key=lambda x: (x[0], -x[1]))  # an enclosing event before those it encloses
+    frames: dict[str, float] = {}
+    ops: dict[str, float] = {}
+    active: list[tuple[float, float, str]] = []
+    i = 0
+    for a, b in idle:
+        n = max(1, math.ceil((b - a) / IDLE_STEP_US))  # n equal pieces, each credited at its middle
+        for k in range(n):
+            t = a + (k + 0.5) * (b - a) / n
+            while i < len(events) and events[i][0] <= t:
+                active.append(events[i])
+                i += 1
+            active = [x for x in active if x[1] > t]
+            frame = next((m.group(1) for *_, name in reversed(active) if (m := _OUR_FRAME.search(name))), "(none)")
+            leaf = active[-1][2] if active else "(none)"
+            leaf = "(Python)" if ".py(" in leaf else _ADDRESS.sub("", leaf)
+            frames[frame] = frames.get(frame, 0.0) + (b - a) / n
+            ops[leaf] = ops.get(leaf, 0.0) + (b - a) / n
+
+    def ranked(credit: dict[str, float]) -> list[dict[str, Any]]:
+        order = sorted(credit.items(), key=lambda kv: kv[1], reverse=True)
+        out = [{"where": w, "ms": us / 1e3} for w, us in order[:top]]
+        rest = sum(us for _, us in order[top:])
+        return out + ([{"where": "(elsewhere)", "ms": rest / 1e3}] if rest else [])
+
+    return {"frames": ranked(frames), "ops": ranked(ops)}
+
+
 def profile_run(bound: Bound, mode: str, device: str, path: Path) -> tuple[list[dict[str, Any]], dict | None]:
     """One run of `mode` under `torch.profiler`: writes the table of its kernels (CUDA, by self device time, then the
     ops by self CPU time) or ops (CPU, or where the profiler sees no kernels: by self CPU time) to `path`, and returns
@@ -151,7 +207,7 @@ def profile_run(bound: Bound, mode: str, device: str, path: Path) -> tuple[list[
     state = setup() if setup else None
     _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=device == "cuda") as prof:  # stacks: where the device waited
         out = run(state)
         _sync(device)
     del out, state
@@ -180,10 +236,16 @@ def profile_run(bound: Bound, mode: str, device: str, path: Path) -> tuple[list[
     timeline = None
     if key == "self_device_time_total":
         spans = {DeviceType.CPU: [], DeviceType.CUDA: []}
+        names = []
         for e in prof.events():
             if e.device_type in spans and not getattr(e, "is_user_annotation", False):
                 spans[e.device_type].append((e.time_range.start, e.time_range.end))
+                if e.device_type == DeviceType.CPU:
+                    names.append(e.name)
         timeline = busy_span(spans[DeviceType.CPU], spans[DeviceType.CUDA])
+        if timeline is not None:
+            host = [(s, e, n) for (s, e), n in zip(spans[DeviceType.CPU], names, strict=True)]
+            timeline["idle"] = idle_sources(host, spans[DeviceType.CUDA])
     top = [
         {
             "name": e.key,

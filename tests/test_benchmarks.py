@@ -14,10 +14,11 @@ from unittest import mock
 import pytest
 import torch
 
+import grpo_kernels
 from benchmarks import report
 from benchmarks.__main__ import main, parse_shape
 from benchmarks.providers import OP_MODES, PROVIDERS, Bound, Case, Provider, make_inputs
-from benchmarks.runner import busy_span, run_sweep
+from benchmarks.runner import busy_span, idle_sources, run_sweep
 
 ROW_KEYS = {
     "op", "provider", "label", "role", "mode", "B", "T", "N", "H", "V", "dtype", "device_type", "inputs", "device",
@@ -255,6 +256,42 @@ def test_busy_span_counts_overlapping_device_events_once():
     assert "The device was busy 0.65 ms of the profiled run's 1.4 ms (46%)" in "\n".join(report._profiles([row]))
 
 
+def test_idle_sources_credit_the_host_frame_and_op_under_way():
+    """The device's idle time in a profiled run, credited to the innermost grpo_kernels frame running then and to the
+    op or runtime call under way (or the Python between ops), largest first; report tables under the busy line."""
+    loss, run = "grpo_kernels/fused_linear.py(1150): fused_linear_loss", "grpo_kernels/validation.py(66): run"
+    host = [
+        (0.0, 1000.0, "torch/autograd/function.py(575): apply"),  # not ours
+        (0.0, 900.0, loss),
+        (100.0, 300.0, "aten::nonzero"),  # the device idle from 0 to 360
+        (150.0, 290.0, "cudaStreamSynchronize"),
+        (350.0, 360.0, "<built-in method mm of type object at 0x7f60e8ecea40>"),
+        (600.0, 700.0, run),  # idle from 500 to 800
+        (950.0, 1200.0, "aten::copy_"),  # idle from 1000 to 1200, outside grpo_kernels
+    ]
+    device = [(360.0, 400.0), (400.0, 500.0), (800.0, 1000.0)]
+    idle = idle_sources(host, device)
+    frames = {e["where"]: e["ms"] for e in idle["frames"]}
+    ops = {e["where"]: e["ms"] for e in idle["ops"]}
+    want_frames = {"fused_linear.py(1150): fused_linear_loss": 0.56, "(none)": 0.2, "validation.py(66): run": 0.1}
+    # (Python): 0-100, 300-350, 500-800 within a frame; nonzero: 100-150 and 290-300
+    want_ops = {"(Python)": 0.45, "aten::copy_": 0.2, "cudaStreamSynchronize": 0.14, "aten::nonzero": 0.06,
+                "<built-in method mm>": 0.01}  # fmt: skip
+    for got, want in ((frames, want_frames), (ops, want_ops)):
+        assert got.keys() == want.keys() and all(got[k] == pytest.approx(v, abs=0.006) for k, v in want.items()), got
+        assert sum(got.values()) == pytest.approx(0.36 + 0.3 + 0.2)  # every idle microsecond, once
+        assert list(got) == sorted(got, key=got.get, reverse=True)
+    assert idle_sources(host, []) == {"frames": [], "ops": []}
+    few = idle_sources(host, device, top=2)
+    assert [e["where"] for e in few["ops"]] == ["(Python)", "aten::copy_", "(elsewhere)"]
+    assert sum(e["ms"] for e in few["ops"]) == pytest.approx(0.86)
+    row = {"op": "fused_linear", "mode": "forward", "dtype": "bfloat16", "N": 8, "H": 4, "V": 16, "label": "x",
+           "profile": [{"name": "k", "ms": 0.5, "calls": 1, "fraction": 1.0, "clock": "device"}],
+           "profile_busy": {"span_ms": 1.2, "device_busy_ms": 0.34, "idle": few}}  # fmt: skip
+    text = "\n".join(report._profiles([row]))
+    assert "| `fused_linear.py(1150): fused_linear_loss` | " in text and "| `(elsewhere)` | " in text
+
+
 def test_bad_shapes_are_refused_with_the_expected_form():
     assert parse_shape("loss_from_logits", "2x8x64", "float32", "cpu") == Case(
         "loss_from_logits", 2, 8, None, 64, "float32", "cpu"
@@ -280,6 +317,10 @@ def test_the_sweep_runs_on_cuda(capsys, tmp_path):
                 assert any(e["clock"] == "device" and "kernel" in e["name"] for r in mine for e in r["profile"]), mine
                 assert not any(e["name"].startswith("aten::") for r in mine for e in r["profile"]), mine
                 assert all(0 < r["profile_busy"]["device_busy_ms"] <= r["profile_busy"]["span_ms"] for r in mine)
+                # the idle time credited to the host's frames: some of it to grpo_kernels' own files
+                ours = Path(grpo_kernels.__file__).parent
+                assert all(any((ours / e["where"].split("(")[0]).is_file() for e in r["profile_busy"]["idle"]["frames"])
+                           for r in mine), mine  # fmt: skip
     with capsys.disabled():
         print(capsys.readouterr().out)
 
