@@ -4,8 +4,10 @@
 # gradient filtering on peaked inputs; profiled kernel by kernel) on the issue-3 target shape in processes of their own
 # (a fault there cannot take the sweep with it), one chunk's products at chunk sizes from 128 to 2,048 tokens, the
 # default at a small N and the loss from logits (profiled), vocabularies whose logits rows are not 16-byte aligned,
-# with the fused kernels' tile tuner. Under 10 minutes: tests not started 90 s in are skipped with that reason, no new
-# shape is started 170 s into the sweep, and no later stage starts that could end past 585 s.
+# with the fused kernels' tile tuner. The tests of what changed or failed last run first (FIRST_TESTS, a pytest -k
+# expression over tests/test_fused_linear.py; FIRST_TESTS= for none). Under 10 minutes: first tests not started 60 s
+# in and the others not started 90 s later are skipped with that reason, no new shape is started 170 s into the
+# sweep, and no later stage starts that could end past 585 s.
 #
 #   OUT=DIR bash benchmarks/gpu_run.sh          (DIR defaults to runs/gpu)
 #   SWEEP_RESUME=benchmarks/results/h200/results.json OUT=DIR bash benchmarks/gpu_run.sh
@@ -36,6 +38,8 @@ cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu}"
 site="${GPU_RUN_SITE:-/tmp/grpo-bench-site}"
 scratch="${TMPDIR:-/tmp}/grpo-gpu-run"
+first_tests="${FIRST_TESTS-scratch or borrow or workspace or fp32_sums}"  # run first (pytest -k); empty: none
+first_seconds="${FIRST_SECONDS:-60}"   # first tests not started by then are skipped
 test_seconds="${TEST_SECONDS:-90}"     # tests not started by then are skipped
 sweep_seconds="${SWEEP_SECONDS:-170}"  # no new shape is started after this; the shape under way finishes
 end_seconds="${END_SECONDS:-585}"      # no later stage starts that could run past this
@@ -94,6 +98,15 @@ for B, T, H, V in ((2, 3, 12, 151_936), (2, 2, 8, 262_144), (4, 64, 256, 151_936
     ulp = dh64.abs().max().item() * 2**-24
     print(f"  d_hidden: error {err(dh, dh64):.2e} = {err(dh, dh64) / ulp:.1f} units in the last place of its largest "
           f"entry (PyTorch fp32 {err(dh32, dh64) / ulp:.1f})")
+    # the backward alone: the forward's statistics (row max, log-sum, reciprocal sum) replaced by fp64's, rounded once
+    m64 = z64.max(-1).values
+    s64 = (z64 - m64[:, None]).exp().sum(-1)
+    exact = torch.stack((m64, s64.log(), s64.reciprocal())).float()
+    s_ref = (z64 - stats[0].double()[:, None]).exp().sum(-1)  # the sum the kernel's reciprocal stands for
+    dh_exact, _, _ = linear_bwd(h, w, None, ids, None, exact, ent, g, None, head, (True, False, False))
+    print(f"  with fp64's statistics: {err(dh_exact, dh64) / ulp:.1f}; the forward's reciprocal sum off by "
+          f"{(stats[2].double() * s_ref - 1).abs().max().item() / 2**-24:.1f} units, "
+          f"its row max by {(stats[0].double() - m64).abs().max().item():.2e}")
 PY
 }
 
@@ -111,22 +124,37 @@ run() {
 
   # the files that only a GPU can tell about first (compiled Triton, bf16, the CUDA allocator, the benchmark suite on
   # CUDA); the loss math against TRL, the same on any device, last: a deadline skips the tests not yet started
-  echo "== tests (CUDA): the kernels, compile, memory, the benchmark suite, the loss against TRL"
+  # the tests of what changed last and of what failed last first ($first_tests, a pytest -k expression over
+  # tests/test_fused_linear.py, for $first_seconds), then the files that only a GPU can tell about (compiled Triton,
+  # bf16, the CUDA allocator, the benchmark suite on CUDA), the loss math against TRL, the same on any device, last: a
+  # deadline skips the tests not yet started
+  echo "== tests (CUDA): first '$first_tests', then the kernels, compile, memory, the benchmark suite, the loss against TRL"
   local tests=0 extra=()
   python3 -c "import xdist" 2>/dev/null && extra+=(-n 8)
   python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 60)
-  export GRPO_KERNELS_TEST_FAILURES="$out/failures.txt" GRPO_KERNELS_TEST_DEADLINE=$(($(date +%s) + test_seconds))
-  # in a process group of its own, killed whole at the end: xdist workers left running by the time limit would share
-  # the GPU with the benchmarks below
-  local group=()
+  export GRPO_KERNELS_TEST_FAILURES="$out/failures.txt"
+  # each in a process group of its own, killed whole at the end: xdist workers left running by the time limit would
+  # share the GPU with the benchmarks below
+  local group=() pid
   command -v setsid > /dev/null && group=(setsid)
+  if [ -n "$first_tests" ]; then
+    export GRPO_KERNELS_TEST_DEADLINE=$(($(date +%s) + first_seconds))
+    ${group[@]+"${group[@]}"} timeout --kill-after=10 $((first_seconds + 30)) python3 -m pytest tests/test_fused_linear.py \
+      -k "$first_tests" "${extra[@]}" -q -rfE --tb=short -p no:cacheprovider &
+    pid=$!
+    wait "$pid" || tests=$?
+    [ ${#group[@]} -gt 0 ] && kill -9 -- -"$pid" 2> /dev/null
+  fi
+  export GRPO_KERNELS_TEST_DEADLINE=$(($(date +%s) + test_seconds))
   ${group[@]+"${group[@]}"} timeout --kill-after=10 $((test_seconds + 30)) \
     python3 -m pytest tests/test_fused_linear.py tests/test_weight_grad.py tests/test_logprobs.py \
     tests/test_grpo_loss.py tests/test_advantages.py tests/test_compile.py tests/test_memory.py tests/test_benchmarks.py \
     tests/test_edge_cases.py tests/test_validation.py tests/test_properties.py tests/test_loss_vs_trl.py \
-    "${extra[@]}" -q -rfE --tb=short -p no:cacheprovider &
-  local pid=$!
-  wait "$pid" || tests=$?
+    ${first_tests:+-k "not ($first_tests)"} "${extra[@]}" -q -rfE --tb=short -p no:cacheprovider &
+  pid=$!
+  local rc=0
+  wait "$pid" || rc=$?
+  [ "$tests" -eq 0 ] && tests=$rc
   [ ${#group[@]} -gt 0 ] && kill -9 -- -"$pid" 2> /dev/null
   unset GRPO_KERNELS_TEST_FAILURES GRPO_KERNELS_TEST_DEADLINE
 
@@ -158,16 +186,14 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   # the scratch strategy (the first chunk's logits in d_weight's memory, then chunks of 364 down to 240 tokens: 60 MiB
   # of bf16 logits and d_hidden's unwritten rows) at the target shape, profiled, with the chunks' d_weight additions by
   # cuBLAS and by ops/weight_grad.py, and without the borrowed rows (240-token chunks), next to tiles: the 64 MiB
-  # target's candidates; the default at the same budget comes next
+  # target's candidates; the other strategies come next, then the default at the same budget
   # shellcheck disable=SC2086
-  fits 115 "the scratch strategy" && { timeout --kill-after=5 110 $B --profile --out "$scratch/fused/scratch" \
+  fits 135 "the scratch strategy" && { timeout --kill-after=5 130 $B --profile --out "$scratch/fused/scratch" \
     $target --providers ours-scratch ours-scratch-tadd ours-scratch-own ours-tiles floor || fused=$?; }
-  # one chunk's three products at chunk sizes from 128 to 2,048 tokens (the single-pass schedule under a small
-  # budget), d_hidden's also split over the vocabulary, the d_weight addition by the Triton kernel of
-  # ops/weight_grad.py next to cuBLAS's: which product loses its speed in small chunks, and whether loading d_weight's
-  # tiles ahead of the products wins it back
-  fits 50 "chunk products" && { timeout --kill-after=5 45 python3 -m benchmarks.chunk_products --runs 10 \
-    --out "$scratch/fused/chunk-products" || fused=$?; }
+  # --profile: where each strategy's time goes, kernel by kernel (results.md's last section, profiles/)
+  # shellcheck disable=SC2086
+  fits 120 "the strategies" && { timeout --kill-after=10 110 $B --profile --out "$scratch/fused/strategies" $target \
+    --providers ours-triton ours-tiles ours-fused ours-vocab floor || fused=$?; }
   # the default at 120 MiB of fp32 logits (60 MiB of bf16 logits, 240-token chunks), profiled: under 64 MiB its three
   # products would fit the target if the small chunks' products kept their speed
   # shellcheck disable=SC2086
@@ -185,13 +211,15 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   # shellcheck disable=SC2086
   fits 50 "unaligned vocabularies" && { timeout --kill-after=5 45 $B --profile --out "$scratch/fused/gpt2-vocab" \
     --ops fused_linear --shapes 8x1024x768x50257 8x1024x768x50304 --providers ours-triton trl floor || fused=$?; }
+  # one chunk's three products at chunk sizes from 128 to 2,048 tokens (the single-pass schedule under a small
+  # budget), d_hidden's also split over the vocabulary, the d_weight addition by the Triton kernel of
+  # ops/weight_grad.py next to cuBLAS's: which product loses its speed in small chunks, and whether loading d_weight's
+  # tiles ahead of the products wins it back
+  fits 50 "chunk products" && { timeout --kill-after=5 45 python3 -m benchmarks.chunk_products --runs 10 \
+    --out "$scratch/fused/chunk-products" || fused=$?; }
   # shellcheck disable=SC2086
   fits 40 "tiles at V = 151,936" && { timeout --kill-after=5 35 $B --out "$scratch/fused/tiles-qwen" \
     --ops fused_linear --shapes 8x1024x4096x151936 --providers ours-tiles floor || fused=$?; }
-  # --profile: where each strategy's time goes, kernel by kernel (results.md's last section, profiles/)
-  # shellcheck disable=SC2086
-  fits 120 "the strategies" && { timeout --kill-after=10 110 $B --profile --out "$scratch/fused/strategies" $target \
-    --providers ours-triton ours-tiles ours-fused ours-vocab floor || fused=$?; }
   # other chunk budgets (MiB of fp32 logits) than the defaults (chunked 1,024, vocab blocks 128, tiles 64): tiles at
   # 128 MiB keep 64 MiB of bf16 logits and 2,048-token chunks (32 MiB of fp32 d_hidden rows) at H = 4,096, at 32 MiB
   # 16 + 8 MiB; the default at 512 MiB 256 MiB (its d_weight product still compute-bound at 1,024-token chunks);
