@@ -85,8 +85,14 @@ VOCAB_BLOCKS_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 128 << 20}
 # chunk's fp32 d_hidden rows: 32 + 16 MiB beyond the gradients on CUDA in bf16
 TILES_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 64 << 20}
 # GRPO_KERNELS_LINEAR=scratch: the chunks after the first (whose logits live in d_weight's memory), in fp32 bytes as
-# CHUNK_BYTES: 60 MiB of bf16 logits, 240 tokens at V = 131,072; and half that for each block of the first chunk
+# CHUNK_BYTES: 60 MiB of bf16 logits, 240 tokens at V = 131,072
 SCRATCH_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 120 << 20}
+# ...and the first chunk's blocks of vocabulary columns: at most that budget over this many bytes per logit. On CUDA a
+# block's copy (in the weight's dtype, where its logits reach into its own rows of d_weight) fills the buffer the later
+# chunks use anyway: 17 blocks of 7,744 columns at the target shape, each with its products, two row kernels and an
+# fp32 addition of the chunk's d_hidden rows (on the H200 the 33 blocks of 4,032 columns spent 2.0 ms in those
+# additions alone); the CPU path's fp32 logits and its row kernels' temporaries take twice as many bytes per logit
+SCRATCH_BLOCK_BYTES = {"cpu": 8, "cuda": 4}
 # where its fp32 d_hidden sums start in d_weight's memory: aligned for cuBLAS's fast kernels
 SCRATCH_ALIGN = 256
 # GRPO_KERNELS_LINEAR=scratch: whether the chunks after the first may keep part of their logits in d_hidden's rows of
@@ -217,7 +223,7 @@ def workspace_bytes(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtyp
             if kind == "cpu":  # and the row kernels' temporaries, a few rows of a block at a time
                 buffer = max(buffer, rows * vocab * lb + min(most * vocab, cpu.BLOCK_ELEMENTS) * (3 * lb + 1))
         if c:
-            block = c * block_width(vocab, budget // (8 * c), even=True)
+            block = c * block_width(vocab, budget // (SCRATCH_BLOCK_BYTES[kind] * c), even=True)
             if kind == "cpu":  # the row kernels' copies and temporaries, a few rows of the block at a time
                 block = max(block * b, min(block, cpu.BLOCK_ELEMENTS) * (3 * lb + 1))
             else:
@@ -507,7 +513,7 @@ class _Head:
         math, ldt = cpu.math_dtype(self.flat), self.logits_dtype
         memory = self.d_w.view(-1).view(torch.uint8)
         lb = ldt.itemsize
-        width = block_width(V, self.chunk_bytes // (8 * max(n, 1)), even=True)
+        width = block_width(V, self.chunk_bytes // (SCRATCH_BLOCK_BYTES[_kind(h.device)] * max(n, 1)), even=True)
         blocks = [slice(start, min(start + width, V)) for start in range(0, V, width)]
 
         def block(cols: slice) -> torch.Tensor:  # the block's [c, w] logits (their gradient later)

@@ -560,6 +560,51 @@ def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, 
 
 
 @pytest.mark.parametrize("impl", ["triton-scratch", "torch-scratch"], indirect=True)
+@pytest.mark.parametrize("share", [4, 8])  # CUDA's bytes of the budget per logit of a first-chunk block, the CPU's
+@pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])  # the single pass, the two passes' backward
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.bf16)])
+def test_scratch_first_chunk_blocks_fit_the_later_chunks_buffer(impl, share, top_entropy_quantile, dtype, device,
+                                                                 monkeypatch):  # fmt: skip
+    """The scratch strategy's first chunk takes its vocabulary in blocks of at most the chunk budget over
+    `SCRATCH_BLOCK_BYTES` bytes per logit (4 on CUDA: twice as wide as 8 gives, half as many blocks, each with its
+    products, row kernels and d_hidden addition): the copies of the blocks whose logits reach into their own rows of
+    `d_weight`, and the chunk's 16-bit `d_hidden` products, take no more of the logits buffer than the chunks after
+    it do; loss and gradients match the reference."""
+    dev = "cpu" if impl.startswith("torch") else device
+    kind = "cuda" if dev == "cuda" else "cpu"
+    H, V, size = 16, 512, 4
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, size * 4 * V)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    monkeypatch.setitem(fl.SCRATCH_BLOCK_BYTES, kind, share)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(12, 6, H, V, dtype, dev)
+    first = fl.scratch_tokens(hidden, weight)
+    width = fl.block_width(V, size * 4 * V // (share * first), even=True)
+    narrow = fl.block_width(V, size * 4 * V // (8 * first), even=True)  # 64 columns; 128 for the CPU path's bf16
+    assert width == (2 * narrow if share == 4 else narrow) and V // width >= 2, (first, width)
+    blocks, used = [], {"first": 0, "later": 0}
+    real_grads, real_scratch = fl._Head.scratch_grads, fl._Head._scratch
+    phase = ["later"]
+
+    def scratch_grads(self, sl, coefficients):
+        phase[0] = "first"
+        try:
+            return _with_projections(self, real_grads, sl, coefficients, lambda cols, out: blocks.append(cols))
+        finally:
+            phase[0] = "later"
+
+    def scratch(self, numel):
+        used[phase[0]] = max(used[phase[0]], numel)
+        return real_scratch(self, numel)
+
+    monkeypatch.setattr(fl._Head, "scratch_grads", scratch_grads)
+    monkeypatch.setattr(fl._Head, "_scratch", scratch)
+    config = GRPOLossConfig(loss_type="grpo", entropy_coef=0.1, top_entropy_quantile=top_entropy_quantile)
+    check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+    assert blocks == [slice(a, min(a + width, V)) for a in range(0, V, width)], blocks
+    assert 0 < used["first"] <= used["later"], used
+
+
+@pytest.mark.parametrize("impl", ["triton-scratch", "torch-scratch"], indirect=True)
 @pytest.mark.parametrize(
     "options",
     [
