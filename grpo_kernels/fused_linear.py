@@ -958,11 +958,11 @@ def _row_ranges(counts: list[int], size: int, first: int | None = None,
     return out
 
 
-def use_fused_kernels(t: torch.Tensor) -> bool:
-    """True when `GRPO_KERNELS_LINEAR=fused` asks for the Triton kernels that keep the logits in registers
-    (`ops/linear.py`) and Triton runs the op. They are opt-in: their backward is far slower than the chunked
-    schedules' (measured on an H200)."""
-    return linear_strategy() == "fused" and use_triton(t)
+def use_fused_kernels(t: torch.Tensor, strategy: str | None = None) -> bool:
+    """True when `GRPO_KERNELS_LINEAR=fused` (or `strategy`, where given) asks for the Triton kernels that keep the
+    logits in registers (`ops/linear.py`) and Triton runs the op. They are opt-in: their backward is far slower than
+    the chunked schedules' (measured on an H200)."""
+    return (linear_strategy() if strategy is None else strategy) == "fused" and use_triton(t)
 
 
 def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool,
@@ -1057,14 +1057,17 @@ def single_pass_chunks(
     device: torch.device,
     first: int | None = None,
     limit: Callable[[int], int] | None = None,
+    schedule: tuple[str, int] | None = None,
 ) -> list[tuple[slice, slice]] | None:
     """Chunks for the single-pass schedule as `(row slice, token slice)` over the active tokens, or None when it
     does not apply (the tiles strategy always takes two passes: its statistics pass is the product it does anyway).
     `first`: the first chunk may hold that many tokens where that is more than the others; `limit`: the most tokens
-    of each chunk after it, given the tokens still to come (the scratch strategy's `scratch_plan`)."""
-    if config.top_entropy_quantile < 1.0 or linear_strategy() == "tiles":
+    of each chunk after it, given the tokens still to come (the scratch strategy's `scratch_plan`); `schedule`: the
+    call's `(strategy, chunk budget)` (`linear_schedule`, read now where not given)."""
+    strategy, budget = linear_schedule(device) if schedule is None else schedule
+    if config.top_entropy_quantile < 1.0 or strategy == "tiles":
         return None
-    size = chunk_tokens(vocab, device)
+    size = chunk_tokens(vocab, device, budget)
     first = first if first is not None and first > size else None
     if not token_local(config):
         return _row_ranges(inputs.mask.sum(-1).tolist(), size, first, limit)
@@ -1080,13 +1083,15 @@ def single_pass_chunks(
 
 class FusedLinearGRPOFunction(torch.autograd.Function):
     """The single-pass schedule: `(hidden, weight, bias, ids, positions, LossInputs, GRPOLossConfig, HeadOptions,
-    chunks, num_items_in_batch, needs) -> (anchor, logps, entropy)`; the gradients are formed in the forward for the
-    inputs `needs` flags (hidden, weight, bias), none when autograd is off. `anchor` is a zero whose gradient is the
-    loss's: the caller adds it to the loss it forms from the log-probs, once for the batch."""
+    chunks, num_items_in_batch, needs, schedule) -> (anchor, logps, entropy)`; the gradients are formed in the forward
+    for the inputs `needs` flags (hidden, weight, bias), none when autograd is off, by the strategy and chunk budget
+    `schedule` gives (the ones the chunks were planned with). `anchor` is a zero whose gradient is the loss's: the
+    caller adds it to the loss it forms from the log-probs, once for the batch."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, positions, inputs, config, head, chunks, num_items_in_batch, needs):
-        lm = _Head(hidden, weight, bias, ids, positions, head)
+    def forward(ctx, hidden, weight, bias, ids, positions, inputs, config, head, chunks, num_items_in_batch, needs,
+                schedule):  # fmt: skip
+        lm = _Head(hidden, weight, bias, ids, positions, head, strategy=schedule[0], chunk_bytes=schedule[1])
         grads = any(needs)
         logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
         entropy = torch.empty_like(logp)
@@ -1125,7 +1130,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
                 "a second backward through the same call is not supported: call the loss again"
             )
         d_hidden, d_weight, d_bias = ctx.lm.finish_grads(grad_loss)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None, None
 
 
 class _RowGrads:
@@ -1171,12 +1176,13 @@ def fused_linear_loss(
     # fp16 takes two passes: its gradients are then rounded once, after the loss's incoming gradient (a loss scale
     # against fp16 underflow) has multiplied them; formed in the forward, entries below fp16's range would be lost
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if not use_fused_kernels(hidden) and hidden.dtype != torch.float16:
-        first, limit = scratch_plan(hidden, weight, needs, linear_strategy())
-        chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device, first, limit)
+    schedule = linear_schedule(hidden.device)  # read once: the chunks' plan and the chunks themselves agree
+    if not use_fused_kernels(hidden, schedule[0]) and hidden.dtype != torch.float16:
+        first, limit = scratch_plan(hidden, weight, needs, schedule[0], budget=schedule[1])
+        chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device, first, limit, schedule)
     if chunks is not None:
         anchor, logps, entropy = FusedLinearGRPOFunction.apply(
-            hidden, weight, bias, ids, positions, inputs, config, head, chunks, num_items_in_batch, needs
+            hidden, weight, bias, ids, positions, inputs, config, head, chunks, num_items_in_batch, needs, schedule
         )
         loss, metrics = loss_and_metrics(logps, entropy, inputs, config, num_items_in_batch, use_triton(hidden))
         return loss + anchor, logps, entropy, metrics

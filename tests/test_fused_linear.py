@@ -560,6 +560,36 @@ def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, 
 
 
 @pytest.mark.parametrize("impl", ["triton-scratch", "torch-scratch"], indirect=True)
+def test_single_pass_runs_the_schedule_it_planned(impl, device, monkeypatch):
+    """The single pass reads the strategy and chunk budget once: the environment changed after its chunks are planned
+    (another thread's `schedule()`) does not change how they run (here the scratch strategy's first chunk still keeps
+    its logits in `d_weight`'s memory)."""
+    dev = "cpu" if impl.startswith("torch") else device
+    kind = "cuda" if dev == "cuda" else "cpu"
+    H, V = 12, 61
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, 5 * 4 * V)
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(6, 5, H, V, torch.float32, dev)
+    real_chunks, real_grads, firsts = fl.single_pass_chunks, fl._Head.scratch_grads, []
+
+    def single_pass_chunks(*args, **kwargs):
+        chunks = real_chunks(*args, **kwargs)
+        monkeypatch.setenv("GRPO_KERNELS_LINEAR", "chunked")
+        monkeypatch.setenv("GRPO_KERNELS_CHUNK_MIB", "64")
+        return chunks
+
+    def scratch_grads(self, sl, coefficients):
+        firsts.append(sl.stop - sl.start)
+        return real_grads(self, sl, coefficients)
+
+    monkeypatch.setattr(fl, "single_pass_chunks", single_pass_chunks)
+    monkeypatch.setattr(fl._Head, "scratch_grads", scratch_grads)
+    check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=GRPOLossConfig(loss_type="dapo"),
+                            **extra)  # fmt: skip
+    assert firsts == [fl.scratch_tokens(hidden, weight)] and firsts[0] > 5, firsts
+
+
+@pytest.mark.parametrize("impl", ["triton-scratch", "torch-scratch"], indirect=True)
 @pytest.mark.parametrize("share", [4, 8])  # CUDA's bytes of the budget per logit of a first-chunk block, the CPU's
 @pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])  # the single pass, the two passes' backward
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.bf16)])
