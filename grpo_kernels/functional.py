@@ -18,6 +18,7 @@ from grpo_kernels.config import GRPOLossConfig, GRPOLossOutput, HeadOptions, res
 from grpo_kernels.objective import (
     LossInputs,
     LossPlan,
+    device_value,
     fused_objective_applies,
     grpo_objective,
     loss_and_metrics,
@@ -286,7 +287,7 @@ def _compiled_objective(logps, entropy, inputs: LossInputs, config: GRPOLossConf
     """The objective as one custom op, for `torch.compile`."""
     from grpo_kernels import library
 
-    n = None if num_items is None else torch.as_tensor(num_items, dtype=torch.float32, device=logps.device)
+    n = None if num_items is None else device_value(num_items, logps.device)
     loss, vector = library.objective(
         logps, entropy, inputs.advantages, inputs.mask, inputs.old_logps, inputs.ref_logps,
         inputs.importance_sampling_ratio, inputs.sampling_logps, n, library.encode(config),
@@ -364,7 +365,7 @@ def group_advantages(
     if reward_weights is None:
         weights = torch.ones(K, dtype=torch.float32, device=r.device)
     else:
-        weights = torch.as_tensor(reward_weights, dtype=torch.float32, device=r.device)
+        weights = device_value(torch.as_tensor(reward_weights, dtype=torch.float32), r.device)
         if weights.shape != (K,):
             raise ValueError(f"reward_weights has shape {tuple(weights.shape)} but rewards has K = {K} columns")
     checks = ValueChecks()

@@ -37,6 +37,15 @@ class LossInputs:
         return LossInputs(*(None if t is None else t[sl] for t in self.__dict__.values()))
 
 
+def device_value(x: torch.Tensor | float, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`x` (a number or a tensor) as a `dtype` tensor on `device`, without waiting for the device: a number is filled in
+    there (`torch.tensor(x, device=...)` copies it from the host, and on CUDA a copy from the host waits for every
+    queued kernel), a tensor elsewhere is copied without blocking."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype, non_blocking=True)
+    return torch.full((), float(x), dtype=dtype, device=device)
+
+
 @dataclass
 class LossPlan:
     """Batch-level constants of the loss: the weights that turn per-token terms into the loss."""
@@ -60,10 +69,10 @@ class LossPlan:
         if cfg.loss_type == "bnpo":
             policy_norm = token_count.clamp(min=1.0)
         elif cfg.loss_type == "dr_grpo":
-            policy_norm = torch.tensor(float(mask.shape[0] * cfg.max_completion_length), device=mask.device)
+            policy_norm = device_value(mask.shape[0] * cfg.max_completion_length, mask.device)
         elif cfg.loss_type in ("dapo", "cispo", "vespo"):
-            n = token_count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=mask.device)
-            policy_norm = n.float().clamp(min=1.0)
+            n = token_count if num_items_in_batch is None else device_value(num_items_in_batch, mask.device)
+            policy_norm = n.clamp(min=1.0)
 
         threshold = None
         effective_count = token_count
@@ -80,7 +89,7 @@ def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, q: float) -> to
     """The `q` quantile (linear interpolation, as `torch.quantile`) of the active entropies; +inf if none is active."""
     active = entropy.detach()[mask].float()
     if active.numel() == 0:
-        return torch.tensor(math.inf, device=entropy.device)
+        return torch.full((), math.inf, device=entropy.device)
     if active.numel() <= 1 << 24:
         return torch.quantile(active, q)
     # torch.quantile refuses more than 2**24 values; the same interpolation from a sort
@@ -307,7 +316,7 @@ def _term_weight(cfg: GRPOLossConfig, plan: LossPlan, count: torch.Tensor) -> to
     if plan.policy_norm is not None:
         return 1.0 / plan.policy_norm.to(count.dtype)
     if cfg.loss_type == "luspo":
-        return torch.tensor(1.0 / plan.num_rows, dtype=count.dtype, device=count.device)
+        return torch.full((), 1.0 / plan.num_rows, dtype=count.dtype, device=count.device)
     return 1.0 / count / plan.num_rows
 
 
@@ -425,7 +434,7 @@ def token_objective(
     if plan.policy_norm is not None:  # a scalar, whatever the shape of num_items_in_batch's one value
         weight = (1.0 / plan.policy_norm.float()).reshape(())
     elif cfg.loss_type == "luspo":
-        weight = torch.tensor(1.0 / plan.num_rows, device=dev)
+        weight = torch.full((), 1.0 / plan.num_rows, device=dev)
     else:  # grpo, sapo: the mean over sequences of each sequence's mean
         lengths = mask.sum(-1) if inputs.lengths is None else inputs.lengths.reshape(-1)
         count = lengths.float().clamp(min=1.0)
@@ -452,7 +461,7 @@ def token_objective(
                       "clip_ratio/region_mean": kernel.REGION})  # fmt: skip
     elif cfg.loss_type == "cispo":
         names["cispo_clip_ratio"] = kernel.HIGH
-    means = sums[list(names.values())].sum(1) / plan.token_count.clamp(min=1.0)
+    means = torch.stack([sums[i] for i in names.values()]).sum(1) / plan.token_count.clamp(min=1.0)  # no host index
     metrics = dict(zip(names, means.unbind(0), strict=True))
     if cfg.uses_clipping:  # the NaN-aware extremes of the rows' means (an empty row's is NaN)
         rows = torch.stack((sums[kernel.LOW], -sums[kernel.HIGH])) / sums[kernel.COUNT]

@@ -119,7 +119,7 @@ def check_positive_items(num_items_in_batch: object, device: torch.device) -> to
     if isinstance(num_items_in_batch, torch.Tensor):
         if num_items_in_batch.numel() != 1:
             raise ValueError(f"num_items_in_batch must be a scalar; got shape {tuple(num_items_in_batch.shape)}")
-        return num_items_in_batch.to(device)
+        return num_items_in_batch.to(device, non_blocking=True)  # a copy from the host that does not wait
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
         raise TypeError(f"num_items_in_batch must be a number or a scalar tensor; got {num_items_in_batch!r}")
     if num_items_in_batch < 0:

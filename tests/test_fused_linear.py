@@ -22,6 +22,7 @@ from grpo_kernels import (
     LinearGRPOLoss,
     backend,
     fused_linear_grpo_loss,
+    grpo_loss,
     head_options_from_config,
     linear_logprobs,
     reference,
@@ -1226,6 +1227,55 @@ class _HostReads(TorchDispatchMode):
         if name.startswith(("_local_scalar_dense", "nonzero", "is_nonzero", "masked_select")) or boolean_index:
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+class _HostValues(TorchDispatchMode):
+    """Records where a tensor is made from host data (`torch.tensor(x, device=...)`, indexing by a Python list): on CUDA
+    each such copy from the host waits for every queued kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.startswith("lift_fresh"):
+            import traceback
+
+            frames = [f for f in traceback.extract_stack() if "grpo_kernels" in f.filename]
+            self.sites.append(f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", ["triton-chunked", "triton-scratch", "triton-vocab-blocks"], indirect=True)
+@pytest.mark.parametrize(
+    "options",
+    [{"loss_type": "dapo"}, {"loss_type": "dr_grpo", "max_completion_length": 8},
+     {"loss_type": "grpo", "beta": 0.1, "entropy_coef": 0.1},
+     {"loss_type": "luspo", "importance_sampling_level": "sequence"}, {"loss_type": "cispo"}],
+)  # fmt: skip
+@pytest.mark.parametrize("num_items_in_batch", [None, 17.0, "tensor"])
+def test_the_loss_sends_no_host_values_to_the_device(impl, options, num_items_in_batch, device, monkeypatch):
+    """Once its inputs are checked, the loss (from hidden states, in chunks, and from logits) makes no tensor from host
+    data: numbers are filled in on the device and the metrics' rows are picked by views. On CUDA a copy from the host
+    waits for every queued kernel; after the chunks it left the GPU idle while Python queued the rest (on the H200 the
+    metric rows picked by a list made the default's backward, which only hands the gradients over, take 1.18 ms, its
+    host's time, against 0.013 ms before)."""
+    B, T, H, V = 4, 8, 16, 64
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(B, T, H, V, torch.float32, device)
+    mask = torch.ones_like(mask)  # every token: no positions to plan with
+    extra = {k: v.where(v != 0, -1.0) for k, v in extra.items()}
+    nib = torch.tensor(17, device=device) if num_items_in_batch == "tensor" else num_items_in_batch
+    config = GRPOLossConfig(**options)
+    token_chunks(monkeypatch, device, 8, V)
+    logits = (hidden @ weight.T + bias).requires_grad_(True)
+    for t in (hidden, weight, bias):
+        t.requires_grad_(True)
+    with _HostValues() as mode:
+        out = fused_linear_grpo_loss(hidden, weight, ids, adv, mask, bias=bias, config=config, num_items_in_batch=nib,
+                                     **extra)  # fmt: skip
+        out.loss.backward()
+        grpo_loss(logits, ids, adv, mask, config=config, num_items_in_batch=nib, **extra).loss.backward()
+    assert mode.sites == [], mode.sites
 
 
 @pytest.mark.parametrize("impl", ["triton-chunked", "triton-vocab-blocks", "torch"], indirect=True)
