@@ -38,7 +38,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu}"
 site="${GPU_RUN_SITE:-/tmp/grpo-bench-site}"
 scratch="${TMPDIR:-/tmp}/grpo-gpu-run"
-first_tests="${FIRST_TESTS-scratch or borrow or workspace or fp32_sums}"  # run first (pytest -k); empty: none
+first_tests="${FIRST_TESTS-scratch or borrow or workspace or fp32_sums or cuda_syncs}"  # first (pytest -k); empty: none
 first_seconds="${FIRST_SECONDS:-60}"   # first tests not started by then are skipped
 test_seconds="${TEST_SECONDS:-90}"     # tests not started by then are skipped
 sweep_seconds="${SWEEP_SECONDS:-170}"  # no new shape is started after this; the shape under way finishes

@@ -520,9 +520,9 @@ def linear_logprobs(
     elif torch.compiler.is_compiling():
         logps, entropy = _compiled_linear(hidden, weight, bias, ids, mask, head)
     else:
-        from grpo_kernels.fused_linear import LinearLogProbEntropyFunction
+        from grpo_kernels.fused_linear import LinearLogProbEntropyFunction, active_positions
 
-        logps, entropy = LinearLogProbEntropyFunction.apply(hidden, weight, bias, ids, mask, head)
+        logps, entropy = LinearLogProbEntropyFunction.apply(hidden, weight, bias, ids, active_positions(mask), head)
     return (logps, entropy) if return_entropy else logps
 
 

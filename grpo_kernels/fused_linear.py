@@ -965,11 +965,13 @@ def use_fused_kernels(t: torch.Tensor, strategy: str | None = None) -> bool:
     return (linear_strategy() if strategy is None else strategy) == "fused" and use_triton(t)
 
 
-def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool,
+def linear_forward(hidden, weight, bias, ids, positions, head: HeadOptions, ops, fused: bool,
                    chunk_bytes: int | None = None, strategy: str | None = None):  # fmt: skip
-    """`(logp [B, T], entropy [B, T], saved)`: the two-pass schedule's forward; `saved` (`[N]` entropies of the
-    active tokens and, for the fused kernels and the tiles strategy, `[2, N]` statistics) feeds `linear_backward`."""
-    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops, strategy, chunk_bytes)
+    """`(logp [B, T], entropy [B, T], saved)`: the two-pass schedule's forward over the tokens at `positions`
+    (`active_positions` of the mask: finding them waits for the device, so a caller finds them once for both passes);
+    `saved` (`[N]` entropies of the active tokens and, for the fused kernels and the tiles strategy, `[2, N]`
+    statistics) feeds `linear_backward`."""
+    lm = _Head(hidden, weight, bias, ids, positions, head, ops, strategy, chunk_bytes)
     stats = None
     if fused:
         from grpo_kernels.ops.linear import linear_fwd
@@ -986,13 +988,13 @@ def linear_forward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fuse
     return lm.scatter(logp), lm.scatter(entropy), (entropy, stats)
 
 
-def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fused: bool, saved, grad_logp,
+def linear_backward(hidden, weight, bias, ids, positions, head: HeadOptions, ops, fused: bool, saved, grad_logp,
                     grad_entropy, needs: tuple[bool, bool, bool], strategy: str | None = None,
                     chunk_bytes: int | None = None):  # fmt: skip
     """`(d_hidden, d_weight, d_bias)` (None where not needed) from the gradients of `linear_forward`'s outputs; the
     logits are recomputed, tile by tile in the fused kernels or chunk by chunk."""
     entropy, stats = saved
-    lm = _Head(hidden, weight, bias, ids, active_positions(mask), head, ops, strategy, chunk_bytes)
+    lm = _Head(hidden, weight, bias, ids, positions, head, ops, strategy, chunk_bytes)
     gather = (lambda x: x.reshape(-1)) if lm.positions is None else (lambda x: x.reshape(-1)[lm.positions])
     g_lp = torch.zeros_like(entropy) if grad_logp is None else gather(grad_logp).to(entropy.dtype)
     g_ent = None if grad_entropy is None else gather(grad_entropy).to(entropy.dtype)
@@ -1023,27 +1025,28 @@ def linear_backward(hidden, weight, bias, ids, mask, head: HeadOptions, ops, fus
 
 
 class LinearLogProbEntropyFunction(torch.autograd.Function):
-    """`(hidden [B, T, H], weight [V, H], bias [V] | None, ids [B, T], mask [B, T] | None, HeadOptions)
-    -> (logp, entropy)`, fp32 `[B, T]` (0 where masked). The backward recomputes the logits: tile by tile in the
-    fused Triton kernels, or chunk by chunk, with the implementation the forward used."""
+    """`(hidden [B, T, H], weight [V, H], bias [V] | None, ids [B, T], positions [N] | None, HeadOptions)
+    -> (logp, entropy)`, fp32 `[B, T]` (0 outside `positions`, the mask's `active_positions`; None: every token). The
+    backward recomputes the logits: tile by tile in the fused Triton kernels, or chunk by chunk, with the
+    implementation the forward used, over the same positions."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, mask, head: HeadOptions):
+    def forward(ctx, hidden, weight, bias, ids, positions, head: HeadOptions):
         ctx.strategy, ctx.chunk_bytes = linear_schedule(hidden.device)  # read once: the backward keeps them
         ctx.ops, ctx.head = _row_ops(hidden), head
         ctx.fused = ctx.strategy == "fused" and use_triton(hidden)  # use_fused_kernels, from the strategy read above
-        logp, entropy, (saved_entropy, stats) = linear_forward(hidden, weight, bias, ids, mask, head, ctx.ops,
+        logp, entropy, (saved_entropy, stats) = linear_forward(hidden, weight, bias, ids, positions, head, ctx.ops,
                                                                ctx.fused, ctx.chunk_bytes, ctx.strategy)  # fmt: skip
-        ctx.save_for_backward(hidden, weight, bias, ids, mask, saved_entropy, stats)
+        ctx.save_for_backward(hidden, weight, bias, ids, positions, saved_entropy, stats)
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, ids, mask, entropy, stats = ctx.saved_tensors
+        hidden, weight, bias, ids, positions, entropy, stats = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None
-        grads = linear_backward(hidden, weight, bias, ids, mask, ctx.head, ctx.ops, ctx.fused, (entropy, stats),
+        grads = linear_backward(hidden, weight, bias, ids, positions, ctx.head, ctx.ops, ctx.fused, (entropy, stats),
                                 grad_logp, grad_entropy, tuple(ctx.needs_input_grad[:3]), ctx.strategy,
                                 ctx.chunk_bytes)  # fmt: skip
         return (*grads, None, None, None)
@@ -1076,7 +1079,7 @@ def single_pass_chunks(
     ranges = _token_ranges(n, size, first=first, limit=limit)
     ends = [i for sl in ranges for i in (sl.start, sl.stop - 1)]
     if positions is not None and ends:  # the chunks' first and last tokens' flat positions, in one read
-        ends = positions[torch.tensor(ends, device=positions.device)].tolist()
+        ends = positions[torch.as_tensor(ends).to(positions.device, non_blocking=True)].tolist()
     firsts, lasts = ends[::2], ends[1::2]
     return [(slice(a // T, b // T + 1), sl) for sl, a, b in zip(ranges, firsts, lasts, strict=True)]
 
@@ -1186,6 +1189,6 @@ def fused_linear_loss(
         )
         loss, metrics = loss_and_metrics(logps, entropy, inputs, config, num_items_in_batch, use_triton(hidden))
         return loss + anchor, logps, entropy, metrics
-    logps, entropy = LinearLogProbEntropyFunction.apply(hidden, weight, bias, ids, mask, head)
+    logps, entropy = LinearLogProbEntropyFunction.apply(hidden, weight, bias, ids, positions, head)
     loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items_in_batch)
     return loss, logps.detach(), entropy.detach(), metrics

@@ -132,10 +132,11 @@ def linear_logprobs_entropy(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """`(logp [B, T], entropy [B, T], saved entropies [N], saved statistics [2, N] or [0])` from hidden states, by
     the `GRPO_KERNELS_LINEAR` strategy and chunk budget the caller read (the backward gets the same)."""
-    from grpo_kernels.fused_linear import linear_forward
+    from grpo_kernels.fused_linear import active_positions, linear_forward
 
     head = HeadOptions(temperature, logit_scale, softcap, grad_filter_eps)
-    logp, entropy, (saved, stats) = linear_forward(hidden, weight, bias, ids, mask, head, _ops(backend),
+    positions = active_positions(mask)
+    logp, entropy, (saved, stats) = linear_forward(hidden, weight, bias, ids, positions, head, _ops(backend),
                                                    _fused(backend, strategy), chunk_bytes, strategy)  # fmt: skip
     stats = hidden.new_empty(0, dtype=saved.dtype) if stats is None else stats
     return logp.clone(), entropy.clone(), saved.clone(), stats.clone()
@@ -166,11 +167,12 @@ def linear_logprobs_entropy_backward(
     softcap: float | None, grad_filter_eps: float | None, backend: str, strategy: str, chunk_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """`(d_hidden, d_weight, d_bias)`; `d_bias` is empty without a bias."""
-    from grpo_kernels.fused_linear import linear_backward
+    from grpo_kernels.fused_linear import active_positions, linear_backward
 
     head = HeadOptions(temperature, logit_scale, softcap, grad_filter_eps)
     needs = (True, True, bias is not None)
-    d_h, d_w, d_b = linear_backward(hidden, weight, bias, ids, mask, head, _ops(backend), _fused(backend, strategy),
+    fused, positions = _fused(backend, strategy), active_positions(mask)
+    d_h, d_w, d_b = linear_backward(hidden, weight, bias, ids, positions, head, _ops(backend), fused,
                                     (saved, stats if stats.numel() else None), grad_logp, grad_entropy, needs,
                                     strategy, chunk_bytes)  # fmt: skip
     return d_h, d_w, weight.new_empty(0) if d_b is None else d_b

@@ -1278,6 +1278,63 @@ def test_the_loss_sends_no_host_values_to_the_device(impl, options, num_items_in
     assert mode.sites == [], mode.sites
 
 
+@pytest.mark.parametrize("impl", ["triton-chunked", "triton-tiles", "torch-scratch"], indirect=True)
+@pytest.mark.parametrize("entropy_quantile", [1.0, 0.5])  # the single pass where it applies; two passes
+def test_a_call_finds_its_active_tokens_once(impl, entropy_quantile, device):
+    """The active tokens' positions (`nonzero`, which waits for the device) are found once per call and kept for the
+    backward, whichever schedule runs it."""
+    dev = "cpu" if impl.startswith("torch") else device
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(4, 8, 16, 64, torch.float32, dev)
+    config = GRPOLossConfig(loss_type="dapo", entropy_coef=0.1, top_entropy_quantile=entropy_quantile)
+
+    class Nonzero(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Nonzero.count += func.__name__.startswith("nonzero")
+            return func(*args, **(kwargs or {}))
+
+    for t in (hidden, weight, bias):
+        t.requires_grad_(True)
+    with Nonzero():
+        fused_linear_grpo_loss(hidden, weight, ids, adv, mask, bias=bias, config=config, **extra).loss.backward()
+    assert Nonzero.count == 1, Nonzero.count
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["chunked", "scratch", "tiles"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cuda_syncs_only_while_checking_and_planning(strategy, masked, monkeypatch):
+    """On CUDA, with the device's own record of synchronising calls (`torch.cuda.set_sync_debug_mode`): a training
+    step of the fused loss waits for the device only in its input checks and its chunk plan (two or three times, few
+    chunks or many), never in its chunks, its objective or its backward."""
+    import warnings
+
+    B, T, H, V = 4, 64, 32, 512
+    hidden, weight, _, ids, adv, mask, extra = make_inputs(B, T, H, V, torch.bfloat16, "cuda")
+    if not masked:
+        mask = torch.ones_like(mask)
+        extra = {k: v.where(v != 0, -1.0) for k, v in extra.items()}
+    for t in (hidden, weight):
+        t.requires_grad_(True)
+    monkeypatch.setenv("GRPO_KERNELS_LINEAR", strategy)
+    counts = []
+    for tokens in (256, 16):
+        token_chunks(monkeypatch, "cuda", tokens, V)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = fused_linear_grpo_loss(hidden, weight, ids, adv, mask, config=GRPOLossConfig(loss_type="dapo"),
+                                             **extra)  # fmt: skip
+                out.loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in seen))
+        hidden.grad = weight.grad = None
+    assert counts[0] == counts[1] <= 3, counts
+
+
 @pytest.mark.parametrize("impl", ["triton-chunked", "triton-vocab-blocks", "torch"], indirect=True)
 @pytest.mark.parametrize(
     "options",
