@@ -1278,6 +1278,24 @@ def test_the_loss_sends_no_host_values_to_the_device(impl, options, num_items_in
     assert mode.sites == [], mode.sites
 
 
+def test_entropy_threshold_reads_nothing_back():
+    """top_entropy_quantile's threshold: bit for bit `torch.quantile` of the active entropies (as TRL takes it), +inf
+    where none is active, without gathering them (which waits for the device to count them)."""
+    from grpo_kernels.objective import entropy_threshold
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        B, T = torch.randint(1, 9, (2,), generator=gen).tolist()
+        entropy = torch.rand(B, T, generator=gen) * 5
+        mask = torch.rand(B, T, generator=gen) < torch.rand((), generator=gen)
+        q = float(torch.rand((), generator=gen))
+        with _HostReads() as mode:
+            got = entropy_threshold(entropy, mask, q)
+        assert mode.count == 0
+        want = torch.quantile(entropy[mask], q) if mask.any() else torch.tensor(float("inf"))
+        assert torch.equal(got, want), (got, want)
+
+
 @pytest.mark.parametrize("impl", ["triton-chunked", "triton-tiles", "torch-scratch"], indirect=True)
 @pytest.mark.parametrize("entropy_quantile", [1.0, 0.5])  # the single pass where it applies; two passes
 def test_a_call_finds_its_active_tokens_once(impl, entropy_quantile, device):
