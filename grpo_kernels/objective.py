@@ -89,7 +89,7 @@ def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, q: float) -> to
     """The `q` quantile (linear interpolation, as `torch.quantile`) of the active entropies; +inf if none is active.
     Without reading the device where it can: the inactive entries become NaN, which `torch.nanquantile` leaves out
     (gathering the active ones would wait for the device to count them)."""
-    if mask.numel() <= 1 << 24:
+    if 0 < mask.numel() <= 1 << 24:
         t = torch.nanquantile(torch.where(mask, entropy.detach().float(), math.nan).reshape(-1), q)
         return torch.where(torch.isnan(t), math.inf, t)
     active = entropy.detach()[mask].float()

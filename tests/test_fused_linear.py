@@ -1294,6 +1294,7 @@ def test_entropy_threshold_reads_nothing_back():
         assert mode.count == 0
         want = torch.quantile(entropy[mask], q) if mask.any() else torch.tensor(float("inf"))
         assert torch.equal(got, want), (got, want)
+    assert entropy_threshold(torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool), 0.5) == float("inf")  # no rows
 
 
 @pytest.mark.parametrize("impl", ["triton-chunked", "triton-tiles", "torch-scratch"], indirect=True)
