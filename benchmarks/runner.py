@@ -235,17 +235,17 @@ def profile_run(bound: Bound, mode: str, device: str, path: Path) -> tuple[list[
     path.write_text(text)
     timeline = None
     if key == "self_device_time_total":
-        spans = {DeviceType.CPU: [], DeviceType.CUDA: []}
-        names = []
+        host, device_spans = [], []  # host events as (start, end, name), device events as (start, end)
         for e in prof.events():
-            if e.device_type in spans and not getattr(e, "is_user_annotation", False):
-                spans[e.device_type].append((e.time_range.start, e.time_range.end))
-                if e.device_type == DeviceType.CPU:
-                    names.append(e.name)
-        timeline = busy_span(spans[DeviceType.CPU], spans[DeviceType.CUDA])
+            if getattr(e, "is_user_annotation", False):
+                continue
+            if e.device_type == DeviceType.CPU:
+                host.append((e.time_range.start, e.time_range.end, e.name))
+            elif e.device_type == DeviceType.CUDA:
+                device_spans.append((e.time_range.start, e.time_range.end))
+        timeline = busy_span([(s, e) for s, e, _ in host], device_spans)
         if timeline is not None:
-            host = [(s, e, n) for (s, e), n in zip(spans[DeviceType.CPU], names, strict=True)]
-            timeline["idle"] = idle_sources(host, spans[DeviceType.CUDA])
+            timeline["idle"] = idle_sources(host, device_spans)
     top = [
         {
             "name": e.key,

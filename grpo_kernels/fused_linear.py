@@ -223,7 +223,7 @@ def workspace_bytes(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtyp
             if kind == "cpu":  # and the row kernels' temporaries, a few rows of a block at a time
                 buffer = max(buffer, rows * vocab * lb + min(most * vocab, cpu.BLOCK_ELEMENTS) * (3 * lb + 1))
         if c:
-            block = c * block_width(vocab, budget // (SCRATCH_BLOCK_BYTES[kind] * c), even=True)
+            block = c * scratch_block_width(vocab, c, budget, device)
             if kind == "cpu":  # the row kernels' copies and temporaries, a few rows of the block at a time
                 block = max(block * b, min(block, cpu.BLOCK_ELEMENTS) * (3 * lb + 1))
             else:
@@ -513,7 +513,7 @@ class _Head:
         math, ldt = cpu.math_dtype(self.flat), self.logits_dtype
         memory = self.d_w.view(-1).view(torch.uint8)
         lb = ldt.itemsize
-        width = block_width(V, self.chunk_bytes // (SCRATCH_BLOCK_BYTES[_kind(h.device)] * max(n, 1)), even=True)
+        width = scratch_block_width(V, n, self.chunk_bytes, h.device)
         blocks = [slice(start, min(start + width, V)) for start in range(0, V, width)]
 
         def block(cols: slice) -> torch.Tensor:  # the block's [c, w] logits (their gradient later)
@@ -759,6 +759,12 @@ def scratch_tokens(hidden: torch.Tensor, weight: torch.Tensor, d_hidden: bool = 
     ops = _row_ops(hidden) if ops is None else ops
     ab = cpu.math_dtype(hidden).itemsize if d_hidden else 0
     return _scratch_capacity(V, H, weight.element_size(), _logits_dtype(hidden, ops).itemsize, ab)
+
+
+def scratch_block_width(vocab: int, tokens: int, budget: int, device: torch.device) -> int:
+    """Vocabulary columns of each block of the scratch strategy's first chunk of `tokens` tokens, under the chunk
+    budget `budget` (`SCRATCH_BLOCK_BYTES`)."""
+    return block_width(vocab, budget // (SCRATCH_BLOCK_BYTES[_kind(device)] * max(tokens, 1)), even=True)
 
 
 def _scratch_capacity(V: int, H: int, weight_bytes: int, logit_bytes: int, sum_bytes: int) -> int:
@@ -1034,7 +1040,7 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, ids, positions, head: HeadOptions):
         ctx.strategy, ctx.chunk_bytes = linear_schedule(hidden.device)  # read once: the backward keeps them
         ctx.ops, ctx.head = _row_ops(hidden), head
-        ctx.fused = ctx.strategy == "fused" and use_triton(hidden)  # use_fused_kernels, from the strategy read above
+        ctx.fused = use_fused_kernels(hidden, ctx.strategy)
         logp, entropy, (saved_entropy, stats) = linear_forward(hidden, weight, bias, ids, positions, head, ctx.ops,
                                                                ctx.fused, ctx.chunk_bytes, ctx.strategy)  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, ids, positions, saved_entropy, stats)
