@@ -278,6 +278,7 @@ def _ours_linear(
     grad_filter_eps: float | None = None,
     add_weight_grad: str = "cublas",
     borrow_rows: bool = True,
+    mixed_sums: bool = True,
 ) -> Callable[[Case, dict], Bound]:
     def bind(case: Case, x: dict) -> Bound:
         if strategy == "fused" and not hasattr(fused_linear, "use_fused_kernels"):
@@ -288,6 +289,8 @@ def _ours_linear(
             # both read as the call's forward starts
             before = getattr(fused_linear, "ADD_WEIGHT_GRAD", "cublas")
             fused_linear.ADD_WEIGHT_GRAD = add_weight_grad
+            mixed_before = getattr(fused_linear, "MIXED_SUMS", True)
+            fused_linear.MIXED_SUMS = mixed_sums
             rows = getattr(fused_linear, "BORROW_ROWS", None)
             rows_before = None if rows is None else dict(rows)
             if rows is not None and not borrow_rows:
@@ -297,6 +300,7 @@ def _ours_linear(
                     return fused_linear_grpo_loss(*(x[k] for k in LINEAR_ARGS), config=CONFIG, **extra).loss
             finally:
                 fused_linear.ADD_WEIGHT_GRAD = before
+                fused_linear.MIXED_SUMS = mixed_before
                 if rows is not None:
                     rows.update(rows_before)
 
@@ -555,7 +559,8 @@ _OURS_TILES = Provider("ours-tiles", "fused_linear", "grpo_kernels (tiles)", _ou
 
 # `GRPO_KERNELS_LINEAR=scratch`: the single pass with small chunks, the first chunk's logits kept in d_weight's memory,
 # part of the later chunks' in d_hidden's unwritten rows on CUDA; the same without those rows
-# (`fused_linear.BORROW_ROWS`), and with the chunks' d_weight additions by ops/weight_grad.py
+# (`fused_linear.BORROW_ROWS`), with the first chunk's fp32 d_hidden sums added apart from its 16-bit products
+# (`fused_linear.MIXED_SUMS` off), and with the chunks' d_weight additions by ops/weight_grad.py
 # (`fused_linear.ADD_WEIGHT_GRAD = "triton"`)
 _OURS_SCRATCH = Provider(
     "ours-scratch", "fused_linear", "grpo_kernels (scratch)", _ours_linear("auto", "scratch"), role="ours"
@@ -563,6 +568,10 @@ _OURS_SCRATCH = Provider(
 _OURS_SCRATCH_OWN = Provider(
     "ours-scratch-own", "fused_linear", "grpo_kernels (scratch, no borrowed rows)",
     _ours_linear("triton", "scratch", borrow_rows=False), devices=("cuda",), role="ours",
+)  # fmt: skip
+_OURS_SCRATCH_ADDS = Provider(
+    "ours-scratch-adds", "fused_linear", "grpo_kernels (scratch, separate fp32 additions)",
+    _ours_linear("triton", "scratch", mixed_sums=False), devices=("cuda",), role="ours",
 )  # fmt: skip
 _OURS_SCRATCH_TADD = Provider(
     "ours-scratch-tadd", "fused_linear", "grpo_kernels (scratch, Triton additions)",
@@ -586,6 +595,7 @@ PROVIDERS: tuple[Provider, ...] = (
     _OURS_TILES,
     _OURS_SCRATCH,
     _OURS_SCRATCH_OWN,
+    _OURS_SCRATCH_ADDS,
     _OURS_SCRATCH_TADD,
     _OURS_FILTER,
     Provider("eager", "fused_linear", "eager PyTorch", _eager_linear, memory=_eager_linear_memory),

@@ -104,6 +104,12 @@ BORROW_ROWS = {"cpu": False, "cuda": True}
 # benchmarks' ours-scratch-tadd provider sets it around its calls). Read when a call's forward (or, for two passes, its
 # backward) starts.
 ADD_WEIGHT_GRAD = "cublas"
+# Whether the tiles and scratch strategies' fp32 `d_hidden` sums take each block's 16-bit product inside the product
+# (`torch.addmm` with `out_dtype`, CUDA only, where the PyTorch version accepts fp32 sums with 16-bit factors:
+# `mixed_sums`; 2.11 refuses them) instead of a 16-bit product and an fp32 addition per block: one kernel instead of
+# two and one rounding fewer (the H200 spent 2.0 ms in the 33 additions of the scratch strategy's first chunk). Read
+# as `_Head` starts.
+MIXED_SUMS = True
 STRATEGIES = ("chunked", "fused", "vocab-blocks", "tiles", "scratch")
 # Gradient filtering leaves a chunk's small columns out only while no token loses more than this many times its
 # threshold in all (its left-out probability mass, without the entropy bonus, at most 64 * grad_filter_eps: 1.6% at
@@ -307,6 +313,9 @@ class _Head:
         if ADD_WEIGHT_GRAD not in ("cublas", "triton"):
             raise ValueError(f'fused_linear.ADD_WEIGHT_GRAD must be "cublas" or "triton"; got {ADD_WEIGHT_GRAD!r}')
         self.triton_add = ADD_WEIGHT_GRAD == "triton" and self.ops is not cpu and weight.dtype != torch.float64
+        # fp32 d_hidden sums of 16-bit products inside the products (`mixed_sums`)
+        math = cpu.math_dtype(self.flat)
+        self.mixed = MIXED_SUMS and weight.dtype != math and mixed_sums(hidden.device, weight.dtype, math)
         if self.strategy in ("tiles", "scratch") and self.filter_eps is not None:
             raise ValueError(
                 f"grad_filter_eps is not supported with GRPO_KERNELS_LINEAR={self.strategy}: pass grad_filter_eps=None "
@@ -455,7 +464,7 @@ class _Head:
             direct = self.positions is None and self.d_h.dtype == math  # fp32 (fp64) d_hidden sums in place
             acc = self.d_h[sl] if direct else torch.empty(n, H, dtype=math, device=h.device)
             acc.zero_()
-            if self.weight.dtype != math:
+            if self._rows_out():
                 rows_out = torch.empty(n, H, dtype=self.weight.dtype, device=h.device)
         ids, accumulate = self.ids[sl], self.d_w_written
         for start in range(0, V, width):
@@ -473,10 +482,20 @@ class _Head:
         if acc is not None and not direct:
             self._store_rows(sl, acc, rows_out)
 
+    def _rows_out(self) -> bool:
+        """Whether fp32 (fp64) `d_hidden` sums need a buffer of 16-bit rows: for 16-bit weights, to hold each block's
+        product where the product cannot add into fp32 sums itself (`mixed_sums`), and to store the sums at the
+        tokens' positions (`_store_rows`)."""
+        if self.weight.dtype == cpu.math_dtype(self.flat):
+            return False
+        return not self.mixed or self.positions is not None
+
     def _sum_rows(self, acc: torch.Tensor, dz: torch.Tensor, cols: slice, rows_out: torch.Tensor | None) -> None:
-        """`acc += dz @ weight[cols]`: a block's share of `d_hidden`'s rows, summed in fp32 (fp64) in place, or for
-        16-bit weights through the 16-bit products' buffer `rows_out`."""
-        if rows_out is None:
+        """`acc += dz @ weight[cols]`: a block's share of `d_hidden`'s rows, summed in fp32 (fp64) in place; for
+        16-bit weights inside the product (`mixed_sums`) or through the 16-bit products' buffer `rows_out`."""
+        if self.mixed:
+            torch.addmm(acc, dz, self.weight[cols], out_dtype=acc.dtype, out=acc)
+        elif self.weight.dtype == acc.dtype:
             _product(dz, self.weight[cols], out=acc, accumulate=True)
         else:
             acc += _product(dz, self.weight[cols], out=rows_out)
@@ -532,7 +551,7 @@ class _Head:
             ab = math.itemsize
             start = (memory.numel() - n * H * ab) // SCRATCH_ALIGN * SCRATCH_ALIGN
             acc = memory[start : start + n * H * ab].view(math).view(n, H).zero_()
-            if wdt != math:  # 16-bit products through a buffer
+            if self._rows_out():  # 16-bit products or rows through a buffer
                 rows_out = self._scratch_as(n * H, wdt).view(n, H)
         for cols in blocks:
             dz = self.ops.block_grad(block(cols), ids, cols.start, m, log_s, entropy, g_lp, g_ent, None, *self.args)
@@ -836,6 +855,28 @@ def scratch_plan(hidden: torch.Tensor, weight: torch.Tensor, needs, strategy: st
     first = scratch_tokens(hidden, weight, needs[0], ops)
     borrow = borrowing(hidden, weight, needs, strategy, ops, budget)
     return first if first > size else None, None if borrow is None else borrow.limit
+
+
+_MIXED_SUMS: dict[tuple[str, torch.dtype, torch.dtype], bool] = {}
+
+
+def mixed_sums(device: torch.device, dtype: torch.dtype, sums: torch.dtype) -> bool:
+    """Whether `torch.addmm(acc, a, b, out_dtype=sums, out=acc)` adds the product of `dtype` matrices `a`, `b` into
+    `sums` (`acc`'s dtype, wider) on `device`, summed in `sums` and rounded once: CUDA only, and not every PyTorch
+    version (some want `acc` in the factors' dtype). Tried once per device type on a 1 x 1 product; checking the
+    arguments raises before any kernel is queued, so a refusal costs no wait."""
+    key = (device.type, dtype, sums)
+    if key not in _MIXED_SUMS:
+        ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and sums == torch.float32
+        if ok:
+            acc = torch.zeros(1, 1, dtype=sums, device=device)
+            one = torch.ones(1, 1, dtype=dtype, device=device)
+            try:
+                torch.addmm(acc, one, one, out_dtype=sums, out=acc)
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _MIXED_SUMS[key] = ok
+    return _MIXED_SUMS[key]
 
 
 def padded_vocab(vocab: int, device: torch.device) -> int:

@@ -1354,6 +1354,59 @@ def test_cuda_syncs_only_while_checking_and_planning(strategy, masked, monkeypat
     assert counts[0] == counts[1] <= 3, counts
 
 
+@pytest.mark.bf16
+@pytest.mark.parametrize("strategy", ["tiles", "scratch"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("mixed", [True, False])
+def test_fp32_sums_take_16_bit_products_inside_the_product(strategy, masked, mixed, device, monkeypatch):
+    """Where `addmm` adds bf16 products into fp32 sums (`fused_linear.mixed_sums`: CUDA, where this PyTorch accepts
+    it, else skipped; on the CPU emulated, the Triton path in the interpreter): the tiles and scratch strategies' fp32
+    d_hidden sums take each block of vocabulary columns in one such `addmm`, with no 16-bit product added to them
+    afterwards; with `MIXED_SUMS` off, the other way round. Both match the reference."""
+    seen = {"mixed": 0, "added": 0}  # addmm of 16-bit factors into fp32 sums; fp32 additions of 16-bit products
+    if device == "cuda":
+        if mixed and not fl.mixed_sums(torch.device("cuda"), torch.bfloat16, torch.float32):
+            pytest.skip(f"torch {torch.__version__}'s addmm does not add bf16 products into fp32 sums")
+    else:
+        addmm = torch.addmm
+
+        def emulated(acc, a, b, *args, out_dtype=None, out=None, **kwargs):
+            if out_dtype is None:
+                return addmm(acc, a, b, *args, out=out, **kwargs)
+            assert out is acc and acc.dtype == out_dtype != a.dtype == b.dtype, (acc.dtype, out_dtype, a.dtype)
+            seen["mixed"] += 1
+            return acc.addmm_(a.to(out_dtype), b.to(out_dtype))
+
+        monkeypatch.setattr(torch, "addmm", emulated)
+        monkeypatch.setattr(fl, "mixed_sums", lambda dev, dtype, sums: sums == torch.float32 != dtype)
+    monkeypatch.setattr(fl, "MIXED_SUMS", mixed)
+    monkeypatch.setenv("GRPO_KERNELS_LINEAR", strategy)
+    kind = "cuda" if device == "cuda" else "cpu"
+    H, V = 32, 512
+    monkeypatch.setitem(fl.CHUNK_BYTES, kind, 8 * 4 * V)  # several chunks, and blocks of columns in each
+    monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(6, 8, H, V, torch.bfloat16, device)
+    if not masked:
+        mask = torch.ones_like(mask)
+        extra = {k: v.where(v != 0, -1.0) for k, v in extra.items()}
+
+    class Sums(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.__name__.startswith("addmm.dtype"):
+                seen["mixed"] += 1
+            elif func.__name__.startswith("add_") and args[0].dtype == torch.float32 and args[0].dim() == 2:
+                seen["added"] += isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bfloat16
+            return func(*args, **kwargs)
+
+    config = GRPOLossConfig(loss_type="dapo", entropy_coef=0.1)
+    with backend("triton"):
+        with Sums():
+            run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+        check_against_reference("triton-" + strategy, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+    assert (seen["mixed"] > 0, seen["added"] > 0) == (mixed, not mixed), seen
+
+
 @pytest.mark.parametrize("impl", ["triton-chunked", "triton-vocab-blocks", "torch"], indirect=True)
 @pytest.mark.parametrize(
     "options",
