@@ -28,9 +28,24 @@ import torch
 from benchmarks import tune_fused
 from benchmarks.runner import device_name
 from grpo_kernels.backend import use_triton
-from grpo_kernels.ops.weight_grad import add_weight_grad
+from grpo_kernels.ops.weight_grad import Tiles, add_weight_grad
 
 SPLITS = (2, 4, 8)
+# `--add-tiles`: launch configurations of the Triton addition to try next to the one in use (bf16 and fp16 inputs),
+# named (block_m x block_n, warps, stages; "p<k>": the persistent kernel with k programs a multiprocessor, which loads
+# the next tile of d_weight before the current tile's products)
+ADD_TILES = {
+    "128x128 w8 s3": Tiles(128, 128, 64, 8, 3),
+    "128x256 w8 s3": Tiles(128, 256, 64, 8, 3),
+    "256x128 w8 s3": Tiles(256, 128, 64, 8, 3),
+    "128x64 w4 s4": Tiles(128, 64, 64, 4, 4),
+    "64x128 w4 s3": Tiles(64, 128, 64, 4, 3),
+    "128x64 w4 s3 p2": Tiles(128, 64, 64, 4, 3, per_sm=2),
+    "128x64 w4 s4 p2": Tiles(128, 64, 64, 4, 4, per_sm=2),
+    "64x128 w4 s3 p2": Tiles(64, 128, 64, 4, 3, per_sm=2),
+    "128x128 w8 s3 p1": Tiles(128, 128, 64, 8, 3, per_sm=1),
+    "128x128 w8 s4 p1": Tiles(128, 128, 64, 8, 4, per_sm=1),
+}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -49,9 +64,11 @@ def split_product(dz: torch.Tensor, weight: torch.Tensor, splits: int, out: torc
     return out.copy_(partial.sum(0, dtype=torch.float32))
 
 
-def measure(N: int, H: int, V: int, tokens: list[int], dtype: torch.dtype, device: str, runs: int) -> list[dict]:
+def measure(N: int, H: int, V: int, tokens: list[int], dtype: torch.dtype, device: str, runs: int,
+            add_tiles: dict[str, Tiles] | None = None) -> list[dict]:  # fmt: skip
     """One row per chunk size: each product's milliseconds and TFLOP/s, the split `d_hidden` products' times and
-    errors, and the projection onto N tokens."""
+    errors, the Triton addition's under each of `add_tiles` (time, TFLOP/s and error as a multiple of `addmm_`'s, or
+    the error it failed with), and the projection onto N tokens."""
     torch.manual_seed(0)
     weight = (torch.randn(V, H, device=device) * H**-0.5).to(dtype)
     d_w = torch.empty_like(weight)
@@ -68,13 +85,21 @@ def measure(N: int, H: int, V: int, tokens: list[int], dtype: torch.dtype, devic
             "d_weight_write": _time(lambda dz=dz, h=h: torch.mm(dz.t(), h, out=d_w), device, runs),
             "d_weight_add": _time(lambda dz=dz, h=h: d_w.addmm_(dz.t(), h), device, runs),
         }
+        tried = {}
         if use_triton(dz):  # the Triton addition, and its error against fp64 as a multiple of addmm_'s
             ms["d_weight_add_triton"] = _time(lambda dz=dz, h=h: add_weight_grad(d_w, dz, h), device, runs)
             base = (torch.randn(V, H, device=device) * 0.01).to(dtype)
             want = base.double().addmm_(dz.double().t(), h.double())
-            triton_err = float((add_weight_grad(base.clone(), dz, h) - want).abs().max())
-            cublas_err = float((base.clone().addmm_(dz.t(), h) - want).abs().max())
-            add_error = triton_err / max(cublas_err, 1e-300)
+            cublas_err = max(float((base.clone().addmm_(dz.t(), h) - want).abs().max()), 1e-300)
+            add_error = float((add_weight_grad(base.clone(), dz, h) - want).abs().max()) / cublas_err
+            for name, tiles in (add_tiles or {}).items():
+                try:
+                    err = float((add_weight_grad(base.clone(), dz, h, tiles=tiles) - want).abs().max()) / cublas_err
+                    t = _time(lambda dz=dz, h=h, tiles=tiles: add_weight_grad(d_w, dz, h, tiles=tiles), device, runs)
+                except Exception as e:  # a configuration the GPU cannot hold (shared memory, registers)
+                    tried[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"}
+                    continue
+                tried[name] = {"ms": t, "tflops": flops / t / 1e9, "error_vs_addmm": err}
             del base, want
         exact = dz.double() @ weight.double()
         plain_err = float((torch.mm(dz, weight) - exact).abs().max())
@@ -96,7 +121,7 @@ def measure(N: int, H: int, V: int, tokens: list[int], dtype: torch.dtype, devic
         chunks = -(-N // c)
         rows.append({
             "tokens": c, "chunks": chunks, "ms": ms, "tflops": {k: flops / v / 1e9 for k, v in ms.items()},
-            "split_d_hidden": splits,
+            "split_d_hidden": splits, "add_tiles": tried,
             "projected_ms": chunks * (ms["logits"] + ms["d_hidden"] + ms["d_weight_add"]),
         })  # fmt: skip
         if "d_weight_add_triton" in ms:
@@ -142,7 +167,26 @@ def markdown(rows: list[dict], meta: dict) -> str:
             ok = "error" not in x
             cells.append(f"{x['ms']:.3g} ({x['tflops']:.3g}), {x['error_vs_plain']:.2g}x" if ok else x["error"])
         lines.append(f"| {r['tokens']:,} | " + " | ".join(cells) + " |")
+    tried = list(rows[0].get("add_tiles", {})) if rows else []
+    if tried:
+        lines += ["", "The Triton addition under other launch configurations (`--add-tiles`; the one in use is "
+                  f"{_tiles_name()}): ms (TFLOP/s), max error against fp64 as a multiple of `addmm_`'s:", "",
+                  "| c | addmm_ | " + " | ".join(tried) + " |", "|---|---|" + "---|" * len(tried)]  # fmt: skip
+        for r in rows:
+            cells = [f"{r['ms']['d_weight_add']:.3g} ({r['tflops']['d_weight_add']:.3g})"]
+            for k in tried:
+                x = r["add_tiles"].get(k, {"error": "not run"})
+                ok = "error" not in x
+                cells.append(f"{x['ms']:.3g} ({x['tflops']:.3g}), {x['error_vs_addmm']:.2g}x" if ok else x["error"])
+            lines.append(f"| {r['tokens']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _tiles_name() -> str:
+    from grpo_kernels.ops.weight_grad import TILES
+
+    t = TILES["low"]
+    return f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}" + (f" p{t.per_sm}" if t.per_sm else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--runs", type=int, default=10)
+    p.add_argument(
+        "--add-tiles", action="store_true", help="also time the Triton d_weight addition under each of ADD_TILES"
+    )
     p.add_argument("--out", default="runs/chunk-products")
     args = p.parse_args(argv)
     try:
@@ -160,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--shape: expected NxHxV (e.g. 8192x4096x131072); got {args.shape!r}")
     if min(N, H, V) < 1 or min(args.tokens) < 1 or args.runs < 1:
         p.error("--shape, --tokens and --runs must be positive")
-    rows = measure(N, H, V, sorted(set(args.tokens)), DTYPES[args.dtype], args.device, args.runs)
+    add_tiles = ADD_TILES if args.add_tiles else None
+    rows = measure(N, H, V, sorted(set(args.tokens)), DTYPES[args.dtype], args.device, args.runs, add_tiles)
     meta = {
         "command": "python -m benchmarks.chunk_products " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "N": N, "H": H, "V": V, "dtype": args.dtype,

@@ -167,7 +167,7 @@ run() {
   if [ -n "${SWEEP_RESUME:-}" ]; then cp "$SWEEP_RESUME" "$out/results.json" && resume=(--resume); fi
   providers=$(python3 -c "from benchmarks.providers import PROVIDERS as P
 print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', 'ours-scratch', 'ours-scratch-tadd',
-                                     'ours-scratch-own', 'ours-filter'}))")
+                                     'ours-scratch-own', 'ours-scratch-adds', 'ours-filter'}))")
   # shellcheck disable=SC2086
   [ "$sweep_seconds" -gt 0 ] && { timeout --kill-after=10 $((sweep_seconds + 45)) python3 -m benchmarks --device cuda \
     --out "$out" --no-progress --time-limit "$sweep_seconds" --max-run-ms 1000 ${resume[@]+"${resume[@]}"} \
@@ -184,16 +184,23 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   fits() { if [ $((SECONDS + $1)) -gt "$end_seconds" ]; then echo "skipped $2: the run is at $SECONDS s"; return 1; fi; }
   local B="python3 -m benchmarks --device cuda --no-progress" target="--ops fused_linear --shapes 8x1024x4096x131072"
   # the scratch strategy (the first chunk's logits in d_weight's memory, then chunks of 364 down to 240 tokens: 60 MiB
-  # of bf16 logits and d_hidden's unwritten rows) at the target shape, profiled, with the chunks' d_weight additions by
-  # cuBLAS and by ops/weight_grad.py, and without the borrowed rows (240-token chunks), next to tiles: the 64 MiB
-  # target's candidates; the other strategies come next, then the default at the same budget
+  # of bf16 logits and d_hidden's unwritten rows) at the target shape, profiled, and without the borrowed rows
+  # (240-token chunks), next to tiles: the 64 MiB target's candidates; the other strategies come next, then the
+  # default at the same budget (the Triton d_weight additions lost to cuBLAS last run: their configurations below;
+  # ours-scratch-adds differs from ours-scratch only where PyTorch's addmm sums bf16 products in fp32, not 2.11)
   # shellcheck disable=SC2086
-  fits 135 "the scratch strategy" && { timeout --kill-after=5 130 $B --profile --out "$scratch/fused/scratch" \
-    $target --providers ours-scratch ours-scratch-tadd ours-scratch-own ours-tiles floor || fused=$?; }
+  fits 110 "the scratch strategy" && { timeout --kill-after=5 105 $B --profile --out "$scratch/fused/scratch" \
+    $target --providers ours-scratch ours-scratch-own ours-tiles floor || fused=$?; }
   # --profile: where each strategy's time goes, kernel by kernel (results.md's last section, profiles/)
   # shellcheck disable=SC2086
   fits 120 "the strategies" && { timeout --kill-after=10 110 $B --profile --out "$scratch/fused/strategies" $target \
     --providers ours-triton ours-tiles ours-fused ours-vocab floor || fused=$?; }
+  # the Triton d_weight addition (ops/weight_grad.py) under other launch configurations, the persistent kernel
+  # (the next tile of d_weight loaded ahead of the current one's products) among them, at the scratch strategy's
+  # chunk sizes next to cuBLAS's addmm_ (0.905 ms at 240 tokens on the H200, the Triton default's 1.27): the 50 ms
+  # on an H100 needs those additions' traffic under their arithmetic
+  fits 75 "the d_weight addition's configurations" && { timeout --kill-after=5 70 python3 -m benchmarks.chunk_products \
+    --tokens 240 364 --runs 10 --add-tiles --out "$scratch/fused/add-tiles" || fused=$?; }
   # the default at 120 MiB of fp32 logits (60 MiB of bf16 logits, 240-token chunks), profiled: under 64 MiB its three
   # products would fit the target if the small chunks' products kept their speed
   # shellcheck disable=SC2086

@@ -10,7 +10,8 @@ its first launch on that GPU. Nothing is timed.
     python -m benchmarks.kernel_resources [--arch 90 89 80 100 120] [--dtypes bf16 fp32] [--tiles] [--out DIR]
 
 `--tiles` also builds each tile configuration that `benchmarks/tune_fused.py` would time, in bf16 at the fused
-linear kernels' target shape, so that a configuration that spills or cannot launch is known before a GPU is spent on
+linear kernels' target shape, and each of the `d_weight` addition's that `benchmarks/chunk_products.py --add-tiles`
+would, so that a configuration that spills or cannot launch is known before a GPU is spent on
 it (a candidate that does not fit is reported, not an error: it is skipped where it cannot run). Writes
 `resources.json` and `resources.md` to `--out`; exits 1 when a kernel, with the launch settings the package uses, fails
 to compile or to fit.
@@ -392,6 +393,16 @@ def tile_candidates() -> Iterator[tuple[str, Callable[[], None]]]:
                                           (True, True, False))  # fmt: skip
 
             yield f"tune_fused {kernel} {'x'.join(map(str, c))} (BLOCK_N x V x K, warps, stages[, maxnreg])", launch
+    from benchmarks.chunk_products import ADD_TILES
+    from grpo_kernels.ops.weight_grad import add_weight_grad
+
+    for name, tiles in ADD_TILES.items():  # the d_weight addition's candidates, at a 240-token chunk
+
+        def add(tiles=tiles):
+            out = torch.empty(V, H, dtype=torch.bfloat16)
+            add_weight_grad(out, torch.empty(240, V, dtype=torch.bfloat16), hidden[:240], tiles=tiles)
+
+        yield f"chunk_products --add-tiles {name}", add
 
 
 def collect(archs: list[int], dtypes: list[str], tiles: bool, progress: bool = True) -> list[Build]:
@@ -475,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [dict(dataclasses.asdict(b), blocks_per_sm=b.blocks_per_sm, problems=b.problems) for b in builds]
         meta = {"triton": triton.__version__, "torch": torch.__version__, "command": command.strip()}
         (args.out / "resources.json").write_text(json.dumps({"meta": meta, "builds": rows}, indent=1) + "\n")
-    bad = [b for b in builds if b.problems and not b.scenario.startswith("tune_fused")]
+    bad = [b for b in builds if b.problems and not b.scenario.startswith(("tune_fused", "chunk_products"))]
     for b in bad:
         print(f"sm_{b.arch} {b.kernel} {b.dtype} {b.options} ({b.scenario}): {'; '.join(b.problems)}", file=sys.stderr)
     return 1 if bad else 0

@@ -423,15 +423,19 @@ def test_tile_tuner_tries_every_candidate_and_restores_the_tiles(tmp_path, devic
     assert tune_fused._diff((torch.tensor([2.0, -4.0]), None, torch.tensor([0.5])), ref) > tune_fused.MISMATCH
 
 
-def test_chunk_products_times_each_product_and_projects_the_chunks(tmp_path):
+def test_chunk_products_times_each_product_and_projects_the_chunks(tmp_path, monkeypatch):
     """`python -m benchmarks.chunk_products`: per chunk size, the three products, the split `d_hidden` (correct, or
-    the reason it was not run), the Triton `d_weight` addition (interpreted here) and the projections onto N tokens;
+    the reason it was not run), the Triton `d_weight` addition (interpreted here) under the configuration in use and
+    under each of `--add-tiles`' (correct, or the error a configuration fails with) and the projections onto N tokens;
     its files."""
     from benchmarks import chunk_products
+    from grpo_kernels.ops.weight_grad import Tiles
 
     out = tmp_path / "cp"
+    bad = Tiles(100, 16, 16, 4, 2)  # not a power of two: Triton refuses it
+    monkeypatch.setattr(chunk_products, "ADD_TILES", {**chunk_products.ADD_TILES, "bad": bad})
     args = ["--shape", "100x16x100", "--tokens", "10", "30", "--dtype", "float32", "--device", "cpu", "--runs", "1",
-            "--out", str(out)]  # fmt: skip
+            "--add-tiles", "--out", str(out)]  # fmt: skip
     assert chunk_products.main(args) == 0
     rows = json.loads((out / "chunk_products.json").read_text())["rows"]
     assert [r["tokens"] for r in rows] == [10, 30] and [r["chunks"] for r in rows] == [10, 4]
@@ -448,7 +452,12 @@ def test_chunk_products_times_each_product_and_projects_the_chunks(tmp_path):
         for s in ("2", "4"):  # fp32 products summed in fp32: as accurate as one product, give or take
             assert 0 <= splits[s]["error_vs_plain"] < 4, splits[s]
         assert "error" in splits["4 fp32"]  # no fp32 output of 32-bit products on the CPU
-    assert "| 30 |" in (out / "chunk_products.md").read_text()
+        tried = r["add_tiles"]
+        assert set(tried) == set(chunk_products.ADD_TILES) | {"bad"} and "error" in tried.pop("bad")
+        for name, x in tried.items():
+            assert x["ms"] > 0 and 0 <= x["error_vs_addmm"] < 4, (name, x)
+    text = (out / "chunk_products.md").read_text()
+    assert "| 30 |" in text and "128x128 w8 s3 p1" in text
     dz, w = torch.randn(6, 12), torch.randn(12, 5)
     assert_close = torch.testing.assert_close
     assert_close(chunk_products.split_product(dz, w, 3, torch.empty(6, 5)), dz @ w, rtol=1e-5, atol=1e-5)

@@ -8,9 +8,14 @@ import torch
 from helpers import assert_within_pytorch_error
 
 from grpo_kernels import reference
-from grpo_kernels.ops.weight_grad import add_weight_grad
+from grpo_kernels.ops.weight_grad import Tiles, add_weight_grad
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.bf16)]
+
+
+# the launch configurations under test: the default's, and the persistent kernel's with small tiles (many tiles a
+# program, the grid smaller than the tiles) and with large ones (fewer tiles than programs)
+PERSISTENT = {"small": Tiles(32, 16, 16, 4, 2, per_sm=2), "large": Tiles(128, 64, 32, 4, 3, per_sm=2)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -19,13 +24,15 @@ DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytes
     ("M", "N", "K", "row_pad"),
     [(131, 24, 7, 0), (200, 129, 65, 0), (64, 64, 1, 0), (1000, 17, 240, 0), (257, 96, 33, 63)],
 )
-def test_matches_addmm(M, N, K, row_pad, accumulate, dtype, device):
+@pytest.mark.parametrize("tiles", [None, *PERSISTENT], ids=lambda t: t or "default")
+def test_matches_addmm(M, N, K, row_pad, accumulate, dtype, tiles, device):
     """Odd extents on every side, an inner dimension of one, and `a` as a view of rows padded past M (as a chunk's
-    logits are): the kernel's error against fp64 within twice PyTorch's own at the same dtype."""
+    logits are), by the default kernel and the persistent one: the error against fp64 within twice PyTorch's own at
+    the same dtype."""
     out0 = torch.randn(M, N).to(dtype)
     a = (torch.randn(K, M + row_pad) * 0.1).to(dtype).to(device)[:, :M]
     b = torch.randn(K, N).to(dtype).to(device)
-    got = add_weight_grad(out0.clone().to(device), a, b, accumulate)
+    got = add_weight_grad(out0.clone().to(device), a, b, accumulate, None if tiles is None else PERSISTENT[tiles])
     same = reference.add_weight_grad(out0.clone().to(device), a, b, accumulate)
     exact = reference.add_weight_grad(out0.double(), a.double().cpu(), b.double().cpu(), accumulate)
     assert got.dtype == dtype

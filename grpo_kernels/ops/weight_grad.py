@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from grpo_kernels.ops import _common
 from grpo_kernels.ops._common import dot
 
 
@@ -73,12 +74,82 @@ def _weight_grad_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=live)
 
 
+@triton.jit
+def _weight_grad_persistent_kernel(
+    out_ptr,
+    a_ptr,
+    b_ptr,
+    M,
+    N,
+    K,
+    stride_om,
+    stride_ak,
+    stride_bk,
+    PROGRAMS,  # programs in the grid: each takes every PROGRAMS-th tile
+    ACCUMULATE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """`_weight_grad_kernel` with a grid of a few programs per multiprocessor, each taking tile after tile: it loads
+    the next tile of `out` before the current tile's products, so that the loads of `out` stream under the arithmetic
+    across tiles, not only within one."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    tiles = tiles_m * tiles_n
+    per_group = GROUP_M * tiles_n
+    im, in_ = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
+    ik = tl.arange(0, BLOCK_K)
+    # the first tile's `out`, loaded before the loop; each turn loads the next one's
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    row = (first_m + (pid % per_group) % rows_in_group).to(tl.int64) * BLOCK_M
+    col = ((pid % per_group) // rows_in_group).to(tl.int64) * BLOCK_N
+    live = (im < M - row)[:, None] & (in_ < N - col)[None, :]  # the grid holds no more programs than tiles
+    before = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
+    if ACCUMULATE:
+        before = tl.load(out_ptr + row * stride_om + col + im[:, None] * stride_om + in_[None, :], mask=live, other=0.0)
+    for tile in range(pid, tiles, PROGRAMS):
+        nxt = tile + PROGRAMS
+        next_first = (nxt // per_group) * GROUP_M
+        next_rows = tl.maximum(tl.minimum(tiles_m - next_first, GROUP_M), 1)  # 1 past the last tile
+        next_row = (next_first + (nxt % per_group) % next_rows).to(tl.int64) * BLOCK_M
+        next_col = ((nxt % per_group) // next_rows).to(tl.int64) * BLOCK_N
+        next_m = tl.where(nxt < tiles, M, 0)  # past the last tile: no rows
+        next_live = (im < next_m - next_row)[:, None] & (in_ < N - next_col)[None, :]
+        if ACCUMULATE:
+            after = tl.load(out_ptr + next_row * stride_om + next_col + im[:, None] * stride_om + in_[None, :],
+                            mask=next_live, other=0.0)  # fmt: skip
+        in_m, in_n = im < M - row, in_ < N - col
+        a_ptrs = a_ptr + row + ik[None, :] * stride_ak + im[:, None]  # [BLOCK_M, BLOCK_K]: a tile of a.T
+        b_ptrs = b_ptr + col + ik[:, None] * stride_bk + in_[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            in_k = ik < K - k
+            a = tl.load(a_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
+            acc = dot(a, b, acc, IEEE)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        if ACCUMULATE:
+            acc += before.to(tl.float32)
+            before = after
+        tl.store(out_ptr + row * stride_om + col + im[:, None] * stride_om + in_[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=live)  # fmt: skip
+        row, col, live = next_row, next_col, next_live
+
+
 class Tiles(NamedTuple):
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    # 0: one program per tile of `out` (`_weight_grad_kernel`); k: k programs per multiprocessor, each taking tile
+    # after tile and loading the next one's `out` ahead (`_weight_grad_persistent_kernel`)
+    per_sm: int = 0
 
 
 # Not yet timed on a GPU. Built with triton 3.9 (`benchmarks/kernel_resources.py`, aligned extents), 16-bit inputs:
@@ -87,9 +158,12 @@ class Tiles(NamedTuple):
 # 96 KiB, one). fp32 inputs: 64 x 64 tiles, three programs.
 TILES = {"low": Tiles(128, 64, 64, 4, 3), "fp32": Tiles(64, 64, 32, 4, 3)}
 GROUP_M = 8
+# The persistent kernel's "multiprocessors" in Triton's interpreter (no GPU): a few, so that programs take turns
+INTERPRETER_PROGRAMS = 3
 
 
-def add_weight_grad(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = True) -> torch.Tensor:
+def add_weight_grad(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = True,
+                    tiles: Tiles | None = None) -> torch.Tensor:  # fmt: skip
     """`out += a.T @ b` (or `out = a.T @ b` without `accumulate`), summed in fp32 and rounded once into `out`.
 
     Args:
@@ -97,6 +171,8 @@ def add_weight_grad(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumul
         a: `[K, M]` (the chunk's logits gradient), columns contiguous.
         b: `[K, N]` (the chunk's hidden rows), columns contiguous.
         accumulate: add to `out`; else `out` is only written.
+        tiles: the launch configuration; by default `TILES`' for the dtype (the tuner in
+            `benchmarks/chunk_products.py` tries others).
 
     Returns:
         `out`.
@@ -118,11 +194,16 @@ def add_weight_grad(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumul
         return out
     if K == 0:
         return out if accumulate else out.zero_()
-    tiles = TILES["fp32" if out.dtype == torch.float32 else "low"]
-    grid = (triton.cdiv(M, tiles.block_m) * triton.cdiv(N, tiles.block_n),)
-    _weight_grad_kernel[grid](
-        out, a, b, M, N, K, out.stride(0), a.stride(0), b.stride(0), ACCUMULATE=accumulate,
-        IEEE=out.dtype == torch.float32, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        GROUP_M=GROUP_M, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )  # fmt: skip
+    tiles = TILES["fp32" if out.dtype == torch.float32 else "low"] if tiles is None else tiles
+    count = triton.cdiv(M, tiles.block_m) * triton.cdiv(N, tiles.block_n)
+    options = dict(ACCUMULATE=accumulate, IEEE=out.dtype == torch.float32, BLOCK_M=tiles.block_m,
+                   BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=GROUP_M, num_warps=tiles.num_warps,
+                   num_stages=tiles.num_stages)  # fmt: skip
+    args = (out, a, b, M, N, K, out.stride(0), a.stride(0), b.stride(0))
+    if tiles.per_sm:
+        sms = INTERPRETER_PROGRAMS if _common.interpreting() else _common.multiprocessors(out.device)
+        programs = min(count, tiles.per_sm * sms)
+        _weight_grad_persistent_kernel[(programs,)](*args, programs, **options)
+    else:
+        _weight_grad_kernel[(count,)](*args, **options)
     return out
