@@ -167,7 +167,7 @@ run() {
   if [ -n "${SWEEP_RESUME:-}" ]; then cp "$SWEEP_RESUME" "$out/results.json" && resume=(--resume); fi
   providers=$(python3 -c "from benchmarks.providers import PROVIDERS as P
 print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', 'ours-scratch', 'ours-scratch-tadd',
-                                     'ours-scratch-own', 'ours-scratch-adds', 'ours-filter'}))")
+                                     'ours-scratch-own', 'ours-scratch-adds', 'ours-scratch-after', 'ours-filter'}))")
   # shellcheck disable=SC2086
   [ "$sweep_seconds" -gt 0 ] && { timeout --kill-after=10 $((sweep_seconds + 45)) python3 -m benchmarks --device cuda \
     --out "$out" --no-progress --time-limit "$sweep_seconds" --max-run-ms 1000 ${resume[@]+"${resume[@]}"} \
@@ -183,14 +183,16 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   # each stage starts only when its time limit still fits before the run's end ($end_seconds)
   fits() { if [ $((SECONDS + $1)) -gt "$end_seconds" ]; then echo "skipped $2: the run is at $SECONDS s"; return 1; fi; }
   local B="python3 -m benchmarks --device cuda --no-progress" target="--ops fused_linear --shapes 8x1024x4096x131072"
-  # the scratch strategy (the first chunk's logits in d_weight's memory, then chunks of 364 down to 240 tokens: 60 MiB
-  # of bf16 logits and d_hidden's unwritten rows) at the target shape, profiled, and without the borrowed rows
-  # (240-token chunks), next to tiles: the 64 MiB target's candidates; the other strategies come next, then the
-  # default at the same budget (the Triton d_weight additions lost to cuBLAS last run: their configurations below;
-  # ours-scratch-adds differs from ours-scratch only where PyTorch's addmm sums bf16 products in fp32, not 2.11)
+  # the scratch strategy (the first chunk's 4,096 tokens' logits in d_weight's memory, their fp32 d_hidden sums in
+  # d_hidden's, then chunks of 356 down to 220 tokens: 60 MiB of bf16 logits and d_hidden's unwritten rows) at the
+  # target shape, profiled; with the first chunk's sums after its logits (3,855 tokens, as timed last run), and
+  # without the borrowed rows (240-token chunks), next to tiles: the 64 MiB target's candidates; the other strategies
+  # come next, then the default at the same budget (the Triton d_weight additions lost to cuBLAS last run: their
+  # configurations below; ours-scratch-adds differs from ours-scratch only where PyTorch's addmm sums bf16 products in
+  # fp32, not 2.11)
   # shellcheck disable=SC2086
-  fits 110 "the scratch strategy" && { timeout --kill-after=5 105 $B --profile --out "$scratch/fused/scratch" \
-    $target --providers ours-scratch ours-scratch-own ours-tiles floor || fused=$?; }
+  fits 135 "the scratch strategy" && { timeout --kill-after=5 130 $B --profile --out "$scratch/fused/scratch" \
+    $target --providers ours-scratch ours-scratch-after ours-scratch-own ours-tiles floor || fused=$?; }
   # --profile: where each strategy's time goes, kernel by kernel (results.md's last section, profiles/)
   # shellcheck disable=SC2086
   fits 120 "the strategies" && { timeout --kill-after=10 110 $B --profile --out "$scratch/fused/strategies" $target \

@@ -279,6 +279,7 @@ def _ours_linear(
     add_weight_grad: str = "cublas",
     borrow_rows: bool = True,
     mixed_sums: bool = True,
+    sums_in_rows: bool = True,
 ) -> Callable[[Case, dict], Bound]:
     def bind(case: Case, x: dict) -> Bound:
         if strategy == "fused" and not hasattr(fused_linear, "use_fused_kernels"):
@@ -291,6 +292,8 @@ def _ours_linear(
             fused_linear.ADD_WEIGHT_GRAD = add_weight_grad
             mixed_before = getattr(fused_linear, "MIXED_SUMS", True)
             fused_linear.MIXED_SUMS = mixed_sums
+            in_rows_before = getattr(fused_linear, "SCRATCH_SUMS_IN_ROWS", True)
+            fused_linear.SCRATCH_SUMS_IN_ROWS = sums_in_rows
             rows = getattr(fused_linear, "BORROW_ROWS", None)
             rows_before = None if rows is None else dict(rows)
             if rows is not None and not borrow_rows:
@@ -301,6 +304,7 @@ def _ours_linear(
             finally:
                 fused_linear.ADD_WEIGHT_GRAD = before
                 fused_linear.MIXED_SUMS = mixed_before
+                fused_linear.SCRATCH_SUMS_IN_ROWS = in_rows_before
                 if rows is not None:
                     rows.update(rows_before)
 
@@ -559,7 +563,8 @@ _OURS_TILES = Provider("ours-tiles", "fused_linear", "grpo_kernels (tiles)", _ou
 
 # `GRPO_KERNELS_LINEAR=scratch`: the single pass with small chunks, the first chunk's logits kept in d_weight's memory,
 # part of the later chunks' in d_hidden's unwritten rows on CUDA; the same without those rows
-# (`fused_linear.BORROW_ROWS`), with the first chunk's fp32 d_hidden sums added apart from its 16-bit products
+# (`fused_linear.BORROW_ROWS`), with the first chunk's fp32 d_hidden sums after its logits in d_weight's memory
+# (`fused_linear.SCRATCH_SUMS_IN_ROWS` off: fewer tokens in it), with those sums added apart from its 16-bit products
 # (`fused_linear.MIXED_SUMS` off), and with the chunks' d_weight additions by ops/weight_grad.py
 # (`fused_linear.ADD_WEIGHT_GRAD = "triton"`)
 _OURS_SCRATCH = Provider(
@@ -568,6 +573,10 @@ _OURS_SCRATCH = Provider(
 _OURS_SCRATCH_OWN = Provider(
     "ours-scratch-own", "fused_linear", "grpo_kernels (scratch, no borrowed rows)",
     _ours_linear("triton", "scratch", borrow_rows=False), devices=("cuda",), role="ours",
+)  # fmt: skip
+_OURS_SCRATCH_AFTER = Provider(
+    "ours-scratch-after", "fused_linear", "grpo_kernels (scratch, first sums after the logits)",
+    _ours_linear("triton", "scratch", sums_in_rows=False), devices=("cuda",), role="ours",
 )  # fmt: skip
 _OURS_SCRATCH_ADDS = Provider(
     "ours-scratch-adds", "fused_linear", "grpo_kernels (scratch, separate fp32 additions)",
@@ -595,6 +604,7 @@ PROVIDERS: tuple[Provider, ...] = (
     _OURS_TILES,
     _OURS_SCRATCH,
     _OURS_SCRATCH_OWN,
+    _OURS_SCRATCH_AFTER,
     _OURS_SCRATCH_ADDS,
     _OURS_SCRATCH_TADD,
     _OURS_FILTER,

@@ -45,9 +45,10 @@ How to read these tables:
   one more matrix product, in few large chunks, with 32 MiB of bf16 logits); grpo_kernels (scratch) is the opt-in
   `GRPO_KERNELS_LINEAR=scratch` strategy (three products in 60 MiB chunks of bf16 logits, the first chunk's logits
   kept in d_weight's own memory, part of the later chunks' in d_hidden's unwritten rows on CUDA), "no borrowed rows"
-  without the latter, "separate fp32 additions" with the first chunk's fp32 d_hidden sums added apart from its
-  bf16 products (where PyTorch's addmm can sum them itself), "Triton additions" with the chunks' d_weight additions
-  by ops/weight_grad.py instead of cuBLAS; grpo_kernels (filter 2^-12) is the default
+  without the latter, "first sums after the logits" with the first chunk's fp32 d_hidden sums in d_weight's memory
+  after its logits (fewer tokens in it) instead of d_hidden's, "separate fp32 additions" with those sums added apart
+  from its bf16 products (where PyTorch's addmm can sum them itself), "Triton additions" with the chunks' d_weight
+  additions by ops/weight_grad.py instead of cuBLAS; grpo_kernels (filter 2^-12) is the default
   strategy with gradient filtering (`grad_filter_eps=2**-12`, approximate), which pays on "peaked inputs" (a trained
   model's peaked softmax; see benchmarks/providers.py) and keeps every column of a flat softmax.
 - Every loss is TRL's default (dapo, beta 0, on-policy) over every token. Liger's fused linear loss runs with

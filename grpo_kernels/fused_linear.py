@@ -89,12 +89,16 @@ TILES_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 64 << 20}
 SCRATCH_CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 120 << 20}
 # ...and the first chunk's blocks of vocabulary columns: at most that budget over this many bytes per logit. On CUDA a
 # block's copy (in the weight's dtype, where its logits reach into its own rows of d_weight) fills the buffer the later
-# chunks use anyway: 17 blocks of 7,744 columns at the target shape, each with its products, two row kernels and an
+# chunks use anyway: 18 blocks of 7,296 columns at the target shape, each with its products, two row kernels and an
 # fp32 addition of the chunk's d_hidden rows (on the H200 the 33 blocks of 4,032 columns spent 2.0 ms in those
 # additions alone); the CPU path's fp32 logits and its row kernels' temporaries take twice as many bytes per logit
 SCRATCH_BLOCK_BYTES = {"cpu": 8, "cuda": 4}
 # where its fp32 d_hidden sums start in d_weight's memory: aligned for cuBLAS's fast kernels
 SCRATCH_ALIGN = 256
+# ...or whether they may lie in d_hidden's own memory instead, which it does not need until the chunk's rows are
+# stored, where the first chunk then takes more tokens (`_scratch_capacity`): at N = 8,192, H = 4,096, V = 131,072 in
+# bf16 4,096 tokens instead of 3,855, and 14 later chunks instead of 15 (one fewer reading and writing of d_weight)
+SCRATCH_SUMS_IN_ROWS = True
 # GRPO_KERNELS_LINEAR=scratch: whether the chunks after the first may keep part of their logits in d_hidden's rows of
 # the tokens after them (`_Borrow`). On CUDA small chunks are bound by rereading d_weight, so fewer of them pay; on the
 # CPU the products are bound by arithmetic, and the row kernels' copies of a block's rows would add to the peak.
@@ -218,8 +222,11 @@ def workspace_bytes(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtyp
         buffer = max(buffer, tokens * max(1, min(vocab, budget // (4 * max(tokens, 1)))) * per_logit)
     if strategy == "scratch":  # the first chunk: a block copied out, 16-bit d_hidden products, its gathered rows
         lb = b if kind == "cuda" else max(b, 4)
-        room = _scratch_capacity(vocab, hidden_size, b, lb, max(b, 4))
-        c = min(room, tokens) if room > rows or tokens <= room else 0  # as single_pass_chunks and scratch_fits take it
+        # as single_pass_chunks and scratch_fits take it, with d_hidden's rows as many as the tokens (more, where
+        # some are masked out, can only let the first chunk take more, up to d_weight's memory's worth of logits)
+        room, in_rows = _scratch_capacity(vocab, hidden_size, b, lb, max(b, 4), tokens, b)
+        room = vocab * hidden_size * b // (vocab * lb) if in_rows or room < tokens else room
+        c = min(room, tokens) if room > rows or tokens <= room else 0
         # a chunk that borrows d_hidden's rows (`_Borrow`) gathers more rows than the buffer holds: at most the first
         # chunk's, where the weight's layout leaves no room in d_weight's memory
         borrow = _Borrow(vocab, hidden_size, lb, b, rows, ROW_ALIGN[kind]) if lb == b and BORROW_ROWS[kind] else None
@@ -515,6 +522,18 @@ class _Head:
             return False
         return 0 < sl.stop - sl.start <= scratch_tokens(self.flat, self.weight, self.d_h is not None, self.ops)
 
+    def _first_sums(self, n: int, memory: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """`(acc, in_rows)`: the scratch strategy's first chunk's fp32 (fp64) `d_hidden` sums `[n, H]`, zeroed, at
+        the end of `d_weight`'s `memory` (bytes), or at the start of `d_hidden`'s (`scratch_layout`)."""
+        H, math = self.flat.shape[1], cpu.math_dtype(self.flat)
+        size = n * H * math.itemsize
+        in_rows = scratch_layout(self.flat, self.weight, True, self.ops)[1]
+        if in_rows:
+            start, memory = 0, self.d_h.view(-1).view(torch.uint8)
+        else:
+            start = (memory.numel() - size) // SCRATCH_ALIGN * SCRATCH_ALIGN
+        return memory[start : start + size].view(math).view(n, H).zero_(), in_rows
+
     def scratch_grads(self, sl: slice, coefficients) -> tuple[torch.Tensor, torch.Tensor]:
         """The chunk `sl`'s `(logp, entropy)` `[c]`, and its gradients formed from logits kept in `d_weight`'s
         memory (the scratch strategy's first chunk; `scratch_fits`): `coefficients(logp, entropy)` gives the tokens'
@@ -547,11 +566,11 @@ class _Head:
         logp, entropy, m, log_s = state
         g_lp, g_ent = coefficients(logp, entropy)
         acc = rows_out = None
-        if self.d_h is not None:  # fp32 (fp64) sums of d_hidden's rows, in the last bytes of d_weight
-            ab = math.itemsize
-            start = (memory.numel() - n * H * ab) // SCRATCH_ALIGN * SCRATCH_ALIGN
-            acc = memory[start : start + n * H * ab].view(math).view(n, H).zero_()
-            if self._rows_out():  # 16-bit products or rows through a buffer
+        in_rows = direct = False
+        if self.d_h is not None:  # fp32 (fp64) sums of d_hidden's rows, after the logits or in d_hidden's memory
+            acc, in_rows = self._first_sums(n, memory)
+            direct = in_rows and self.positions is None and self.d_h.dtype == math  # acc is d_hidden[sl] itself
+            if self._rows_out() or (in_rows and not direct):  # 16-bit products, or rows stored, through a buffer
                 rows_out = self._scratch_as(n * H, wdt).view(n, H)
         for cols in blocks:
             dz = self.ops.block_grad(block(cols), ids, cols.start, m, log_s, entropy, g_lp, g_ent, None, *self.args)
@@ -560,9 +579,14 @@ class _Head:
                 self._sum_rows(acc, dz, cols, rows_out)
             if self.d_b is not None:
                 self.d_b[cols] += dz.sum(0, dtype=self.d_b.dtype)
-        if acc is not None:
+        if in_rows and not direct:  # the sums leave d_hidden's memory before its rows are written
+            rows_out.copy_(acc)
+            if self.positions is not None:
+                acc.zero_()  # d_hidden's rows of inactive tokens stay 0
+            self._store_rows(sl, rows_out, None)
+        elif acc is not None and not direct:
             self._store_rows(sl, acc, rows_out)
-            acc = rows_out = None  # the buffer is free for the staging below
+        acc = rows_out = None  # the buffer is free for the staging below
         for cols in reversed(blocks):
             dz = block(cols)
             rows = (cols.start * H * wdt.itemsize, cols.stop * H * wdt.itemsize)  # d_weight[cols]'s bytes
@@ -770,14 +794,24 @@ def _logits_dtype(hidden: torch.Tensor, ops) -> torch.dtype:
 
 def scratch_tokens(hidden: torch.Tensor, weight: torch.Tensor, d_hidden: bool = True, ops=None) -> int:
     """Tokens whose logits (and, with `d_hidden`, fp32 `d_hidden` rows) fit in the memory of a `d_weight` like
-    `weight`: the scratch strategy's first chunk. About H for a large vocabulary in 16 bits (3,855 tokens at
-    H = 4,096, V = 131,072 in bf16); on the CPU path, whose logits are fp32, half that for 16-bit weights."""
+    `weight` (and of a `d_hidden` like `hidden`): the scratch strategy's first chunk (`scratch_layout`). About H for a
+    large vocabulary in 16 bits (4,096 tokens at N = 8,192, H = 4,096, V = 131,072 in bf16, 3,855 at N = 4,096);
+    on the CPU path, whose logits are fp32, half that for 16-bit weights."""
+    return scratch_layout(hidden, weight, d_hidden, ops)[0]
+
+
+def scratch_layout(hidden: torch.Tensor, weight: torch.Tensor, d_hidden: bool = True, ops=None) -> tuple[int, bool]:
+    """`(tokens, in_rows)` of the scratch strategy's first chunk (`_scratch_capacity`): its logits in `d_weight`'s
+    memory and its fp32 `d_hidden` sums after them, or (`in_rows`) in `d_hidden`'s own memory, where more tokens fit
+    so (a `d_hidden` of at least about 2H rows in 16 bits)."""
     V, H = weight.shape
     if not weight.is_contiguous():  # its gradient takes its strides: its memory is not one run of bytes
-        return 0
+        return 0, False
     ops = _row_ops(hidden) if ops is None else ops
     ab = cpu.math_dtype(hidden).itemsize if d_hidden else 0
-    return _scratch_capacity(V, H, weight.element_size(), _logits_dtype(hidden, ops).itemsize, ab)
+    rows = hidden.numel() // max(H, 1)  # d_hidden's rows: every token's, active or not
+    return _scratch_capacity(V, H, weight.element_size(), _logits_dtype(hidden, ops).itemsize, ab, rows,
+                             hidden.element_size())  # fmt: skip
 
 
 def scratch_block_width(vocab: int, tokens: int, budget: int, device: torch.device) -> int:
@@ -786,19 +820,26 @@ def scratch_block_width(vocab: int, tokens: int, budget: int, device: torch.devi
     return block_width(vocab, budget // (SCRATCH_BLOCK_BYTES[_kind(device)] * max(tokens, 1)), even=True)
 
 
-def _scratch_capacity(V: int, H: int, weight_bytes: int, logit_bytes: int, sum_bytes: int) -> int:
-    """Tokens whose `[V]` logits and `[H]` sums fit in `V * H` elements of `weight_bytes`, the sums starting at a
-    multiple of `SCRATCH_ALIGN` bytes."""
-    room = V * H * weight_bytes - (SCRATCH_ALIGN if sum_bytes else 0)
-    return max(0, room // max(V * logit_bytes + H * sum_bytes, 1))
+def _scratch_capacity(V: int, H: int, weight_bytes: int, logit_bytes: int, sum_bytes: int, rows: int = 0,
+                      row_bytes: int = 0) -> tuple[int, bool]:  # fmt: skip
+    """`(tokens, in_rows)`: tokens whose `[V]` logits fit in `V * H` elements of `weight_bytes` with their `[H]` sums
+    of `sum_bytes` (none where 0): the sums after the logits, from a multiple of `SCRATCH_ALIGN` bytes, or
+    (`in_rows`) in the memory of `rows` rows of `H` elements of `row_bytes` (`d_hidden`'s), where more tokens fit so."""
+    size = V * H * weight_bytes
+    after = max(0, (size - (SCRATCH_ALIGN if sum_bytes else 0)) // max(V * logit_bytes + H * sum_bytes, 1))
+    if not sum_bytes or not SCRATCH_SUMS_IN_ROWS:
+        return after, False
+    apart = min(size // max(V * logit_bytes, 1), rows * row_bytes // sum_bytes)
+    return (apart, True) if apart > after else (after, False)
 
 
 class _Borrow:
     """The scratch strategy's chunks after its first, where `d_hidden` and `d_weight` are both formed: beyond the chunk
     buffer (`size` tokens' logits, rows `align` elements apart), a chunk's logits may take the last rows of `d_hidden`,
     those of the tokens after it, which nothing has written yet. Its first `width` vocabulary columns then lie there,
-    the rest in the buffer. At H = 4,096, V = 131,072 in bf16 the 4,337 tokens after a 3,855-token first chunk take 15
-    chunks instead of 19 (364 tokens at first, 240 the buffer alone): 4 fewer rereadings of `d_weight`."""
+    the rest in the buffer. At N = 8,192, H = 4,096, V = 131,072 in bf16 the 4,096 tokens after a 4,096-token first
+    chunk take 14 chunks instead of 18 (356 tokens at first, 240 the buffer alone): 4 fewer rereadings of
+    `d_weight`."""
 
     def __init__(self, vocab: int, hidden_size: int, logit_bytes: int, row_bytes: int, size: int, align: int):
         self.V, self.H, self.lb, self.rb = vocab, hidden_size, logit_bytes, row_bytes

@@ -497,11 +497,14 @@ def _with_projections(head, method, sl, coefficients, seen):
     ],
 )
 @pytest.mark.parametrize("head", [{}, {"final_logit_softcapping": 3.0}])  # the latter at temperature 0.8
-def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, monkeypatch):
-    """GRPO_KERNELS_LINEAR=scratch: the first chunk holds as many tokens as `d_weight`'s memory holds the logits and
-    fp32 `d_hidden` rows of (`scratch_tokens`: 9 at H = 12, V = 61 in fp32; whole rows for sequence-level losses), its
-    blocks of logits are views of that memory, the chunks after it take 5 tokens (3 for the two passes, whose
-    backward does the same), and the loss and gradients match the reference."""
+@pytest.mark.parametrize("sums", ["in d_hidden", "after the logits"])
+def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, sums, device, monkeypatch):
+    """GRPO_KERNELS_LINEAR=scratch: the first chunk holds as many tokens as `d_weight`'s memory holds the logits of,
+    with their fp32 `d_hidden` sums in `d_hidden`'s memory (`scratch_tokens`: H = 12 at V = 61 in fp32), or as it
+    holds the logits and the sums of (`SCRATCH_SUMS_IN_ROWS` off: 9); whole rows for sequence-level losses. Its blocks
+    of logits are views of `d_weight`'s memory, its sums lie where the layout says, the chunks after it take 5 tokens
+    (3 for the two passes, whose backward does the same), and the loss and gradients match the reference (so
+    `d_hidden`'s rows of masked tokens stay 0 where the sums were)."""
     dev = "cpu" if impl.startswith("torch") else device
     kind = "cuda" if dev == "cuda" else "cpu"
     H, V = 12, 61
@@ -509,11 +512,19 @@ def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, 
     size = 3 if two_pass else 5
     monkeypatch.setitem(fl.CHUNK_BYTES, kind, size * 4 * V)
     monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, kind, 1)
-    hidden, weight, bias, ids, adv, mask, extra = make_inputs(6, 5, H, V, torch.float32, dev)
+    monkeypatch.setattr(fl, "SCRATCH_SUMS_IN_ROWS", sums == "in d_hidden")
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(8, 5, H, V, torch.float32, dev)
     first = fl.scratch_tokens(hidden, weight)
-    assert first == 9
-    chunks, blocks = [], []
-    real_grads, real_stats = fl._Head.scratch_grads, fl._Head.stats
+    assert first == (12 if sums == "in d_hidden" else 9)
+    chunks, blocks, places = [], [], []
+    real_grads, real_stats, real_sums = fl._Head.scratch_grads, fl._Head.stats, fl._Head._first_sums
+
+    def first_sums(self, n, memory):  # which gradient's memory the sums take
+        acc, in_rows = real_sums(self, n, memory)
+        (a0, a1), (h0, h1), (w0, w1) = _span(acc), _span(self.d_h), _span(self.d_w)
+        places.append("in d_hidden" if h0 <= a0 and a1 <= h1 else "after the logits" if w0 <= a0 and a1 <= w1
+                      else "elsewhere")  # fmt: skip
+        return acc, in_rows
 
     def scratch_grads(self, sl, coefficients):
         chunks.append(("scratch", sl.stop - sl.start))
@@ -539,9 +550,11 @@ def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, device, 
 
     monkeypatch.setattr(fl._Head, "scratch_grads", scratch_grads)
     monkeypatch.setattr(fl._Head, "stats", stats)
+    monkeypatch.setattr(fl._Head, "_first_sums", first_sums)
     monkeypatch.setattr(fl, "_product", product)
     config = GRPOLossConfig(max_completion_length=5, temperature=0.8 if head else 1.0, **options)
     check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=config, **head, **extra)
+    assert places and set(places) == {sums}, places
     counts = mask.sum(-1).tolist()
     if two_pass:  # the forward's chunks, then the backward's
         forward = chunks[: chunks.index(("scratch", first))]
@@ -668,7 +681,8 @@ def test_scratch_chunks_borrow_d_hidden_rows(impl, options, layout, dtype, devic
         hidden = torch.cat((hidden, hidden[:, :1]), 1)[:, :-1]
         assert not hidden.is_contiguous()
     first = fl.scratch_tokens(hidden, weight)
-    assert first == (48 if dtype == torch.float32 else 38 if borrows else 24)  # fp32 logits on the CPU path
+    # its fp32 d_hidden sums in d_hidden's memory: H tokens' logits, half as many fp32 ones on the CPU path
+    assert first == (64 if borrows else 32)
     chunks, spans = [], []
     real_borrow, real_stats, real_scratch = fl._Head.borrow_grads, fl._Head.stats, fl._Head.scratch_grads
 
@@ -721,13 +735,16 @@ def test_workspace_bytes_bounds_borrowing_chunks(column_major, monkeypatch):
     """With `BORROW_ROWS` on, `workspace_bytes` still bounds what the scratch strategy allocates, where a column-major
     weight leaves its first chunk no room in `d_weight`'s memory, so that it borrows `d_hidden`'s rows too (and
     gathers more rows than the buffer holds: 1 MiB chunks of 256 tokens at N = 2,048, H = 2,048, V = 1,024, 360 tokens
-    of each row's 512 in the loss)."""
+    of each row's 512 in the loss); a row-major one keeps its first chunk's sums after its logits
+    (`SCRATCH_SUMS_IN_ROWS` off), so that it leaves tokens to chunks that borrow (in `d_hidden`'s memory the first
+    chunk would take them all: H tokens' logits where V < H)."""
     from grpo_kernels.memory import MemoryMeter
 
     B, T, H, V = 4, 512, 2048, 1024
     monkeypatch.setitem(fl.CHUNK_BYTES, "cpu", 1 << 20)
     monkeypatch.setitem(fl.MIN_CHUNK_TOKENS, "cpu", 1)
     monkeypatch.setitem(fl.BORROW_ROWS, "cpu", True)
+    monkeypatch.setattr(fl, "SCRATCH_SUMS_IN_ROWS", False)
     monkeypatch.setenv("GRPO_KERNELS_LINEAR", "scratch")
     hidden = torch.randn(B, T, H, requires_grad=True)
     weight = torch.randn(V, H) / 8
@@ -758,7 +775,7 @@ def test_scratch_edge_cases(impl, device, monkeypatch):
     config = GRPOLossConfig(loss_type="luspo", importance_sampling_level="sequence")
     check_against_reference(impl, hidden, weight, bias, ids, adv, torch.zeros_like(mask), config=config)
     column_major = weight.t().contiguous().t()
-    assert fl.scratch_tokens(hidden, weight) == 9 and fl.scratch_tokens(hidden, column_major) == 0
+    assert fl.scratch_tokens(hidden, weight) == 12 and fl.scratch_tokens(hidden, column_major) == 0
     sizes = []
     real_stats = fl._Head.stats
 
@@ -797,9 +814,10 @@ def test_triton_weight_grad_additions(impl, options, device, monkeypatch):
 
 
 def test_scratch_allocates_no_logits_for_its_first_chunk(monkeypatch):
-    """At N = 512, H = 64, V = 8,192 in fp32 on the CPU path, the scratch strategy's first chunk takes 63 tokens,
-    whose logits (2 MiB) live in `d_weight`'s memory: forward + backward allocate under a quarter of that beyond the
-    gradients (4-token chunks after it), where the default strategy with 63-token chunks allocates more than them."""
+    """At N = 512, H = 64, V = 8,192 in fp32 on the CPU path, the scratch strategy's first chunk takes 64 tokens,
+    whose logits (2 MiB) live in `d_weight`'s memory and their fp32 `d_hidden` sums in `d_hidden`'s: forward +
+    backward allocate under a quarter of that beyond the gradients (4-token chunks after it), where the default
+    strategy with 64-token chunks allocates more than them."""
     from grpo_kernels.memory import MemoryMeter
 
     B, T, H, V = 4, 128, 64, 8192
@@ -809,7 +827,7 @@ def test_scratch_allocates_no_logits_for_its_first_chunk(monkeypatch):
     ids = torch.randint(0, V, (B, T))
     config = GRPOLossConfig(loss_type="dapo", entropy_coef=0.01)
     first = fl.scratch_tokens(hidden, weight)
-    assert first == 63
+    assert first == 64
     logits = first * V * 4
     grads = (hidden.numel() + weight.numel()) * 4
     peaks = {}
