@@ -273,14 +273,21 @@ def scenarios(dtypes: list[str]) -> Iterator[tuple[str, Callable[[], None]]]:
                       importance_sampling_ratio=isr, **refs).loss.backward()  # fmt: skip
 
         yield f"grpo_loss {name}", objective_loss
-    from grpo_kernels.ops.weight_grad import add_weight_grad
+    from grpo_kernels.ops.weight_grad import Tiles, add_weight_grad
 
-    for dname in dtypes:  # a chunk's share of d_weight, added or written (timed against addmm_ by chunk_products)
+    # a chunk's share of d_weight, added or written (timed against addmm_ by chunk_products), by the kernel in use and
+    # by the persistent one (one of chunk_products --add-tiles' candidates)
+    persistent = Tiles(128, 64, 64, 4, 3, per_sm=2)
+    for dname, tiles in itertools.product(dtypes, (None, persistent)):
         for (sname, (M, N)), accumulate in itertools.product({"aligned": (1024, 128), "odd": (1000, 100)}.items(),
                                                              (True, False)):  # fmt: skip
-            yield f"add_weight_grad {sname} {dname} accumulate={accumulate}", lambda d=DTYPES[dname], M=M, N=N, \
-                acc=accumulate: add_weight_grad(torch.randn(M, N, dtype=d), torch.randn(30, M, dtype=d),
-                                                torch.randn(30, N, dtype=d), acc)  # fmt: skip
+            kind = "" if tiles is None else " persistent"
+
+            def add(d=DTYPES[dname], M=M, N=N, acc=accumulate, tiles=tiles):
+                add_weight_grad(torch.randn(M, N, dtype=d), torch.randn(30, M, dtype=d), torch.randn(30, N, dtype=d),
+                                acc, tiles)  # fmt: skip
+
+            yield f"add_weight_grad{kind} {sname} {dname} accumulate={accumulate}", add
     for dname in dtypes:
         dtype = DTYPES[dname]
         for sname, (B, T, H, V) in SHAPES.items():
