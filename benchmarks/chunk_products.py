@@ -33,7 +33,8 @@ from grpo_kernels.ops.weight_grad import Tiles, add_weight_grad
 SPLITS = (2, 4, 8)
 # `--add-tiles`: launch configurations of the Triton addition to try next to the one in use (bf16 and fp16 inputs),
 # named (block_m x block_n, warps, stages; "p<k>": the persistent kernel with k programs a multiprocessor, which loads
-# the next tile of d_weight before the current tile's products)
+# the next tile of d_weight before the current tile's products; "flat": its loops flattened, so that the compiler may
+# pipeline the products' loads across tiles too)
 ADD_TILES = {
     "128x128 w8 s3": Tiles(128, 128, 64, 8, 3),
     "128x256 w8 s3": Tiles(128, 256, 64, 8, 3),
@@ -45,6 +46,8 @@ ADD_TILES = {
     "64x128 w4 s3 p2": Tiles(64, 128, 64, 4, 3, per_sm=2),
     "128x128 w8 s3 p1": Tiles(128, 128, 64, 8, 3, per_sm=1),
     "128x128 w8 s4 p1": Tiles(128, 128, 64, 8, 4, per_sm=1),
+    "128x128 w8 s2 p1 flat": Tiles(128, 128, 64, 8, 2, per_sm=1, flatten=True),
+    "128x128 w8 s3 p1 flat": Tiles(128, 128, 64, 8, 3, per_sm=1, flatten=True),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -186,7 +189,8 @@ def _tiles_name() -> str:
     from grpo_kernels.ops.weight_grad import TILES
 
     t = TILES["low"]
-    return f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}" + (f" p{t.per_sm}" if t.per_sm else "")
+    name = f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}" + (f" p{t.per_sm}" if t.per_sm else "")
+    return name + (" flat" if t.flatten else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,19 +14,31 @@ DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytes
 
 
 # the launch configurations under test: the default's, and the persistent kernel's with small tiles (many tiles a
-# program, the grid smaller than the tiles) and with large ones (fewer tiles than programs)
-PERSISTENT = {"small": Tiles(32, 16, 16, 4, 2, per_sm=2), "large": Tiles(128, 64, 32, 4, 3, per_sm=2)}
+# program, the grid smaller than the tiles), with large ones (fewer tiles than programs), and with its loops flattened
+PERSISTENT = {
+    "small": Tiles(32, 16, 16, 4, 2, per_sm=2),
+    "large": Tiles(128, 64, 32, 4, 3, per_sm=2),
+    "flat": Tiles(32, 16, 16, 4, 2, per_sm=2, flatten=True),
+}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("accumulate", [True, False])
 @pytest.mark.parametrize(
     ("M", "N", "K", "row_pad"),
-    [(131, 24, 7, 0), (200, 129, 65, 0), (64, 64, 1, 0), (1000, 17, 240, 0), (257, 96, 33, 63)],
+    [
+        (131, 24, 7, 0),
+        (200, 129, 65, 0),
+        (64, 64, 1, 0),
+        (1000, 17, 240, 0),
+        (257, 96, 33, 63),
+        (1, 40, 5, 0),
+        (70, 1, 9, 0),
+    ],
 )
 @pytest.mark.parametrize("tiles", [None, *PERSISTENT], ids=lambda t: t or "default")
 def test_matches_addmm(M, N, K, row_pad, accumulate, dtype, tiles, device):
-    """Odd extents on every side, an inner dimension of one, and `a` as a view of rows padded past M (as a chunk's
+    """Odd extents on every side, an extent of one on each, and `a` as a view of rows padded past M (as a chunk's
     logits are), by the default kernel and the persistent one: the error against fp64 within twice PyTorch's own at
     the same dtype."""
     out0 = torch.randn(M, N).to(dtype)

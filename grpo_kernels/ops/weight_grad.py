@@ -75,6 +75,19 @@ def _weight_grad_kernel(
 
 
 @triton.jit
+def _tile_origin(tile, M, tiles_m, tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The first row and column (64-bit) of `out`'s tile `tile`, GROUP_M row tiles sharing their turns (as in
+    `_weight_grad_kernel`); a tile past the last gets a row past M."""
+    per_group = GROUP_M * tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    rows_in_group = tl.maximum(tl.minimum(tiles_m - first_m, GROUP_M), 1)
+    row = (first_m + (tile % per_group) % rows_in_group).to(tl.int64) * BLOCK_M
+    col = ((tile % per_group) // rows_in_group).to(tl.int64) * BLOCK_N
+    row = tl.where(tile < tiles_m * tiles_n, row, M + 0 * row)
+    return row, col
+
+
+@triton.jit
 def _weight_grad_persistent_kernel(
     out_ptr,
     a_ptr,
@@ -92,36 +105,33 @@ def _weight_grad_persistent_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
-    """`_weight_grad_kernel` with a grid of a few programs per multiprocessor, each taking tile after tile: it loads
-    the next tile of `out` before the current tile's products, so that the loads of `out` stream under the arithmetic
-    across tiles, not only within one."""
+    """`_weight_grad_kernel` with a grid of a few programs per multiprocessor, each taking tile after tile. Either it
+    loads the next tile of `out` before the current tile's products, so that the loads of `out` stream under the
+    arithmetic across tiles, not only within one; or (FLATTEN) its loops are flattened (tl.range's `flatten`), so
+    that the compiler's pipelining of the products' loads runs across tiles, each tile's `out` loaded at its start."""
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    tiles = tiles_m * tiles_n
-    per_group = GROUP_M * tiles_n
     im, in_ = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
     ik = tl.arange(0, BLOCK_K)
-    # the first tile's `out`, loaded before the loop; each turn loads the next one's
-    first_m = (pid // per_group) * GROUP_M
-    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
-    row = (first_m + (pid % per_group) % rows_in_group).to(tl.int64) * BLOCK_M
-    col = ((pid % per_group) // rows_in_group).to(tl.int64) * BLOCK_N
-    live = (im < M - row)[:, None] & (in_ < N - col)[None, :]  # the grid holds no more programs than tiles
+    rows, cols = im[:, None] * stride_om, in_[None, :]
+    row, col = _tile_origin(pid, M, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
     before = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
-    if ACCUMULATE:
-        before = tl.load(out_ptr + row * stride_om + col + im[:, None] * stride_om + in_[None, :], mask=live, other=0.0)
-    for tile in range(pid, tiles, PROGRAMS):
-        nxt = tile + PROGRAMS
-        next_first = (nxt // per_group) * GROUP_M
-        next_rows = tl.maximum(tl.minimum(tiles_m - next_first, GROUP_M), 1)  # 1 past the last tile
-        next_row = (next_first + (nxt % per_group) % next_rows).to(tl.int64) * BLOCK_M
-        next_col = ((nxt % per_group) // next_rows).to(tl.int64) * BLOCK_N
-        next_m = tl.where(nxt < tiles, M, 0)  # past the last tile: no rows
-        next_live = (im < next_m - next_row)[:, None] & (in_ < N - next_col)[None, :]
+    if ACCUMULATE and not FLATTEN:  # the first tile's `out`; each turn loads the next one's
+        live = (im < M - row)[:, None] & (in_ < N - col)[None, :]
+        before = tl.load(out_ptr + row * stride_om + col + rows + cols, mask=live, other=0.0)
+    for tile in tl.range(pid, tiles_m * tiles_n, PROGRAMS, flatten=FLATTEN):
+        if FLATTEN:
+            row, col = _tile_origin(tile, M, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+        live = (im < M - row)[:, None] & (in_ < N - col)[None, :]
         if ACCUMULATE:
-            after = tl.load(out_ptr + next_row * stride_om + next_col + im[:, None] * stride_om + in_[None, :],
-                            mask=next_live, other=0.0)  # fmt: skip
+            if FLATTEN:
+                before = tl.load(out_ptr + row * stride_om + col + rows + cols, mask=live, other=0.0)
+            else:
+                next_row, next_col = _tile_origin(tile + PROGRAMS, M, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+                next_live = (im < M - next_row)[:, None] & (in_ < N - next_col)[None, :]
+                after = tl.load(out_ptr + next_row * stride_om + next_col + rows + cols, mask=next_live, other=0.0)
         in_m, in_n = im < M - row, in_ < N - col
         a_ptrs = a_ptr + row + ik[None, :] * stride_ak + im[:, None]  # [BLOCK_M, BLOCK_K]: a tile of a.T
         b_ptrs = b_ptr + col + ik[:, None] * stride_bk + in_[None, :]
@@ -135,10 +145,11 @@ def _weight_grad_persistent_kernel(
             b_ptrs += BLOCK_K * stride_bk
         if ACCUMULATE:
             acc += before.to(tl.float32)
-            before = after
-        tl.store(out_ptr + row * stride_om + col + im[:, None] * stride_om + in_[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=live)  # fmt: skip
-        row, col, live = next_row, next_col, next_live
+        tl.store(out_ptr + row * stride_om + col + rows + cols, acc.to(out_ptr.dtype.element_ty), mask=live)
+        if not FLATTEN:
+            row, col = _tile_origin(tile + PROGRAMS, M, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+            if ACCUMULATE:
+                before = after
 
 
 class Tiles(NamedTuple):
@@ -150,6 +161,7 @@ class Tiles(NamedTuple):
     # 0: one program per tile of `out` (`_weight_grad_kernel`); k: k programs per multiprocessor, each taking tile
     # after tile and loading the next one's `out` ahead (`_weight_grad_persistent_kernel`)
     per_sm: int = 0
+    flatten: bool = False  # the persistent kernel's loops flattened, for the compiler's pipelining across tiles
 
 
 # Not yet timed on a GPU. Built with triton 3.9 (`benchmarks/kernel_resources.py`, aligned extents), 16-bit inputs:
@@ -203,7 +215,7 @@ def add_weight_grad(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumul
     if tiles.per_sm:
         sms = INTERPRETER_PROGRAMS if _common.interpreting() else _common.multiprocessors(out.device)
         programs = min(count, tiles.per_sm * sms)
-        _weight_grad_persistent_kernel[(programs,)](*args, programs, **options)
+        _weight_grad_persistent_kernel[(programs,)](*args, programs, FLATTEN=tiles.flatten, **options)
     else:
         _weight_grad_kernel[(count,)](*args, **options)
     return out
