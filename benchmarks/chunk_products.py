@@ -68,10 +68,12 @@ def split_product(dz: torch.Tensor, weight: torch.Tensor, splits: int, out: torc
 
 
 def measure(N: int, H: int, V: int, tokens: list[int], dtype: torch.dtype, device: str, runs: int,
-            add_tiles: dict[str, Tiles] | None = None) -> list[dict]:  # fmt: skip
+            add_tiles: dict[str, Tiles] | None = None, progress=None) -> list[dict]:  # fmt: skip
     """One row per chunk size: each product's milliseconds and TFLOP/s, the split `d_hidden` products' times and
     errors, the Triton addition's under each of `add_tiles` (time, TFLOP/s and error as a multiple of `addmm_`'s, or
-    the error it failed with), and the projection onto N tokens."""
+    the error it failed with), and the projection onto N tokens. `progress(rows)`, where given, is called with the
+    rows so far after each configuration of `add_tiles` and each row, so that a run cut short keeps what it
+    measured."""
     torch.manual_seed(0)
     weight = (torch.randn(V, H, device=device) * H**-0.5).to(dtype)
     d_w = torch.empty_like(weight)
@@ -103,6 +105,8 @@ def measure(N: int, H: int, V: int, tokens: list[int], dtype: torch.dtype, devic
                     tried[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"}
                     continue
                 tried[name] = {"ms": t, "tflops": flops / t / 1e9, "error_vs_addmm": err}
+                if progress is not None:
+                    progress([*rows, {"tokens": c, "ms": ms, "tflops": {}, "add_tiles": tried, "partial": True}])
             del base, want
         exact = dz.double() @ weight.double()
         plain_err = float((torch.mm(dz, weight) - exact).abs().max())
@@ -131,6 +135,8 @@ def measure(N: int, H: int, V: int, tokens: list[int], dtype: torch.dtype, devic
             rows[-1]["add_triton_error_vs_addmm"] = add_error
             rows[-1]["projected_triton_ms"] = chunks * (ms["logits"] + ms["d_hidden"] + ms["d_weight_add_triton"])
         del h, z, dz, d_h, exact
+        if progress is not None:
+            progress(rows)
     return rows
 
 
@@ -212,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     if min(N, H, V) < 1 or min(args.tokens) < 1 or args.runs < 1:
         p.error("--shape, --tokens and --runs must be positive")
     add_tiles = ADD_TILES if args.add_tiles else None
-    rows = measure(N, H, V, sorted(set(args.tokens)), DTYPES[args.dtype], args.device, args.runs, add_tiles)
     meta = {
         "command": "python -m benchmarks.chunk_products " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "N": N, "H": H, "V": V, "dtype": args.dtype,
@@ -221,7 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "chunk_products.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    def save(rows: list[dict]) -> None:  # the rows so far (the last one partial while its configurations run)
+        (out / "chunk_products.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    rows = measure(N, H, V, sorted(set(args.tokens)), DTYPES[args.dtype], args.device, args.runs, add_tiles, save)
+    save(rows)
     text = markdown(rows, meta)
     (out / "chunk_products.md").write_text(text)
     print(text)

@@ -458,6 +458,12 @@ def test_chunk_products_times_each_product_and_projects_the_chunks(tmp_path, mon
             assert x["ms"] > 0 and 0 <= x["error_vs_addmm"] < 4, (name, x)
     text = (out / "chunk_products.md").read_text()
     assert "| 30 |" in text and "128x128 w8 s3 p1" in text
+    seen = []  # what a run cut short keeps: each configuration's result as it comes, then the whole row
+    tiles = {"a": Tiles(32, 16, 16, 4, 2), "b": Tiles(32, 16, 16, 4, 2, per_sm=1)}
+    chunk_products.measure(100, 16, 100, [10], torch.float32, "cpu", 1, tiles, lambda r: seen.append(json.dumps(r)))
+    seen = [json.loads(x) for x in seen]
+    assert [list(r[-1]["add_tiles"]) for r in seen] == [["a"], ["a", "b"], ["a", "b"]], seen
+    assert [r[-1].get("partial", False) for r in seen] == [True, True, False]
     dz, w = torch.randn(6, 12), torch.randn(12, 5)
     assert_close = torch.testing.assert_close
     assert_close(chunk_products.split_product(dz, w, 3, torch.empty(6, 5)), dz @ w, rtol=1e-5, atol=1e-5)
