@@ -191,6 +191,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def best_tiles(rows: list[dict]) -> str | None:
+    """The `--add-tiles` configuration with the least time summed over the chunk sizes `rows` measured in full, where
+    that is less than `addmm_`'s and its error at most twice `addmm_`'s at every size; None where none is."""
+    rows = [r for r in rows if not r.get("partial") and r.get("add_tiles")]
+    if not rows:
+        return None
+    names = [k for k in rows[0]["add_tiles"] if all("ms" in r["add_tiles"].get(k, {}) for r in rows)]
+    names = [k for k in names if all(r["add_tiles"][k]["error_vs_addmm"] <= 2 for r in rows)]
+    cublas = sum(r["ms"]["d_weight_add"] for r in rows)
+    best = min(names, key=lambda k: sum(r["add_tiles"][k]["ms"] for r in rows), default=None)
+    return best if best is not None and sum(r["add_tiles"][best]["ms"] for r in rows) < cublas else None
+
+
 def _tiles_name() -> str:
     from grpo_kernels.ops.weight_grad import TILES
 

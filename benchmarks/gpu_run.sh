@@ -205,6 +205,31 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   # what was measured if the time limit cuts the stage short)
   fits 95 "the d_weight addition's configurations" && { timeout --kill-after=5 90 python3 -m benchmarks.chunk_products \
     --tokens 240 352 --runs 10 --add-tiles --out "$scratch/fused/add-tiles" || fused=$?; }
+  # ...and where one of them beats cuBLAS's addmm_ at both sizes (chunk_products.best_tiles), the scratch strategy
+  # with its additions by that configuration (ours-scratch-tadd, weight_grad.TILES set to it) next to cuBLAS's
+  fits 60 "scratch with the fastest Triton addition" && { timeout --kill-after=5 55 python3 - \
+    "$scratch/fused/add-tiles/chunk_products.json" "$scratch/fused/scratch-tadd" <<'PY' || fused=$?; }
+import json
+import sys
+
+from benchmarks import chunk_products
+from grpo_kernels.ops import weight_grad
+
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+except (OSError, ValueError) as err:
+    sys.exit(f"no configurations measured: {err}")
+best = chunk_products.best_tiles(rows)
+if best is None:
+    print("no configuration of the Triton addition beats addmm_: scratch with it not timed")
+    sys.exit(0)
+print(f"the fastest Triton addition: {best} ({chunk_products.ADD_TILES[best]})")
+weight_grad.TILES["low"] = chunk_products.ADD_TILES[best]
+from benchmarks.__main__ import main
+
+sys.exit(main(["--device", "cuda", "--no-progress", "--out", sys.argv[2], "--ops", "fused_linear", "--shapes",
+               "8x1024x4096x131072", "--providers", "ours-scratch", "ours-scratch-tadd", "floor"]))
+PY
   # the default at 120 MiB of fp32 logits (60 MiB of bf16 logits, 240-token chunks), profiled: under 64 MiB its three
   # products would fit the target if the small chunks' products kept their speed
   # shellcheck disable=SC2086

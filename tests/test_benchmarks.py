@@ -464,6 +464,18 @@ def test_chunk_products_times_each_product_and_projects_the_chunks(tmp_path, mon
     seen = [json.loads(x) for x in seen]
     assert [list(r[-1]["add_tiles"]) for r in seen] == [["a"], ["a", "b"], ["a", "b"]], seen
     assert [r[-1].get("partial", False) for r in seen] == [True, True, False]
+
+    def row(addmm, partial=False, **tried):
+        out = {"ms": {"d_weight_add": addmm}, "add_tiles": {k: {"ms": t, "error_vs_addmm": e} for k, (t, e) in
+                                                             tried.items()}}  # fmt: skip
+        return {**out, "partial": True} if partial else out
+
+    best = chunk_products.best_tiles
+    assert best([row(1.0, a=(0.8, 1.0), b=(0.7, 1.0)), row(2.0, a=(1.5, 1.0), b=(1.7, 1.0))]) == "a"  # summed
+    assert best([row(1.0, a=(0.8, 1.0), b=(0.7, 3.0))]) == "a"  # b: three times addmm_'s error
+    assert best([row(1.0, a=(1.2, 1.0))]) is None  # slower than addmm_
+    assert best([row(1.0, a=(0.8, 1.0)), row(1.0, True, a=(9.0, 1.0))]) == "a"  # a partial row does not count
+    assert best([]) is None and best([row(1.0, True, a=(0.5, 1.0))]) is None
     dz, w = torch.randn(6, 12), torch.randn(12, 5)
     assert_close = torch.testing.assert_close
     assert_close(chunk_products.split_product(dz, w, 3, torch.empty(6, 5)), dz @ w, rtol=1e-5, atol=1e-5)
