@@ -2,9 +2,10 @@
 # The GPU run on a machine with no network: the kernel tests on CUDA (compiled Triton, bf16), the full benchmark sweep,
 # then the opt-in strategies of the fused linear loss (scratch, tiles, fused kernels, vocab blocks, chunk budgets,
 # gradient filtering on peaked inputs; profiled kernel by kernel) on the issue-3 target shape in processes of their own
-# (a fault there cannot take the sweep with it), one chunk's products at chunk sizes from 128 to 2,048 tokens, the
-# default at a small N and the loss from logits (profiled), vocabularies whose logits rows are not 16-byte aligned,
-# with the fused kernels' tile tuner. The tests of what changed or failed last run first (FIRST_TESTS, a pytest -k
+# (a fault there cannot take the sweep with it), the Triton d_weight addition's launch configurations against cuBLAS
+# (and the scratch strategy with the fastest, where one wins), one chunk's products at chunk sizes from 128 to 2,048
+# tokens, the default at a small N and the loss from logits (profiled), vocabularies whose logits rows are not 16-byte
+# aligned, with the fused kernels' tile tuner. The tests of what changed or failed last run first (FIRST_TESTS, a pytest -k
 # expression over tests/test_fused_linear.py; FIRST_TESTS= for none). Under 10 minutes: first tests not started 60 s
 # in and the others not started 90 s later are skipped with that reason, no new shape is started 170 s into the
 # sweep, and no later stage starts that could end past 585 s.
