@@ -389,6 +389,9 @@ class _Head:
             self._rows = {}
         self.borrow = borrowing(self.flat, self.weight, needs, self.strategy, self.ops, self.chunk_bytes)
         self.borrowed = None  # the first row of d_hidden a chunk's logits took
+        # the scratch strategy's first chunk: its most tokens, and where its d_hidden sums lie (`scratch_layout`)
+        scratch = self.strategy == "scratch" and needs[1]
+        self.first = scratch_layout(self.flat, self.weight, needs[0], self.ops) if scratch else (0, False)
 
     def add_grads(self, z, sl, state, entropy, grad_logp, grad_entropy) -> None:
         """Turn the chunk's logits `z` into their gradient (in place), then into the weights' gradients (with
@@ -520,14 +523,14 @@ class _Head:
         chunk is the first (nothing written to `d_weight` yet) and not larger than `scratch_tokens` allows."""
         if self.strategy != "scratch" or self.d_w is None or self.d_w_written or not self.d_w.is_contiguous():
             return False
-        return 0 < sl.stop - sl.start <= scratch_tokens(self.flat, self.weight, self.d_h is not None, self.ops)
+        return 0 < sl.stop - sl.start <= self.first[0]
 
     def _first_sums(self, n: int, memory: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """`(acc, in_rows)`: the scratch strategy's first chunk's fp32 (fp64) `d_hidden` sums `[n, H]`, zeroed, at
         the end of `d_weight`'s `memory` (bytes), or at the start of `d_hidden`'s (`scratch_layout`)."""
         H, math = self.flat.shape[1], cpu.math_dtype(self.flat)
         size = n * H * math.itemsize
-        in_rows = scratch_layout(self.flat, self.weight, True, self.ops)[1]
+        in_rows = self.first[1]
         if in_rows:
             start, memory = 0, self.d_h.view(-1).view(torch.uint8)
         else:
