@@ -286,14 +286,13 @@ def _ours_linear(
             raise RuntimeError("this grpo_kernels has no fused linear kernels (GRPO_KERNELS_LINEAR=fused)")
         extra = {} if grad_filter_eps is None else {"grad_filter_eps": grad_filter_eps}
 
+        # module settings the call's forward reads as it starts, set around it (where this grpo_kernels has them)
+        settings = {"ADD_WEIGHT_GRAD": add_weight_grad, "MIXED_SUMS": mixed_sums, "SCRATCH_SUMS_IN_ROWS": sums_in_rows}
+
         def forward() -> torch.Tensor:
-            # both read as the call's forward starts
-            before = getattr(fused_linear, "ADD_WEIGHT_GRAD", "cublas")
-            fused_linear.ADD_WEIGHT_GRAD = add_weight_grad
-            mixed_before = getattr(fused_linear, "MIXED_SUMS", True)
-            fused_linear.MIXED_SUMS = mixed_sums
-            in_rows_before = getattr(fused_linear, "SCRATCH_SUMS_IN_ROWS", True)
-            fused_linear.SCRATCH_SUMS_IN_ROWS = sums_in_rows
+            before = {k: getattr(fused_linear, k) for k in settings if hasattr(fused_linear, k)}
+            for k in before:
+                setattr(fused_linear, k, settings[k])
             rows = getattr(fused_linear, "BORROW_ROWS", None)
             rows_before = None if rows is None else dict(rows)
             if rows is not None and not borrow_rows:
@@ -302,9 +301,8 @@ def _ours_linear(
                 with backend(name), fused_linear.schedule(strategy):
                     return fused_linear_grpo_loss(*(x[k] for k in LINEAR_ARGS), config=CONFIG, **extra).loss
             finally:
-                fused_linear.ADD_WEIGHT_GRAD = before
-                fused_linear.MIXED_SUMS = mixed_before
-                fused_linear.SCRATCH_SUMS_IN_ROWS = in_rows_before
+                for k, v in before.items():
+                    setattr(fused_linear, k, v)
                 if rows is not None:
                     rows.update(rows_before)
 
