@@ -22,6 +22,39 @@ from grpo_kernels.ops._common import dot
 
 
 @triton.jit
+def _tile_origin(tile, M, tiles_m, tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The first row and column of `out`'s tile `tile`, as 64-bit offsets (the rest of a tile's are 32-bit offsets
+    from them): GROUP_M consecutive row tiles share their turns, so that their columns of `a` stay in L2. A tile past
+    the last gets a row past M (the persistent kernel's look-ahead)."""
+    per_group = GROUP_M * tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    rows_in_group = tl.maximum(tl.minimum(tiles_m - first_m, GROUP_M), 1)
+    row = (first_m + (tile % per_group) % rows_in_group).to(tl.int64) * BLOCK_M
+    col = ((tile % per_group) // rows_in_group).to(tl.int64) * BLOCK_N
+    row = tl.where(tile < tiles_m * tiles_n, row, M + 0 * row)
+    return row, col
+
+
+@triton.jit
+def _tile_products(a_ptr, b_ptr, row, col, M, N, K, stride_ak, stride_bk, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """`a[:, tile rows].T @ b[:, tile columns]` of the tile at (`row`, `col`), summed over K in fp32."""
+    im, in_, ik = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+    in_m, in_n = im < M - row, in_ < N - col
+    a_ptrs = a_ptr + row + ik[None, :] * stride_ak + im[:, None]  # [BLOCK_M, BLOCK_K]: a tile of a.T
+    b_ptrs = b_ptr + col + ik[:, None] * stride_bk + in_[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        in_k = ik < K - k
+        a = tl.load(a_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
+        acc = dot(a, b, acc, IEEE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def _weight_grad_kernel(
     out_ptr,  # [M, N], rows stride_om apart, columns contiguous
     a_ptr,  # [K, M], rows stride_ak apart, columns contiguous
@@ -39,52 +72,16 @@ def _weight_grad_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    # GROUP_M consecutive row tiles share their programs' turns, so that their columns of `a` stay in L2
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_in_group
-    pid_n = (pid % per_group) // rows_in_group
-    # the tile's first row and column as 64-bit offsets of the base pointers, the rest as 32-bit offsets from them
-    first_row, first_col = pid_m.to(tl.int64) * BLOCK_M, pid_n.to(tl.int64) * BLOCK_N
-    out_ptr += first_row * stride_om + first_col
-    a_ptr += first_row
-    b_ptr += first_col
+    row, col = _tile_origin(tl.program_id(0), M, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), BLOCK_M, BLOCK_N, GROUP_M)
     im, in_ = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
-    ik = tl.arange(0, BLOCK_K)
-    in_m, in_n = im < M - first_row, in_ < N - first_col
-    out_ptrs = out_ptr + im[:, None] * stride_om + in_[None, :]
-    live = in_m[:, None] & in_n[None, :]
+    out_ptrs = out_ptr + row * stride_om + col + im[:, None] * stride_om + in_[None, :]
+    live = (im < M - row)[:, None] & (in_ < N - col)[None, :]
     if ACCUMULATE:
         before = tl.load(out_ptrs, mask=live, other=0.0)  # before the products: its latency hides under them
-    a_ptrs = a_ptr + ik[None, :] * stride_ak + im[:, None]  # [BLOCK_M, BLOCK_K]: a tile of a.T
-    b_ptrs = b_ptr + ik[:, None] * stride_bk + in_[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        in_k = ik < K - k
-        a = tl.load(a_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
-        acc = dot(a, b, acc, IEEE)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = _tile_products(a_ptr, b_ptr, row, col, M, N, K, stride_ak, stride_bk, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     if ACCUMULATE:
         acc += before.to(tl.float32)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=live)
-
-
-@triton.jit
-def _tile_origin(tile, M, tiles_m, tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """The first row and column (64-bit) of `out`'s tile `tile`, GROUP_M row tiles sharing their turns (as in
-    `_weight_grad_kernel`); a tile past the last gets a row past M."""
-    per_group = GROUP_M * tiles_n
-    first_m = (tile // per_group) * GROUP_M
-    rows_in_group = tl.maximum(tl.minimum(tiles_m - first_m, GROUP_M), 1)
-    row = (first_m + (tile % per_group) % rows_in_group).to(tl.int64) * BLOCK_M
-    col = ((tile % per_group) // rows_in_group).to(tl.int64) * BLOCK_N
-    row = tl.where(tile < tiles_m * tiles_n, row, M + 0 * row)
-    return row, col
 
 
 @triton.jit
@@ -114,7 +111,6 @@ def _weight_grad_persistent_kernel(
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     im, in_ = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
-    ik = tl.arange(0, BLOCK_K)
     rows, cols = im[:, None] * stride_om, in_[None, :]
     row, col = _tile_origin(pid, M, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
     before = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
@@ -132,17 +128,7 @@ def _weight_grad_persistent_kernel(
                 next_row, next_col = _tile_origin(tile + PROGRAMS, M, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
                 next_live = (im < M - next_row)[:, None] & (in_ < N - next_col)[None, :]
                 after = tl.load(out_ptr + next_row * stride_om + next_col + rows + cols, mask=next_live, other=0.0)
-        in_m, in_n = im < M - row, in_ < N - col
-        a_ptrs = a_ptr + row + ik[None, :] * stride_ak + im[:, None]  # [BLOCK_M, BLOCK_K]: a tile of a.T
-        b_ptrs = b_ptr + col + ik[:, None] * stride_bk + in_[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            in_k = ik < K - k
-            a = tl.load(a_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
-            acc = dot(a, b, acc, IEEE)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+        acc = _tile_products(a_ptr, b_ptr, row, col, M, N, K, stride_ak, stride_bk, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         if ACCUMULATE:
             acc += before.to(tl.float32)
         tl.store(out_ptr + row * stride_om + col + rows + cols, acc.to(out_ptr.dtype.element_ty), mask=live)
@@ -164,10 +150,12 @@ class Tiles(NamedTuple):
     flatten: bool = False  # the persistent kernel's loops flattened, for the compiler's pipelining across tiles
 
 
-# Not yet timed on a GPU. Built with triton 3.9 (`benchmarks/kernel_resources.py`, aligned extents), 16-bit inputs:
-# 128 x 64 tiles in 4 warps hold their fp32 sums and the tile of `out` in 196 registers on sm_90 (255 on sm_89), no
-# spills, 72 KiB of shared memory in three stages: two programs a multiprocessor (128 x 128 in 8 warps: 163 registers,
-# 96 KiB, one). fp32 inputs: 64 x 64 tiles, three programs.
+# On the H200 these took 1.27 ms for a 240-token chunk against cuBLAS's 0.905 (`benchmarks/results/h200/
+# scratch-borrow/chunk-products/`; `chunk_products --add-tiles` tries others). Built with triton 3.9
+# (`benchmarks/kernel_resources.py`, aligned extents), 16-bit inputs: 128 x 64 tiles in 4 warps hold their fp32 sums
+# and the tile of `out` in 188 registers on sm_90 (254 on sm_89), no spills, 72 KiB of shared memory in three stages:
+# two programs a multiprocessor (128 x 128 in 8 warps: 166 registers, 96 KiB, one). fp32 inputs: 64 x 64 tiles, three
+# programs.
 TILES = {"low": Tiles(128, 64, 64, 4, 3), "fp32": Tiles(64, 64, 32, 4, 3)}
 GROUP_M = 8
 # The persistent kernel's "multiprocessors" in Triton's interpreter (no GPU): a few, so that programs take turns
