@@ -518,6 +518,12 @@ class _Head:
         else:
             self.d_h.index_copy_(0, self.positions[sl], acc if rows_out is None else rows_out.copy_(acc))
 
+    def scratch_plan(self, size: int) -> tuple[int | None, Callable[[int], int] | None]:
+        """`(first, limit)` as the module's `scratch_plan` gives them, from what `start_grads` derived, for chunks of
+        `size` tokens."""
+        first = self.first[0]
+        return first if first > size else None, None if self.borrow is None else self.borrow.limit
+
     def scratch_fits(self, sl: slice) -> bool:
         """Whether the scratch strategy keeps the chunk `sl`'s logits in `d_weight`'s memory: it is the strategy, the
         chunk is the first (nothing written to `d_weight` yet) and not larger than `scratch_tokens` allows."""
@@ -1102,7 +1108,7 @@ def linear_backward(hidden, weight, bias, ids, positions, head: HeadOptions, ops
             lm.tile_grads(sl, stats[0, sl], stats[1, sl], entropy[sl], g_lp[sl], None if g_ent is None else g_ent[sl])
         return lm.finish_grads()
     size = chunk_tokens(weight.shape[0], hidden.device, lm.chunk_bytes)
-    first, limit = scratch_plan(hidden, weight, needs, lm.strategy, ops, lm.chunk_bytes)
+    first, limit = lm.scratch_plan(size)
     for sl in _token_ranges(lm.n, size, first=first, limit=limit):
         if lm.scratch_fits(sl) or lm.borrows(sl):
             grads = lm.scratch_grads if lm.scratch_fits(sl) else lm.borrow_grads
