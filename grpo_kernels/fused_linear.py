@@ -319,7 +319,9 @@ class _Head:
         self.filter_eps = head.grad_filter_eps
         if ADD_WEIGHT_GRAD not in ("cublas", "triton"):
             raise ValueError(f'fused_linear.ADD_WEIGHT_GRAD must be "cublas" or "triton"; got {ADD_WEIGHT_GRAD!r}')
-        self.triton_add = ADD_WEIGHT_GRAD == "triton" and self.ops is not cpu and weight.dtype != torch.float64
+        # (its kernel steps along the rows of d_weight, like the weight's, and of the hidden states one element apart)
+        self.triton_add = (ADD_WEIGHT_GRAD == "triton" and self.ops is not cpu and weight.dtype != torch.float64
+                           and weight.stride(-1) == 1 and self.flat.stride(-1) == 1)  # fmt: skip
         # fp32 d_hidden sums of 16-bit products inside the products (`mixed_sums`)
         math = cpu.math_dtype(self.flat)
         self.mixed = MIXED_SUMS and weight.dtype != math and mixed_sums(hidden.device, weight.dtype, math)

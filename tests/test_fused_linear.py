@@ -813,6 +813,32 @@ def test_triton_weight_grad_additions(impl, options, device, monkeypatch):
         fused_linear_grpo_loss(hidden, weight, ids, adv, mask, bias=bias, **extra)
 
 
+def _strided(x: torch.Tensor, step: int = 2) -> torch.Tensor:
+    """`x`'s values in a tensor whose last dimension is `step` elements apart (a slice of a wider one)."""
+    wide = torch.zeros(*x.shape[:-1], x.shape[-1] * step, dtype=x.dtype, device=x.device)
+    wide[..., ::step] = x
+    return wide[..., ::step]
+
+
+@pytest.mark.parametrize("layout", ["column-major weight", "strided hidden and bias"])
+@pytest.mark.parametrize(("impl", "add"), [(i, "cublas") for i in IMPLS] + [("triton-chunked", "triton"),
+                                           ("triton-scratch", "triton")], indirect=["impl"])  # fmt: skip
+def test_strided_inputs(impl, add, layout, device, monkeypatch):
+    """A column-major weight (a tied embedding's transpose), and hidden states and a bias whose last dimension is
+    not one element apart (slices), match the reference on every path: the kernels that step along rows one element
+    at a time (the fused kernels, the Triton `d_weight` addition) take copies of them or are not used."""
+    dev = "cpu" if impl.startswith("torch") else device
+    monkeypatch.setattr(fl, "ADD_WEIGHT_GRAD", add)
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(3, 4, 16, 70, torch.float32, dev)
+    if layout == "column-major weight":
+        weight = weight.t().contiguous().t()
+    else:
+        hidden, bias = _strided(hidden), _strided(bias)
+        assert hidden.stride(-1) == bias.stride(-1) == 2
+    config = GRPOLossConfig(loss_type="dapo", beta=0.1, entropy_coef=0.05)
+    check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+
+
 def test_scratch_allocates_no_logits_for_its_first_chunk(monkeypatch):
     """At N = 512, H = 64, V = 8,192 in fp32 on the CPU path, the scratch strategy's first chunk takes 64 tokens,
     whose logits (2 MiB) live in `d_weight`'s memory and their fp32 `d_hidden` sums in `d_hidden`'s: forward +

@@ -321,6 +321,13 @@ def _tiles(kernel: str, n: int, V: int, H: int, dtype: torch.dtype, device: torc
     return TILES[tiles_key(kernel, dtype, device)]
 
 
+def _unit_stride(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The kernels step along a tensor's last dimension one element at a time (rows of `hidden` and `weight` are
+    `stride(0)` apart; `bias`, `ids` and `positions` are read as runs): a copy of any whose last stride is not 1 (a
+    transposed or sliced weight), the others as they are."""
+    return [x if x is None or x.stride(-1) == 1 else x.contiguous() for x in tensors]
+
+
 def _common(hidden, weight, head):
     temperature, logit_scale, softcap = head
     return (1.0 / temperature, float(logit_scale), float(softcap or 1.0), softcap is not None,
@@ -328,8 +335,8 @@ def _common(hidden, weight, head):
 
 
 def linear_fwd(
-    hidden: torch.Tensor,  # [rows, H], last dim contiguous
-    weight: torch.Tensor,  # [V, H], last dim contiguous
+    hidden: torch.Tensor,  # [rows, H] (a copy where its last stride is not 1)
+    weight: torch.Tensor,  # [V, H] (likewise)
     bias: torch.Tensor | None,  # [V]
     ids: torch.Tensor,  # [N]
     positions: torch.Tensor | None,  # [N] rows of `hidden` (None: token i is row i)
@@ -341,6 +348,7 @@ def linear_fwd(
     dev = hidden.device
     if N == 0:
         return torch.zeros(0, device=dev), torch.zeros(0, device=dev), torch.zeros(3, 0, device=dev)
+    hidden, weight, bias, ids, positions = _unit_stride(hidden, weight, bias, ids, positions)
     t = _tiles("fwd", N, V, H, hidden.dtype, hidden.device)
     BN, BV = t.BLOCK_N, t.BLOCK_V
     num_n, num_vb = triton.cdiv(N, BN), triton.cdiv(V, BV)
@@ -389,8 +397,9 @@ def linear_bwd(
     (the default) is exact."""
     N, V, H = ids.numel(), weight.shape[0], hidden.shape[1]
     dev = hidden.device
+    hidden, weight, bias, ids, positions = _unit_stride(hidden, weight, bias, ids, positions)
     d_h = torch.zeros(N, H, dtype=torch.float32, device=dev) if needs[0] else None
-    d_w = torch.zeros_like(weight) if needs[1] else None
+    d_w = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if needs[1] else None  # row-major, as stored
     d_b = torch.zeros(V, dtype=torch.float32, device=dev) if needs[2] else None
     if N == 0 or not any(needs):
         return d_h, d_w, d_b
