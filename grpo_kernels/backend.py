@@ -38,7 +38,7 @@ def _interpreting() -> bool:
 
 def use_triton(t: torch.Tensor) -> bool:
     """True when the op on tensor `t` should run the Triton kernels."""
-    name = _forced.get() or os.environ.get("GRPO_KERNELS_BACKEND", "auto")
+    name = _forced.get() or os.environ.get("GRPO_KERNELS_BACKEND") or "auto"  # set but empty: as if unset
     if name not in BACKENDS:
         raise ValueError(f"GRPO_KERNELS_BACKEND must be one of {BACKENDS}; got {name!r}")
     if name == "torch":

@@ -56,6 +56,7 @@ softmax is peaked a chunk keeps a few percent of the vocabulary, and two of the 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator
 
@@ -182,14 +183,14 @@ def tile_tokens(hidden_size: int, device: torch.device, budget: int | None = Non
 def _chunk_bytes(kind: str, strategy: str | None = None) -> int:
     """The budget of one chunk of fp32 logits: `GRPO_KERNELS_CHUNK_MIB` (MiB) where set, else the strategy's (the
     environment's unless `strategy` says). A call reads it once, in its forward: its backward keeps that budget."""
-    override = os.environ.get("GRPO_KERNELS_CHUNK_MIB")
-    if override is not None:
+    override = os.environ.get("GRPO_KERNELS_CHUNK_MIB")  # set but empty: as if unset
+    if override:
         try:
             mib = float(override)
         except ValueError:
             mib = 0.0
-        if not mib > 0:
-            raise ValueError(f"GRPO_KERNELS_CHUNK_MIB must be a positive number of MiB; got {override!r}")
+        if not 0 < mib < math.inf:
+            raise ValueError(f"GRPO_KERNELS_CHUNK_MIB must be a positive, finite number of MiB; got {override!r}")
         return max(1, int(mib * (1 << 20)))
     strategy = linear_strategy() if strategy is None else strategy
     if strategy == "vocab-blocks":
@@ -254,8 +255,9 @@ def check_schedule(strategy: str | None, chunk_mib: float | None) -> None:
     """A clear error for a strategy or chunk budget that `schedule` would not take."""
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
-    if chunk_mib is not None and not (isinstance(chunk_mib, (int, float)) and chunk_mib > 0):
-        raise ValueError(f"chunk_mib must be a positive number of MiB; got {chunk_mib!r}")
+    number = isinstance(chunk_mib, (int, float)) and not isinstance(chunk_mib, bool)
+    if chunk_mib is not None and not (number and 0 < chunk_mib < math.inf):
+        raise ValueError(f"chunk_mib must be a positive, finite number of MiB; got {chunk_mib!r}")
 
 
 @contextlib.contextmanager
@@ -285,7 +287,7 @@ def linear_schedule(device: torch.device) -> tuple[str, int]:
 def linear_strategy() -> str:
     """`GRPO_KERNELS_LINEAR`: "chunked" (the default), "fused", "vocab-blocks", "tiles" or "scratch" (see the
     module's docstring)."""
-    strategy = os.environ.get("GRPO_KERNELS_LINEAR", "chunked")
+    strategy = os.environ.get("GRPO_KERNELS_LINEAR") or "chunked"  # set but empty: as if unset
     if strategy not in STRATEGIES:
         raise ValueError(f"GRPO_KERNELS_LINEAR must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     return strategy

@@ -3,6 +3,7 @@ materialises the logits (same dtype and fp64), against TRL 1.16 on a tiny Llama,
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -958,16 +959,20 @@ def test_vocabulary_blocks_are_aligned(vocab, most, even):
 
 
 def test_chunk_budget_from_the_environment(monkeypatch):
-    """GRPO_KERNELS_CHUNK_MIB sets the chunk budget of every strategy; a bad value is a clear error."""
+    """GRPO_KERNELS_CHUNK_MIB sets the chunk budget of every strategy; a bad value is a clear error; set but empty,
+    it and GRPO_KERNELS_LINEAR are as if unset."""
     cpu = torch.device("cpu")
     monkeypatch.setenv("GRPO_KERNELS_CHUNK_MIB", "2")
     assert fl.chunk_tokens(1024, cpu) == 2 * (1 << 20) // (4 * 1024)
     monkeypatch.setenv("GRPO_KERNELS_LINEAR", "vocab-blocks")
     assert fl.chunk_tokens(1024, cpu) == 512
-    for bad in ("0", "-1", "lots", "nan"):
+    for bad in ("0", "-1", "lots", "nan", "inf"):
         monkeypatch.setenv("GRPO_KERNELS_CHUNK_MIB", bad)
-        with pytest.raises(ValueError, match="GRPO_KERNELS_CHUNK_MIB must be a positive number"):
+        with pytest.raises(ValueError, match="GRPO_KERNELS_CHUNK_MIB must be a positive, finite number"):
             fl.chunk_tokens(1024, cpu)
+    monkeypatch.setenv("GRPO_KERNELS_CHUNK_MIB", "")
+    monkeypatch.setenv("GRPO_KERNELS_LINEAR", "")
+    assert fl.linear_schedule(cpu) == ("chunked", fl.CHUNK_BYTES["cpu"])
 
 
 def test_schedule_sets_the_strategy_and_budget_for_a_block(monkeypatch):
@@ -986,8 +991,9 @@ def test_schedule_sets_the_strategy_and_budget_for_a_block(monkeypatch):
     assert os.environ["GRPO_KERNELS_LINEAR"] == "vocab-blocks" and "GRPO_KERNELS_CHUNK_MIB" not in os.environ
     with pytest.raises(ValueError, match="strategy must be one of chunked, fused, vocab-blocks, tiles"):
         fl.schedule("blocks").__enter__()
-    with pytest.raises(ValueError, match="chunk_mib must be a positive number of MiB"):
-        fl.schedule(chunk_mib=0).__enter__()
+    for bad in (0, math.inf, True, "2"):
+        with pytest.raises(ValueError, match="chunk_mib must be a positive, finite number of MiB"):
+            fl.schedule(chunk_mib=bad).__enter__()
 
 
 def test_head_options_from_transformers_configs():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -285,8 +286,10 @@ class TrainerConfig:
             raise ValueError(f"grad_filter_eps must lie in [0, 1) or be none; got {self.grad_filter_eps}")
         if self.loss_strategy is not None and self.loss_strategy not in STRATEGIES:
             raise ValueError(f"loss_strategy must be one of {', '.join(STRATEGIES)}; got {self.loss_strategy!r}")
-        if self.loss_chunk_mib is not None and not self.loss_chunk_mib > 0:
-            raise ValueError(f"loss_chunk_mib must be a positive number of MiB or none; got {self.loss_chunk_mib}")
+        if self.loss_chunk_mib is not None and not 0 < self.loss_chunk_mib < math.inf:
+            raise ValueError(
+                f"loss_chunk_mib must be a positive, finite number of MiB or none; got {self.loss_chunk_mib}"
+            )
         if self.loss_strategy in ("tiles", "scratch") and self.grad_filter_eps is not None:
             raise ValueError(
                 f"loss_strategy {self.loss_strategy} does not filter gradients: leave grad_filter_eps unset"
