@@ -103,6 +103,14 @@ class GRPOLossConfig:
                 "sapo_temperature_pos and sapo_temperature_neg must be > 0; got "
                 f"{self.sapo_temperature_pos} and {self.sapo_temperature_neg}"
             )
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            if getattr(self, name) < 0:  # a negative power or decay rate turns VESPO's down-weighting into a blow-up
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold < 0:
+            raise ValueError(
+                "off_policy_mask_threshold must be >= 0 or None (a KL divergence, which is never negative); got "
+                f"{self.off_policy_mask_threshold}"
+            )
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
             raise ValueError(f"top_entropy_quantile must lie in [0, 1]; got {self.top_entropy_quantile}")
         if self.max_completion_length is not None and (
@@ -160,6 +168,8 @@ class HeadOptions:
     def __post_init__(self) -> None:
         _check_finite("temperature", self.temperature)
         _check_finite("logit_scale", self.logit_scale)
+        if self.logit_scale <= 0:
+            raise ValueError(f"logit_scale must be > 0 (it multiplies the logits); got {self.logit_scale}")
         _check_temperature(self.temperature)
         if self.grad_filter_eps is not None:
             _check_finite("grad_filter_eps", self.grad_filter_eps)

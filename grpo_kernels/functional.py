@@ -28,9 +28,9 @@ from grpo_kernels.objective import (
 from grpo_kernels.validation import (
     ValueChecks,
     check_finite,
+    check_finite_in_loss,
     check_ids,
     check_mask,
-    check_no_nan_in_loss,
     check_positive_items,
     check_tensor,
 )
@@ -156,11 +156,12 @@ def loss_inputs(
             device=device,
             shape_hint=f"{bt} or [B, 1]",
         )
-    # NaN would poison the loss (or, for vespo, silently drop the sequence: its weight treats NaN as 0); sampling_logps
-    # may hold NaN, which the off-policy mask reads as no divergence, as TRL does
-    check_no_nan_in_loss(checks, "old_logps", old_logps, mask)
-    check_no_nan_in_loss(checks, "ref_logps", ref_logps if config.beta != 0.0 else None, mask)
-    check_no_nan_in_loss(checks, "importance_sampling_ratio", importance_sampling_ratio, mask)
+    # NaN or an infinity would poison the loss (an infinite ratio or KL term; for vespo, whose weight treats NaN as 0,
+    # silently drop the sequence); sampling_logps may hold NaN, which the off-policy mask reads as no divergence, as TRL
+    # does
+    check_finite_in_loss(checks, "old_logps", old_logps, mask)
+    check_finite_in_loss(checks, "ref_logps", ref_logps if config.beta != 0.0 else None, mask)
+    check_finite_in_loss(checks, "importance_sampling_ratio", importance_sampling_ratio, mask, nonnegative=True)
     if mask is None:
         mask = torch.ones((B, T), dtype=torch.bool, device=device)
 
@@ -190,7 +191,7 @@ def _checked_loss_inputs(B, T, V, device, config, completion_ids, advantages, co
         checks, B, T, device, config, advantages, completion_mask, old_logps, ref_logps, importance_sampling_ratio,
         sampling_logps,
     )  # fmt: skip
-    num_items = check_positive_items(num_items_in_batch, device)
+    num_items = check_positive_items(checks, num_items_in_batch, device)
     checks.run()
     return inputs, num_items
 
@@ -309,10 +310,10 @@ def selective_log_softmax(
         raise ValueError(f"logits must be [..., V] with V >= 1; got shape {tuple(logits.shape)}")
     lead = tuple(logits.shape[:-1])
     check_tensor("ids", ids, kind="int", shapes=(lead,), device=logits.device, shape_hint=str(list(lead)))
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a positive number; got {temperature!r}")
     checks = ValueChecks()
-    check_ids(checks, "ids", ids, logits.shape[-1])
+    check_ids(checks, "ids", ids, logits.shape[-1], mask=None)
     checks.run()
     x = _contiguous_last(logits)
     x3 = x.reshape(1, -1, x.shape[-1]) if x.dim() != 3 else x
@@ -341,7 +342,9 @@ def group_advantages(
         multi_objective_aggregation: "sum_then_normalize" (weighted sum, then group-normalise) or
             "normalize_then_sum" (normalise each function per group, sum, then normalise over the batch).
     """
-    scale = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)
+    scale = scale_rewards
+    if isinstance(scale, bool):  # TRL's True / False
+        scale = "group" if scale else "none"
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none'; got {scale_rewards!r}")
     if multi_objective_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
@@ -349,8 +352,11 @@ def group_advantages(
             "multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum'; "
             f"got {multi_objective_aggregation!r}"
         )
-    if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 1:
-        raise ValueError(f"num_generations must be a positive int; got {num_generations!r}")
+    if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 2:
+        raise ValueError(
+            f"num_generations must be an int >= 2 (a completion's advantage is its reward against the other "
+            f"completions of its prompt; alone, it is always 0); got {num_generations!r}"
+        )
     check_tensor("rewards", rewards, kind="float", shape_hint="[B] or [B, K]")
     if rewards.dim() not in (1, 2):
         raise ValueError(f"rewards must be [B] or [B, K]; got shape {tuple(rewards.shape)}")
@@ -365,7 +371,11 @@ def group_advantages(
     if reward_weights is None:
         weights = torch.ones(K, dtype=torch.float32, device=r.device)
     else:
-        weights = device_value(torch.as_tensor(reward_weights, dtype=torch.float32), r.device)
+        try:
+            weights = torch.as_tensor(reward_weights, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"reward_weights must be K numbers (a list or a tensor); got {reward_weights!r}") from err
+        weights = device_value(weights, r.device)
         if weights.shape != (K,):
             raise ValueError(f"reward_weights has shape {tuple(weights.shape)} but rewards has K = {K} columns")
     checks = ValueChecks()
@@ -510,7 +520,7 @@ def linear_logprobs(
                          vocab_process_group)  # fmt: skip
     checks = ValueChecks()
     check_tensor("ids", ids, kind="int", shapes=((B, T),), device=hidden.device, shape_hint=f"[{B}, {T}]")
-    check_ids(checks, "ids", ids, _vocab(weight, vocab_process_group))
+    check_ids(checks, "ids", ids, _vocab(weight, vocab_process_group), mask="mask")
     if mask is not None:
         check_tensor("mask", mask, kind="mask", shapes=((B, T),), device=hidden.device, shape_hint=f"[{B}, {T}]")
     mask = check_mask(checks, "mask", mask)

@@ -6,11 +6,13 @@ small tensor so that a call costs a single host-device synchronisation.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # those PyTorch's CPU ops all take
 
 
 def check_tensor(
@@ -29,14 +31,18 @@ def check_tensor(
         )
     if kind == "float" and x.dtype not in _FLOATS:
         raise TypeError(f"{name} must be a floating-point tensor (fp16, bf16, fp32 or fp64); got {x.dtype}")
-    if kind == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor (token ids); got {x.dtype}")
+    if kind == "int" and x.dtype not in _INTS:
+        raise TypeError(
+            f"{name} must be an integer tensor (token ids) of int64, int32, int16, int8 or uint8; got {x.dtype}"
+        )
     if kind == "mask" and x.dtype.is_complex:
         raise TypeError(f"{name} must be a bool, integer or floating 0/1 tensor; got {x.dtype}")
     if shapes is not None and tuple(x.shape) not in shapes:
         raise ValueError(f"{name} has shape {tuple(x.shape)} but must be {shape_hint}")
     if device is not None and not same_device(x.device, device):
         raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}: move all inputs to one device")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values: pass tensors on a CPU or a GPU")
     return x
 
 
@@ -75,12 +81,13 @@ class ValueChecks:
                 raise ValueError(message)
 
 
-def check_ids(checks: ValueChecks, name: str, ids: torch.Tensor, vocab: int) -> None:
+def check_ids(checks: ValueChecks, name: str, ids: torch.Tensor, vocab: int, mask: str | None = "completion_mask"):
+    """Token ids in `[0, vocab)`; the message tells how padding is masked out (the function's `mask` argument)."""
     if ids.numel():
         checks.fail_if(
             (ids.min() < 0) | (ids.max() >= vocab),
             f"{name} holds token ids outside [0, {vocab}) (the vocabulary size); padding ids must be valid ids too, "
-            "e.g. the pad token, and be masked out with completion_mask",
+            "e.g. the pad token" + (f", and be masked out with {mask}" if mask else ""),
         )
 
 
@@ -100,28 +107,43 @@ def check_finite(checks: ValueChecks, name: str, x: torch.Tensor | None, allow_n
     checks.fail_if(bad, f"{name} must be finite" + (" (NaN marks an unscorable reward)" if allow_nan else ""))
 
 
-def check_no_nan_in_loss(checks: ValueChecks, name: str, x: torch.Tensor | None, mask: torch.Tensor | None) -> None:
-    """NaN in `x` (`[B, T]` or `[B, 1]`) at a token in the loss (`mask` `[B, T]` bool; None: every token) is an error;
-    values at masked-out tokens are never read."""
+def check_finite_in_loss(checks: ValueChecks, name: str, x: torch.Tensor | None, mask: torch.Tensor | None,
+                         nonnegative: bool = False) -> None:  # fmt: skip
+    """NaN or an infinity in `x` (`[B, T]` or `[B, 1]`) at a token in the loss (`mask` `[B, T]` bool; None: every
+    token) is an error, and so is a negative value where `nonnegative` (importance weights); values at masked-out
+    tokens are never read."""
     if x is None or not x.numel():
         return
-    nan = torch.isnan(x) if mask is None else torch.isnan(x) & mask
+    where = (lambda bad: bad) if mask is None else (lambda bad: bad & mask)
     checks.fail_if(
-        nan.any(),
-        f"{name} holds NaN at a token in the loss (completion_mask = 1): pass finite values there (values where the "
-        "mask is 0 are ignored)",
+        where(~torch.isfinite(x)).any(),
+        f"{name} holds NaN or an infinity at a token in the loss (completion_mask = 1): pass finite values there "
+        "(values where the mask is 0 are ignored)",
     )
+    if nonnegative:
+        checks.fail_if(
+            where(x < 0).any(),
+            f"{name} holds a negative value at a token in the loss (completion_mask = 1): importance weights are >= 0",
+        )
 
 
-def check_positive_items(num_items_in_batch: object, device: torch.device) -> torch.Tensor | float | None:
+def check_positive_items(checks: ValueChecks, num_items_in_batch: object,
+                         device: torch.device) -> torch.Tensor | float | None:  # fmt: skip
+    """`num_items_in_batch` as the loss reads it: None, a finite number >= 0, or a real scalar tensor moved to `device`
+    (its value checked with the others, in `checks`' one sync)."""
     if num_items_in_batch is None:
         return None
+    expected = "a finite number >= 0 (it is clamped to at least 1)"
     if isinstance(num_items_in_batch, torch.Tensor):
         if num_items_in_batch.numel() != 1:
             raise ValueError(f"num_items_in_batch must be a scalar; got shape {tuple(num_items_in_batch.shape)}")
-        return num_items_in_batch.to(device, non_blocking=True)  # a copy from the host that does not wait
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.dtype.is_complex:
+            raise TypeError(f"num_items_in_batch must be a real number; got a {num_items_in_batch.dtype} tensor")
+        value = num_items_in_batch.to(device, non_blocking=True)  # a copy from the host that does not wait
+        checks.fail_if(~torch.isfinite(value) | (value < 0), f"num_items_in_batch must be {expected}")
+        return value
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
         raise TypeError(f"num_items_in_batch must be a number or a scalar tensor; got {num_items_in_batch!r}")
-    if num_items_in_batch < 0:
-        raise ValueError(f"num_items_in_batch must be >= 0 (it is clamped to at least 1); got {num_items_in_batch}")
+    if not math.isfinite(num_items_in_batch) or num_items_in_batch < 0:
+        raise ValueError(f"num_items_in_batch must be {expected}; got {num_items_in_batch}")
     return float(num_items_in_batch)

@@ -26,7 +26,7 @@ def rewards_with_nans(B, K, device, nan_fraction=0.2):
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-@pytest.mark.parametrize("B,G,K", [(8, 4, 1), (12, 3, 3), (16, 16, 2), (6, 2, 5), (64, 8, 4), (5, 1, 2)])
+@pytest.mark.parametrize("B,G,K", [(8, 4, 1), (12, 3, 3), (16, 16, 2), (6, 2, 5), (64, 8, 4)])
 def test_matches_reference(impl, scale, aggregation, B, G, K, device):
     dev = device if impl == "triton" else "cpu"
     rewards = rewards_with_nans(B, K, dev)

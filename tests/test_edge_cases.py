@@ -510,24 +510,44 @@ def test_nan_where_the_mask_is_zero_is_never_read(impl, device):
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("bad", [NAN, math.inf, -math.inf])
 @pytest.mark.parametrize("name", ["old_logps", "ref_logps", "importance_sampling_ratio"])
 @pytest.mark.parametrize("loss_type", ["grpo", "vespo"])
-def test_nan_per_token_inputs_in_the_loss_are_errors(impl, name, loss_type, device):
-    """NaN old or reference log-probs or importance weights at a token in the loss would give a NaN loss, or (vespo,
-    whose weight treats NaN as 0) silently drop the sequence: an error that names the argument."""
+def test_non_finite_per_token_inputs_in_the_loss_are_errors(impl, bad, name, loss_type, device):
+    """NaN or an infinity in old or reference log-probs or importance weights at a token in the loss would give a NaN
+    or infinite loss and gradients, a ratio of 0, or (vespo, whose weight treats NaN as 0) silently drop the
+    sequence: an error that names the argument."""
     dev = _dev(impl, device)
     B, T, V = 2, 3, 11
     logits = torch.randn(B, T, V, device=dev)
     ids = torch.randint(0, V, (B, T), device=dev)
     values = {"old_logps": torch.randn(B, T, device=dev) - 2, "ref_logps": torch.randn(B, T, device=dev) - 2,
               "importance_sampling_ratio": torch.rand(B, T, device=dev) + 0.5}  # fmt: skip
-    values[name][1, 2] = NAN
+    values[name][1, 2] = bad
     config = GRPOLossConfig(loss_type=loss_type, beta=0.1)
-    with backend(impl), pytest.raises(ValueError, match=f"{name} holds NaN at a token in the loss"):
+    match = f"{name} holds NaN or an infinity at a token in the loss"
+    with backend(impl), pytest.raises(ValueError, match=match):
         grpo_loss(logits, ids, torch.randn(B, device=dev), config=config, **values)
-    with backend(impl), pytest.raises(ValueError, match=f"{name} holds NaN at a token in the loss"):
+    with backend(impl), pytest.raises(ValueError, match=match):
         fused_linear_grpo_loss(torch.randn(B, T, 4, device=dev), torch.randn(V, 4, device=dev), ids,
                                torch.randn(B, device=dev), config=config, **values)  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_token_ids_of_every_accepted_integer_dtype(impl, device):
+    """Token ids in int32, int16, int8 or uint8 give the loss and log-probs of int64 ids."""
+    dev = _dev(impl, device)
+    B, T, H, V = 2, 3, 4, 11
+    hidden, weight = torch.randn(B, T, H, device=dev), torch.randn(V, H, device=dev)
+    ids, adv = torch.randint(0, V, (B, T), device=dev), torch.randn(B, device=dev)
+    with backend(impl):
+        expected = fused_linear_grpo_loss(hidden, weight, ids, adv)
+        expected_logits = grpo_loss(hidden @ weight.T, ids, adv)
+        for dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+            got = fused_linear_grpo_loss(hidden, weight, ids.to(dtype), adv)
+            got_logits = grpo_loss(hidden @ weight.T, ids.to(dtype), adv)
+            assert torch.equal(got.logps, expected.logps) and got.loss.item() == expected.loss.item(), dtype
+            assert torch.equal(got_logits.logps, expected_logits.logps), dtype
 
 
 def test_nan_sampling_logps_read_as_no_divergence():
@@ -668,6 +688,13 @@ ARGUMENT_ROWS = [
     (lambda: _loss(importance_sampling_ratio=torch.ones(2, 1, dtype=torch.long)), TypeError,
      "importance_sampling_ratio must be a floating"),
     (lambda: _loss(num_items_in_batch=torch.tensor([3.0, 4.0])), ValueError, "num_items_in_batch must be a scalar"),
+    (lambda: _loss(num_items_in_batch=torch.tensor(math.nan)), ValueError, "num_items_in_batch must be a finite"),
+    (lambda: _loss(num_items_in_batch=torch.tensor(-5.0)), ValueError, "num_items_in_batch must be a finite number >="),
+    (lambda: _loss(num_items_in_batch=torch.tensor(True)), TypeError, "num_items_in_batch must be a real number"),
+    (lambda: _loss(num_items_in_batch=torch.tensor(1 + 1j)), TypeError, "num_items_in_batch must be a real number"),
+    (lambda: _loss(num_items_in_batch=math.inf), ValueError, "num_items_in_batch must be a finite number"),
+    (lambda: _loss(importance_sampling_ratio=torch.tensor([[1.0], [-0.5]])), ValueError,
+     "importance_sampling_ratio holds a negative value at a token in the loss"),
     # selective_log_softmax
     (lambda: selective_log_softmax([1.0], torch.zeros((), dtype=torch.long)), TypeError, "logits must be a torch"),
     (lambda: selective_log_softmax(torch.ones(3, dtype=torch.long), torch.zeros((), dtype=torch.long)), TypeError,
@@ -679,6 +706,10 @@ ARGUMENT_ROWS = [
      "ids is on meta"),
     (lambda: selective_log_softmax(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=math.inf),
      ValueError, "temperature must be a finite number"),
+    (lambda: selective_log_softmax(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=True),
+     ValueError, "temperature must be a positive number"),
+    (lambda: selective_log_softmax(torch.randn(2, 5), torch.full((2,), 5)), ValueError,
+     "ids holds token ids outside \\[0, 5\\) .*, e.g. the pad token$"),
     # fused_linear_grpo_loss and linear_logprobs
     (lambda: _linear(hidden=[[[1.0]]]), TypeError, "hidden must be a torch.Tensor"),
     (lambda: _linear(hidden=torch.ones(2, 3, 4, dtype=torch.long)), TypeError, "hidden must be a floating-point"),
@@ -690,13 +721,18 @@ ARGUMENT_ROWS = [
     (lambda: _linear(ids=torch.zeros(2, 3)), TypeError, "completion_ids must be an integer tensor"),
     (lambda: _linear(completion_mask=torch.full((2, 3), 2)), ValueError, "completion_mask must hold only 0 and 1"),
     (lambda: _linear(logit_scale=math.nan), ValueError, "logit_scale must be a finite number"),
+    (lambda: _linear(logit_scale=0.0), ValueError, "logit_scale must be > 0"),
+    (lambda: _linear(linear_logprobs, logit_scale=-1.0), ValueError, "logit_scale must be > 0"),
+    (lambda: _linear(ids=torch.zeros(2, 3, dtype=torch.uint32)), TypeError,
+     "completion_ids must be an integer tensor \\(token ids\\) of int64, int32, int16, int8 or uint8"),
     (lambda: _linear(final_logit_softcapping=0.0), ValueError, "final_logit_softcapping must be > 0"),
     (lambda: _linear(grad_filter_eps=1.0), ValueError, "grad_filter_eps must be in \\[0, 1\\)"),
     (lambda: _linear(linear_logprobs, grad_filter_eps="high"), ValueError, "grad_filter_eps must be None, a float"),
     (lambda: _linear(grad_filter_eps=math.nan), ValueError, "grad_filter_eps must be a finite number"),
     (lambda: _linear(linear_logprobs, ids=torch.randint(0, 11, (2, 4))), ValueError, "ids has shape \\(2, 4\\)"),
     (lambda: _linear(linear_logprobs, ids=torch.zeros(2, 3)), TypeError, "ids must be an integer tensor"),
-    (lambda: _linear(linear_logprobs, ids=torch.full((2, 3), 11)), ValueError, "ids holds token ids outside"),
+    (lambda: _linear(linear_logprobs, ids=torch.full((2, 3), 11)), ValueError,
+     "ids holds token ids outside .*, and be masked out with mask$"),
     (lambda: _linear(linear_logprobs, mask=torch.ones(2, 4)), ValueError, "mask has shape"),
     (lambda: _linear(linear_logprobs, mask=torch.full((2, 3), 0.5)), ValueError, "mask must hold only 0 and 1"),
     (lambda: _linear(linear_logprobs, temperature=-1.0), ValueError, "temperature must be > 0"),
@@ -704,9 +740,19 @@ ARGUMENT_ROWS = [
     (lambda: group_advantages([1.0, 2.0], 2), TypeError, "rewards must be a torch.Tensor"),
     (lambda: group_advantages(torch.randn(4), 2, reward_weights=[math.nan]), ValueError,
      "reward_weights must be finite"),
-    (lambda: group_advantages(torch.randn(4), True), ValueError, "num_generations must be a positive int"),
+    (lambda: group_advantages(torch.randn(4), True), ValueError, "num_generations must be an int >= 2"),
+    (lambda: group_advantages(torch.randn(4), 1), ValueError, "num_generations must be an int >= 2"),
+    (lambda: group_advantages(torch.randn(4), 2, scale_rewards=[]), ValueError, "scale_rewards must be 'group'"),
+    (lambda: group_advantages(torch.randn(4, 2), 2, reward_weights="ab"), TypeError, "reward_weights must be K"),
+    (lambda: group_advantages(torch.randn(4, device=META), 2), ValueError, "rewards is on the meta device"),
+    (lambda: _linear(hidden=torch.randn(2, 3, 4, device=META), weight=torch.randn(11, 4, device=META),
+                     ids=torch.zeros(2, 3, dtype=torch.long, device=META), advantages=torch.randn(2, device=META)),
+     ValueError, "hidden is on the meta device"),
     # GRPOLossConfig
     (lambda: GRPOLossConfig(vespo_k_pos=math.nan), ValueError, "vespo_k_pos must be a finite number"),
+    (lambda: GRPOLossConfig(vespo_k_pos=-1.0), ValueError, "vespo_k_pos must be >= 0"),
+    (lambda: GRPOLossConfig(vespo_lambda_neg=-0.5), ValueError, "vespo_lambda_neg must be >= 0"),
+    (lambda: GRPOLossConfig(off_policy_mask_threshold=-1.0), ValueError, "off_policy_mask_threshold must be >= 0"),
     (lambda: GRPOLossConfig(delta=math.inf), ValueError, "delta must be a finite number"),
     (lambda: GRPOLossConfig(sapo_temperature_pos=-1.0), ValueError, "sapo_temperature_pos and"),
     (lambda: GRPOLossConfig(top_entropy_quantile=-0.1), ValueError, "top_entropy_quantile must lie in"),

@@ -244,7 +244,7 @@ def test_linear_logprobs(batch, H, temperature):
 
 
 @given(
-    G=st.integers(1, 6),
+    G=st.integers(2, 6),
     groups=st.integers(1, 5),
     K=st.integers(1, 4),
     scale=st.sampled_from(["group", "batch", "none"]),

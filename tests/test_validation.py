@@ -45,7 +45,7 @@ def call(config=None, **changes):
         ({"old_logps": torch.randn(2, 4)}, ValueError, "old_logps has shape"),
         ({"importance_sampling_ratio": torch.rand(2)}, ValueError, "importance_sampling_ratio has shape"),
         ({"sampling_logps": torch.randn(3, 3)}, ValueError, "sampling_logps has shape"),
-        ({"num_items_in_batch": -1}, ValueError, "num_items_in_batch must be >= 0"),
+        ({"num_items_in_batch": -1}, ValueError, "num_items_in_batch must be a finite number >= 0"),
         ({"num_items_in_batch": "12"}, TypeError, "num_items_in_batch must be a number"),
         ({"advantages": torch.randn(2, device="meta")}, ValueError, "advantages is on meta"),
     ],
@@ -130,7 +130,9 @@ def test_a_device_without_an_index_is_the_current_one(monkeypatch):
     assert not same_device(torch.device("cuda"), torch.device("cuda:1"))
     assert not same_device(torch.device("cuda"), torch.device("cpu"))
     assert same_device(torch.device("cpu"), "cpu")
+    check_tensor("x", torch.zeros(2), kind="float", device=torch.device("cpu"))
     x = torch.zeros(2, device="meta")
-    check_tensor("x", x, kind="float", device=torch.device("meta"))
     with pytest.raises(ValueError, match="x is on meta but the other inputs are on cpu"):
         check_tensor("x", x, kind="float", device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="x is on the meta device, which holds no values"):  # on one device, still
+        check_tensor("x", x, kind="float", device=torch.device("meta"))
