@@ -187,17 +187,13 @@ print(*sorted({p.name for p in P} - {'ours-fused', 'ours-vocab', 'ours-tiles', '
   # the scratch strategy (the first chunk's 4,096 tokens' logits in d_weight's memory, their fp32 d_hidden sums in
   # d_hidden's, then chunks of 356 down to 220 tokens: 60 MiB of bf16 logits and d_hidden's unwritten rows) at the
   # target shape, profiled; with the first chunk's sums after its logits (3,855 tokens, as timed last run), and
-  # without the borrowed rows (240-token chunks), next to tiles: the 64 MiB target's candidates; the other strategies
-  # come next, then the default at the same budget (the Triton d_weight additions lost to cuBLAS last run: their
-  # configurations below; ours-scratch-adds differs from ours-scratch only where PyTorch's addmm sums bf16 products in
-  # fp32, not 2.11)
+  # without the borrowed rows (240-token chunks), next to tiles: the 64 MiB target's candidates; the Triton d_weight
+  # addition's configurations come next (they lost to cuBLAS last run), then the other strategies and the default at
+  # the same budget; ours-scratch-adds differs from ours-scratch only where PyTorch's addmm sums bf16 products in
+  # fp32, not 2.11
   # shellcheck disable=SC2086
   fits 135 "the scratch strategy" && { timeout --kill-after=5 130 $B --profile --out "$scratch/fused/scratch" \
     $target --providers ours-scratch ours-scratch-after ours-scratch-own ours-tiles floor || fused=$?; }
-  # --profile: where each strategy's time goes, kernel by kernel (results.md's last section, profiles/)
-  # shellcheck disable=SC2086
-  fits 120 "the strategies" && { timeout --kill-after=10 110 $B --profile --out "$scratch/fused/strategies" $target \
-    --providers ours-triton ours-tiles ours-fused ours-vocab floor || fused=$?; }
   # the Triton d_weight addition (ops/weight_grad.py) under other launch configurations, the persistent kernel
   # (the next tile of d_weight loaded ahead of the current one's products) among them, at the scratch strategy's
   # chunk sizes next to cuBLAS's addmm_ (0.905 ms at 240 tokens on the H200, the Triton default's 1.27): the 50 ms
@@ -231,6 +227,11 @@ from benchmarks.__main__ import main
 sys.exit(main(["--device", "cuda", "--no-progress", "--out", sys.argv[2], "--ops", "fused_linear", "--shapes",
                "8x1024x4096x131072", "--providers", "ours-scratch", "ours-scratch-tadd", "floor"]))
 PY
+  # the other strategies, timed before (after the addition's configurations, which are new): --profile: where each
+  # strategy's time goes, kernel by kernel (results.md's last section, profiles/)
+  # shellcheck disable=SC2086
+  fits 120 "the strategies" && { timeout --kill-after=10 110 $B --profile --out "$scratch/fused/strategies" $target \
+    --providers ours-triton ours-tiles ours-fused ours-vocab floor || fused=$?; }
   # the default at 120 MiB of fp32 logits (60 MiB of bf16 logits, 240-token chunks), profiled: under 64 MiB its three
   # products would fit the target if the small chunks' products kept their speed
   # shellcheck disable=SC2086
