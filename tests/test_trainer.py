@@ -20,6 +20,7 @@ from helpers import assert_close, free_port
 from grpo_kernels import GRPOLossConfig, reference
 from grpo_kernels.config import LOSS_TYPES
 from trainer import Trainer, TrainerConfig, estimate_memory, format_memory, parse_config, plan_microbatches
+from trainer.config import SetupError
 from trainer.data import PromptSampler, arithmetic_examples, score
 from trainer.loop import Rollout
 from trainer.model import MicroBatch, make_optimizer, model_config
@@ -250,9 +251,11 @@ def test_resume_continues_exactly(tmp_path):
         for key in ("reward", "loss", "kl", "grad_norm", "completions/mean_length"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
     w_full = dict(
-        Trainer(small(tmp_path / "x", resume=str(tmp_path / "full" / "checkpoint-3"))).policy.named_parameters()
+        Trainer(
+            small(tmp_path / "x", resume=str(tmp_path / "full" / "checkpoint-3"), **common)
+        ).policy.named_parameters()
     )
-    w_resumed = Trainer(small(tmp_path / "y", resume=str(tmp_path / "resumed" / "checkpoint-3"))).policy
+    w_resumed = Trainer(small(tmp_path / "y", resume=str(tmp_path / "resumed" / "checkpoint-3"), **common)).policy
     for name, p in w_resumed.named_parameters():
         assert torch.equal(p, w_full[name]), name
 
@@ -279,7 +282,7 @@ def test_an_interrupted_save_leaves_no_checkpoint(tmp_path, monkeypatch):
     assert resumed.step == 1
     trainer.save()  # a later save clears what the interrupted one left
     assert (tmp_path / "checkpoint-2" / "process_0.pt").is_file() and not (tmp_path / ".checkpoint-2.partial").exists()
-    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+    with pytest.raises(SetupError, match="not a checkpoint"):
         Trainer(small(tmp_path, resume=str(tmp_path / "missing")))
 
 
@@ -479,8 +482,9 @@ def test_command_line_yaml_and_help(tmp_path, capsys):
         assert "--" + f.name.replace("_", "-") in text, f.name
     assert "max_tokens_per_microbatch" not in text and "token budget of a micro-batch" in " ".join(text.split())
     path.write_text("los_type: grpo\n")
-    with pytest.raises(ValueError, match="unknown options los_type"):
+    with pytest.raises(SystemExit):
         parse_config(["--config", str(path)])
+    assert "unknown options los_type" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_config(["--loss-type", "ppo"])
     assert "loss_type must be one of" in capsys.readouterr().err
@@ -501,11 +505,74 @@ def test_command_line_yaml_and_help(tmp_path, capsys):
         ({"loss_chunk_mib": float("inf")}, "loss_chunk_mib must be a positive, finite number"),
         ({"loss_strategy": "tiles", "grad_filter_eps": 0.001}, "loss_strategy tiles does not filter gradients"),
         ({"loss_strategy": "scratch", "grad_filter_eps": 0.001}, "loss_strategy scratch does not filter gradients"),
+        ({"dtype": "float16"}, "dtype float16 is not supported: the weights and AdamW's state would be fp16"),
+        ({"scale_rewards": "bogus"}, "scale_rewards must be one of group, batch, none"),
+        ({"multi_objective_aggregation": "mean"}, "multi_objective_aggregation must be one of sum_then_normalize"),
+        ({"seed": -1}, "seed must be an int in \\[0, 2\\*\\*32\\)"),
+        ({"reward_funcs": ["bogus"], "reward_weights": [1.0]}, "unknown reward function 'bogus' in reward_funcs"),
+        ({"reward_funcs": ["bogus"]}, "unknown reward function 'bogus'"),  # named before the weights' count
     ],
 )
 def test_bad_options_fail_clearly(overrides, message):
     with pytest.raises(ValueError, match=message):
         TrainerConfig(**overrides)
+
+
+def test_what_the_options_name_fails_in_one_line(tmp_path, capsys):
+    """A missing model, dataset, checkpoint, YAML file or reward module, a malformed dataset or YAML file and a bad
+    YAML value: `python -m trainer` prints one error line naming the option (exit 2), no traceback."""
+    from trainer.__main__ import main
+
+    bad_jsonl, bad_yaml, bad_value = tmp_path / "bad.jsonl", tmp_path / "bad.yaml", tmp_path / "value.yaml"
+    bad_jsonl.write_text('{"question": "1+1", "answer": \n')
+    bad_yaml.write_text("learning_rate: [1\n")
+    bad_value.write_text("learning_rate: abc\n")
+    common = ["--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--pretrain-steps", "0", "--num-prompts", "2",
+              "--num-generations", "2", "--no-tensorboard"]  # fmt: skip
+    for argv, message in [
+        (["--model", str(tmp_path / "missing")], f"--model {tmp_path / 'missing'}: no such directory"),
+        (["--dataset", str(tmp_path / "missing.jsonl")], "no such .json, .jsonl, .csv or .parquet file"),
+        (["--dataset", str(bad_jsonl)], f"--dataset {bad_jsonl} (split 'train'): cannot load it"),
+        (["--resume", str(tmp_path)], f"--resume {tmp_path}: {tmp_path} is not a checkpoint"),
+        (["--resume", "latest"], "--resume latest: no checkpoint-*/ in"),
+        (
+            ["--reward-funcs", "no_such_module:score", "--reward-weights", "1"],
+            "reward function 'no_such_module:score': cannot import 'no_such_module'",
+        ),
+    ]:
+        assert main([*argv, *common]) == 2, argv
+        err = capsys.readouterr().err  # the last line (the datasets library logs what it could not read before it)
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("python -m trainer: error: ") and message in line, err
+        assert "Traceback" not in err
+    for path, message in [(tmp_path / "none.yaml", "cannot read it"), (bad_yaml, "not valid YAML"),
+                          (bad_value, "learning_rate cannot be 'abc'")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse_config(["--config", str(path)])
+        err = capsys.readouterr().err
+        assert str(path) in err and message in err, err
+
+
+def test_resume_refuses_other_options_and_a_new_run_old_checkpoints(tmp_path):
+    """A resumed run continues its checkpoint's run: options that would not take effect (the learning rate, whose
+    optimizer and scheduler state are restored) or would change the run (the seed, from which the reference model is
+    rebuilt) are an error naming them, while how long it runs and how it computes its steps may change. A new run in
+    an output_dir that holds checkpoints is an error (`--resume latest` would mix the two) unless
+    `overwrite_output_dir` deletes them. A checkpoint of the tiny model loads with `--model` (its byte tokenizer)."""
+    Trainer(small(tmp_path, max_steps=1, beta=0.04)).train()
+    with pytest.raises(SetupError, match=r"other options: learning_rate \(0.0003 there, 0.1 here\); seed \(0 there, 7"):
+        Trainer(small(tmp_path, max_steps=2, beta=0.04, resume="latest", learning_rate=0.1, seed=7))
+    resumed = Trainer(small(tmp_path, max_steps=2, beta=0.04, resume="latest", max_tokens_per_microbatch=64))
+    assert resumed.step == 1
+    with pytest.raises(SetupError, match="holds checkpoints of an earlier run \\(checkpoint-1\\)"):
+        Trainer(small(tmp_path, max_steps=1))
+    again = Trainer(small(tmp_path, max_steps=1, overwrite_output_dir=True))
+    assert not (tmp_path / "checkpoint-1").exists() and again.step == 0
+    again.train()
+    tiny = Trainer(small(tmp_path / "from-checkpoint", model=str(tmp_path / "checkpoint-1"), max_steps=1))
+    assert tiny.tokenizer.vocab_size == again.tokenizer.vocab_size
+    for (name, p), q in zip(tiny.policy.named_parameters(), again.policy.parameters(), strict=True):
+        assert torch.equal(p, q), name
 
 
 def test_reward_functions_that_misbehave_fail_clearly():

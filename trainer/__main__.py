@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import sys
 
-from trainer.config import parse_config
+from trainer.config import SetupError, parse_config
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
+    try:
+        return _run(cfg)
+    except SetupError as err:  # a model, dataset, checkpoint or reward function the options name: as a bad option
+        print(f"python -m trainer: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(cfg) -> int:
     if cfg.dry_run_memory:
         import torch
         from accelerate import PartialState

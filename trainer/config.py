@@ -22,7 +22,14 @@ from grpo_kernels.fused_linear import STRATEGIES
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16")
+SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+class SetupError(ValueError):
+    """An option that names something missing or unusable (a model, a dataset, a checkpoint, a reward function):
+    `python -m trainer` reports it in one line, as it does a bad option."""
 
 
 def _help(text: str, group: str | None = None) -> dict[str, str]:
@@ -213,7 +220,8 @@ class TrainerConfig:
     dtype: str = field(
         default="auto",
         metadata=_help(
-            "dtype of the weights: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16 or float16"
+            "dtype of the weights and the optimizer's state: auto (bfloat16 on a GPU that has it, else float32), "
+            "float32 or bfloat16"
         ),
     )
     lora_r: int = field(
@@ -244,6 +252,13 @@ class TrainerConfig:
         metadata=_help("metrics.jsonl, curves.png, checkpoints and TensorBoard logs go here", group="output"),
     )
     save_steps: int = field(default=0, metadata=_help("save a checkpoint every this many steps (0: at the end only)"))
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help(
+            "a new run (no --resume) deletes the checkpoint-*/ an earlier run left in output_dir; "
+            "without it, such checkpoints are an error"
+        ),
+    )
     resume: str | None = field(
         default=None,
         metadata=_help("resume from a checkpoint directory, or from the latest one in output_dir with 'latest'"),
@@ -269,6 +284,12 @@ class TrainerConfig:
                              f"{self.num_generations}")  # fmt: skip
         if not self.reward_funcs:
             raise ValueError("reward_funcs is empty: name at least one reward function")
+        from trainer.data import REWARD_FUNCTIONS
+
+        for name in self.reward_funcs:
+            if name not in REWARD_FUNCTIONS and ":" not in name:
+                raise ValueError(f"unknown reward function {name!r} in reward_funcs: use one of "
+                                 f"{', '.join(REWARD_FUNCTIONS)} or module:function")  # fmt: skip
         if len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(
                 f"reward_weights has {len(self.reward_weights)} values but reward_funcs has {len(self.reward_funcs)} "
@@ -301,8 +322,21 @@ class TrainerConfig:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {self.lr_scheduler!r}")
+        if self.dtype == "float16":
+            raise ValueError(
+                "dtype float16 is not supported: the weights and AdamW's state would be fp16, where AdamW's epsilon "
+                "(1e-8) and most updates round to 0 and the first steps turn the weights to NaN. Use bfloat16, or "
+                "float32 on a GPU without bf16"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}; got {self.scale_rewards!r}")
+        if self.multi_objective_aggregation not in AGGREGATIONS:
+            raise ValueError(f"multi_objective_aggregation must be one of {', '.join(AGGREGATIONS)}; got "
+                             f"{self.multi_objective_aggregation!r}")  # fmt: skip
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32); got {self.seed!r}")
         self.loss_config()  # checks the loss options
 
     def loss_config(self) -> GRPOLossConfig:
@@ -371,7 +405,12 @@ def load_yaml(path: str | Path) -> dict[str, typing.Any]:
     """Options from a YAML file; keys are `TrainerConfig` field names (dashes allowed)."""
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise ValueError(f"--config {path}: cannot read it ({err.strerror or err})") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {path}: not valid YAML ({err})") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
     data = {k.replace("-", "_"): v for k, v in data.items()}
@@ -382,13 +421,16 @@ def load_yaml(path: str | Path) -> dict[str, typing.Any]:
     out = {}
     for name, value in data.items():  # as the command line would parse it: YAML reads 1e-6 as a string
         kind, optional = _unwrap(hints[name])
-        if value is None or kind is bool:
-            out[name] = value
-        elif typing.get_origin(kind) is list:
-            (item,) = typing.get_args(kind)
-            out[name] = [item(v) for v in (value if isinstance(value, list) else [value])]
-        else:
-            out[name] = _scalar(kind, optional)(str(value))
+        try:
+            if value is None or kind is bool:
+                out[name] = value
+            elif typing.get_origin(kind) is list:
+                (item,) = typing.get_args(kind)
+                out[name] = [item(v) for v in (value if isinstance(value, list) else [value])]
+            else:
+                out[name] = _scalar(kind, optional)(str(value))
+        except ValueError as err:
+            raise ValueError(f"{path}: {name} cannot be {value!r} ({err})") from err
     return out
 
 
@@ -397,7 +439,10 @@ def parse_config(argv: list[str] | None = None) -> TrainerConfig:
     parser = build_parser()
     args, _ = parser.parse_known_args(argv)
     if args.config:
-        parser.set_defaults(**load_yaml(args.config))
+        try:
+            parser.set_defaults(**load_yaml(args.config))
+        except ValueError as err:
+            parser.error(str(err))
     values = vars(parser.parse_args(argv))
     values.pop("config")
     try:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.config import SetupError
+
 RewardFunction = Callable[..., Sequence[float | None]]
 
 
@@ -107,16 +109,32 @@ def dataset_examples(
     name: str, config: str | None, split: str, prompt_column: str, answer_column: str
 ) -> list[Example]:
     """Prompts and answers of a Hugging Face dataset, or of a local .json/.jsonl/.csv/.parquet file."""
+    if importlib.util.find_spec("datasets") is None:
+        raise SetupError(f"--dataset {name} needs the datasets package: pip install datasets (or the trainer extra)")
     import datasets
 
     suffix = Path(name).suffix.lstrip(".")
-    if Path(name).is_file() and suffix in ("json", "jsonl", "csv", "parquet"):
-        ds = datasets.load_dataset("json" if suffix == "jsonl" else suffix, data_files=name, split=split)
-    else:
-        ds = datasets.load_dataset(name, config, split=split)
+    local = Path(name).is_file() and suffix in ("json", "jsonl", "csv", "parquet")
+    path_like = suffix in ("json", "jsonl", "csv", "parquet") or name.startswith(("./", "../", "/", "~"))
+    if not local and path_like and not Path(name).is_dir():
+        raise SetupError(f"--dataset {name}: no such .json, .jsonl, .csv or .parquet file (a Hub dataset is named "
+                         "owner/name)")  # fmt: skip
+    try:
+        if local:
+            ds = datasets.load_dataset("json" if suffix == "jsonl" else suffix, data_files=name, split=split)
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # the library's own: missing, unreachable, malformed, empty, no such split
+        root = err
+        while root.__cause__ is not None:  # the reader's own error (a JSON parse error) says more than the wrapper's
+            root = root.__cause__
+        detail = str(root).strip().splitlines()[0] if str(root).strip() else "no rows"
+        raise SetupError(
+            f"--dataset {name} (split {split!r}): cannot load it: {type(root).__name__}: {detail}"
+        ) from err
     for column in (prompt_column, answer_column):
         if column not in ds.column_names:
-            raise ValueError(
+            raise SetupError(
                 f"dataset {name!r} has no column {column!r}; its columns are {', '.join(ds.column_names)} "
                 "(set --prompt-column / --answer-column)"
             )
@@ -124,7 +142,7 @@ def dataset_examples(
     for row, (p, a) in enumerate(zip(ds[prompt_column], ds[answer_column], strict=True)):
         for column, value in ((prompt_column, p), (answer_column, a)):
             if value is None or not str(value).strip():
-                raise ValueError(
+                raise SetupError(
                     f"dataset {name!r}, row {row}: {column!r} is empty; every row needs a prompt and an answer"
                 )
         examples.append(Example(str(p), _reference_answer(str(a))))
@@ -137,7 +155,7 @@ class PromptSampler:
 
     def __init__(self, examples: Sequence[Example], seed: int) -> None:
         if not examples:
-            raise ValueError("the dataset has no examples")
+            raise SetupError("the dataset has no examples")
         self.examples = list(examples)
         self.seed = seed
         self._orders: dict[int, list[int]] = {}
@@ -233,13 +251,18 @@ def reward_function(name: str) -> RewardFunction:
     if name in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[name]
     if ":" not in name:
-        raise ValueError(
+        raise SetupError(
             f"unknown reward function {name!r}: use one of {', '.join(REWARD_FUNCTIONS)} or module:function"
         )
     module, _, attr = name.partition(":")
-    fn = getattr(importlib.import_module(module), attr, None)
+    try:
+        imported = importlib.import_module(module)
+    except ImportError as err:
+        raise SetupError(f"reward function {name!r}: cannot import {module!r} ({err}); a module on the Python path "
+                         "is named module:function, e.g. my_rewards:score") from err  # fmt: skip
+    fn = getattr(imported, attr, None)
     if not callable(fn):
-        raise ValueError(f"reward function {name!r}: {module} has no callable {attr!r}")
+        raise SetupError(f"reward function {name!r}: {module} has no callable {attr!r}")
     return fn
 
 

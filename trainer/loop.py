@@ -17,6 +17,7 @@ completions taken as one batch. Two things stay per micro-batch, as in TRL: the 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import resource
@@ -31,7 +32,7 @@ import torch
 
 from grpo_kernels import backend, group_advantages
 from grpo_kernels.reference import nanstd
-from trainer.config import TrainerConfig
+from trainer.config import SetupError, TrainerConfig
 from trainer.data import (
     HFTokenizer,
     PromptSampler,
@@ -43,6 +44,7 @@ from trainer.data import (
 )
 from trainer.logs import MetricsLogger, plot_metrics
 from trainer.model import (
+    BYTE_TOKENIZER_FILE,
     LossInputs,
     MicroBatch,
     Policy,
@@ -175,20 +177,47 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints in `output_dir`, by step."""
+    found = (p.parent for p in output_dir.glob("checkpoint-*/trainer_state.pt"))
+    return sorted((p for p in found if p.name.split("-", 1)[1].isdigit()), key=lambda p: int(p.name.split("-", 1)[1]))
+
+
 def find_checkpoint(resume: str, output_dir: Path) -> Path:
     """The checkpoint directory `resume` names: a path, or `latest` (the highest step in `output_dir`)."""
     if resume != "latest":
         path = Path(resume)
         if not (path / "trainer_state.pt").is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint (no trainer_state.pt)")
+            raise SetupError(f"--resume {resume}: {path} is not a checkpoint (no trainer_state.pt)")
         return path
-    found = sorted(
-        (p for p in output_dir.glob("checkpoint-*/trainer_state.pt") if p.parent.name.split("-", 1)[1].isdigit()),
-        key=lambda p: int(p.parent.name.split("-", 1)[1]),
-    )
+    found = checkpoints(output_dir)
     if not found:
-        raise FileNotFoundError(f"--resume latest: no checkpoint-*/ in {output_dir}")
-    return found[-1].parent
+        raise SetupError(f"--resume latest: no checkpoint-*/ in {output_dir}")
+    return found[-1]
+
+
+# What a resumed run may set otherwise than its checkpoint's: how long it runs and saves, where, and how it computes
+# the same steps (micro-batches, packing, checkpointing, the loss's strategy). Anything else would not take effect
+# (the learning rate: the optimizer's and scheduler's state come from the checkpoint) or change the run's meaning
+# (the seed and pretraining: the reference model).
+RESUME_MAY_CHANGE = frozenset({
+    "max_steps", "save_steps", "output_dir", "resume", "overwrite_output_dir", "tensorboard", "dry_run_memory",
+    "max_tokens_per_microbatch", "packing", "gradient_checkpointing", "loss_strategy", "loss_chunk_mib",
+})  # fmt: skip
+
+
+def check_resumable(cfg: TrainerConfig, path: Path) -> None:
+    """A clear error when `cfg` differs from the configuration `path` was saved with in more than
+    `RESUME_MAY_CHANGE`."""
+    saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True, mmap=True)["config"]
+    now = cfg.to_dict()
+    differ = [f"{k} ({saved[k]!r} there, {now[k]!r} here)" for k in now
+              if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]  # fmt: skip
+    if differ:
+        raise SetupError(
+            f"--resume {cfg.resume}: {path} was saved by a run with other options: {'; '.join(differ)}. A resumed run "
+            "continues that run (its optimizer, scheduler and reference model): pass its options, or start a new run"
+        )
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -251,6 +280,21 @@ class Trainer:
         self.sampler = PromptSampler(examples, cfg.seed)
         self.output_dir = Path(cfg.output_dir)
         checkpoint = find_checkpoint(cfg.resume, self.output_dir) if cfg.resume else None
+        if checkpoint is not None:
+            check_resumable(cfg, checkpoint)
+        elif checkpoints(self.output_dir):
+            if not cfg.overwrite_output_dir:
+                names = ", ".join(p.name for p in checkpoints(self.output_dir))
+                raise SetupError(
+                    f"output_dir {self.output_dir} holds checkpoints of an earlier run ({names}), which --resume "
+                    "latest would mix with this one: pass --resume latest to continue that run, --overwrite-output-dir "
+                    "to delete them, or another --output-dir"
+                )
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                for p in checkpoints(self.output_dir):
+                    shutil.rmtree(p)
+            acc.wait_for_everyone()
         model, self.tokenizer = load_model(cfg, self.device, examples)
         ref = reference_model(cfg, model)
         if checkpoint is not None:
@@ -260,7 +304,7 @@ class Trainer:
         self.ref_policy = None if ref is None else Policy(ref, attn, None, cfg.loss_strategy, cfg.loss_chunk_mib)
         if cfg.fsdp:
             if self.world < 2:
-                raise ValueError("--fsdp shards the model over processes, but this is the only one: launch with "
+                raise SetupError("--fsdp shards the model over processes, but this is the only one: launch with "
                                  "accelerate launch --num_processes N (N >= 2), or leave --fsdp out")  # fmt: skip
             for p in filter(None, (policy, self.ref_policy)):
                 shard(p, self.device, self.world)
@@ -555,6 +599,8 @@ class Trainer:
             self._generator.save_pretrained(path, state_dict=weights)
             if isinstance(self.tokenizer, HFTokenizer):
                 self.tokenizer.tokenizer.save_pretrained(path)
+            else:  # the byte vocabulary, which --model then loads with the weights
+                (path / BYTE_TOKENIZER_FILE).write_text(json.dumps({"vocab_size": self.tokenizer.vocab_size}) + "\n")
             state = {
                 "step": self.step,
                 "skipped": self.skipped,

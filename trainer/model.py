@@ -16,6 +16,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from torch import nn
 from grpo_kernels import GRPOLossConfig, GRPOLossOutput, backend, fused_linear_grpo_loss, linear_logprobs
 from grpo_kernels.fused_linear import linear_strategy, schedule, workspace_bytes
 from grpo_kernels.integrations.models import backbone_and_head, head_kwargs, unwrap_peft
-from trainer.config import TrainerConfig
+from trainer.config import SetupError, TrainerConfig
 from trainer.data import ByteTokenizer, Example, HFTokenizer, noisy_sums
 
 TINY_MODEL = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -53,13 +54,29 @@ def tiny_model_config(tokenizer: ByteTokenizer, max_positions: int):
     )
 
 
+# In a checkpoint of a model on `ByteTokenizer`'s vocabulary (the built-in tiny model): `--model` then loads that
+# tokenizer, which transformers does not know
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+
+
+def _pretrained(model: str, what: str, load):
+    """`load()` for `--model model`, its failures (no such directory, no network, not a model) as a `SetupError`."""
+    if model.startswith(("./", "../", "/", "~")) and not Path(model).expanduser().is_dir():
+        raise SetupError(f"--model {model}: no such directory")
+    try:
+        return load()
+    except (OSError, ValueError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SetupError(f"--model {model}: cannot load its {what}: {detail}") from err
+
+
 def model_config(cfg: TrainerConfig):
     """The transformers config of the model to train (downloads only the config of a Hub model)."""
     if cfg.model is None:
         return tiny_model_config(ByteTokenizer(), cfg.max_prompt_length + cfg.max_completion_length)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(cfg.model)
+    return _pretrained(cfg.model, "config", lambda: AutoConfig.from_pretrained(cfg.model))
 
 
 def pretrain(
@@ -107,8 +124,13 @@ def load_model(
     else:
         from transformers import AutoTokenizer
 
-        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(cfg.model), cfg.chat_template)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa")
+        if (Path(cfg.model).expanduser() / BYTE_TOKENIZER_FILE).is_file():  # a checkpoint of the tiny model
+            tokenizer = ByteTokenizer()
+        else:
+            hf = _pretrained(cfg.model, "tokenizer", lambda: AutoTokenizer.from_pretrained(cfg.model))
+            tokenizer = HFTokenizer(hf, cfg.chat_template)
+        model = _pretrained(cfg.model, "weights", lambda: AutoModelForCausalLM.from_pretrained(
+            cfg.model, dtype=dtype, attn_implementation="sdpa"))  # fmt: skip
     model.to(device)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
