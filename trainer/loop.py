@@ -177,6 +177,19 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+@contextlib.contextmanager
+def _no_transformers_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def checkpoints(output_dir: Path) -> list[Path]:
     """The complete checkpoints in `output_dir`, by step."""
     found = (p.parent for p in output_dir.glob("checkpoint-*/trainer_state.pt"))
@@ -596,7 +609,8 @@ class Trainer:
             weights = {n: t for n, t in ((k.removeprefix("model."), t) for k, t in full.items()) if n not in tied}
             optimizer = get_optimizer_state_dict(self.policy, self.optimizer.optimizer, options=options)
         if acc.is_main_process:
-            self._generator.save_pretrained(path, state_dict=weights)
+            with _no_transformers_progress_bars():  # a bar of its own would break into the training bar
+                self._generator.save_pretrained(path, state_dict=weights)
             if isinstance(self.tokenizer, HFTokenizer):
                 self.tokenizer.tokenizer.save_pretrained(path)
             else:  # the byte vocabulary, which --model then loads with the weights
