@@ -32,8 +32,10 @@ def parse_shape(op: str, text: str, dtype: str, device: str, inputs: str = "rand
     except ValueError:
         dims = []
     if len(dims) != want or min(dims) < 1:
-        form = {"loss_from_logits": "BxTxV", "advantages": "B"}.get(op, "BxTxHxV")
-        raise SystemExit(f"--shapes {text!r}: {op} shapes are {form}, positive integers (e.g. 8x1024x512x65536)")
+        form, example = {"loss_from_logits": ("BxTxV", "8x1024x65536"), "advantages": ("B", "65536")}.get(
+            op, ("BxTxHxV", "8x1024x512x65536")
+        )
+        raise SystemExit(f"--shapes {text!r}: {op} shapes are {form}, positive integers (e.g. {example})")
     if op == "fused_linear":
         return Case(op, dims[0], dims[1], dims[2], dims[3], dtype, device, inputs)
     if inputs != "random":
@@ -89,16 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="remake results.md and plots from OUT/results.json")
     p.add_argument(
         "--resume", action="store_true",
-        help="keep the shapes OUT/results.json already holds for every chosen provider (same device) and measure the "
-        "rest: a sweep cut short by --time-limit goes on where it stopped",
+        help="keep the shapes OUT/results.json already holds for every chosen provider and mode (same device) and "
+        "measure the rest: a sweep cut short by --time-limit goes on where it stopped; the file's other rows stay",
     )  # fmt: skip
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _check_out(args.out)
     if args.report_only:
-        meta, rows = report.load(args.out / "results.json")
+        for flag, given in (("--quick", args.quick), ("--dtype", args.dtype is not None)):
+            if given:
+                raise SystemExit(f"{flag} does not apply to --report-only, which remakes the report from results.json")
+        meta, rows = _load(args.out / "results.json", "--report-only")
         written = report.write_report(args.out, rows, meta)
         print("\n".join(str(p) for p in written))
         return 0
@@ -109,24 +115,35 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--repeats must be at least 1; got {args.repeats}")
     if args.max_run_ms is not None and not args.max_run_ms > 0:
         raise SystemExit(f"--max-run-ms must be a positive number of milliseconds; got {args.max_run_ms}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise SystemExit(f"--time-limit must be a positive number of seconds; got {args.time_limit}")
     if args.shapes:
         if len(args.ops) != 1:
             raise SystemExit("--shapes needs exactly one --ops (shapes are read per op)")
+        if args.quick:
+            raise SystemExit("--quick is a sweep; --shapes measures the shapes it names instead")
+        if args.ops == ["advantages"] and args.dtype not in (None, "float32"):
+            raise SystemExit(f"--dtype {args.dtype}: the advantages op's rewards are always float32")
         dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
         cases = [parse_shape(args.ops[0], s, dtype, device, args.inputs) for s in args.shapes]
         name = "custom"
     else:
         if args.inputs != "random":
             raise SystemExit("--inputs applies to --shapes; the sweeps name their own inputs")
+        if args.dtype is not None:
+            raise SystemExit("--dtype applies to --shapes; the sweeps name their own dtypes")
         name = "quick" if args.quick else "full"
         cases = [c for c in sweep(name, device) if c.op in args.ops]
     providers = [p for p in PROVIDERS if p.name in args.providers]
-    every_case = cases
+    todo = cases
     previous: list[dict] = []
-    earlier: list[dict] = []
-    if args.resume and (args.out / "results.json").exists():
-        cases, previous, earlier = _resumed(args.out / "results.json", cases, providers, device)
-        print(f"--resume: {len(every_case) - len(cases)} of {len(every_case)} shapes already measured")
+    before: dict | None = None  # the meta of the results.json --resume read
+    if args.resume:
+        if (args.out / "results.json").exists():
+            todo, previous, before = _resumed(args.out / "results.json", cases, providers, args.modes, device)
+            print(f"--resume: {len(cases) - len(todo)} of {_count(len(cases), 'shape')} already measured")
+        else:
+            print(f"--resume: no results.json in {args.out}: measuring everything")
     meta = {
         "command": shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]),
         "sweep": name,
@@ -137,27 +154,63 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "load_average": [round(os.getloadavg()[0], 2)],  # 1-minute load of the host, at the start and the end
         "cpu_threads": torch.get_num_threads(),
-        "earlier": earlier,  # the runs whose rows --resume kept: their command, date, versions and shapes
+        "earlier": [],  # the runs whose rows --resume kept: their command, date, versions and shapes
         # the package's settings from the environment (a chunk budget, say), which the command line does not show
         "environment": {k: v for k, v in sorted(os.environ.items()) if _package_setting(k)},
     }
     args.out.mkdir(parents=True, exist_ok=True)
 
-    def save(rows: list[dict]) -> None:  # as rows come, so that an interrupted sweep keeps what it measured
-        report.write_json(args.out / "results.json", previous + rows, meta)
+    def combined(new: list[dict]) -> list[dict]:
+        """The earlier rows this run does not measure again and its own; the runs the former come from in meta."""
+        kept = _kept(previous, new)
+        meta["earlier"] = _earlier(before, kept)
+        return kept + new
 
-    rows = previous + run_sweep(
-        cases, providers, args.modes, args.repeats, not args.no_memory, not args.no_progress, save, args.time_limit,
+    def save(new: list[dict]) -> None:  # as rows come, so that an interrupted sweep keeps what it measured
+        report.write_json(args.out / "results.json", combined(new), meta)
+
+    new = run_sweep(
+        todo, providers, args.modes, args.repeats, not args.no_memory, not args.no_progress, save, args.time_limit,
         args.max_run_ms, args.out / "profiles" if args.profile else None,
     )  # fmt: skip
-    measured = {_case_key(r) for r in rows}
-    meta["not_measured"] = [c.label() for c in every_case if _case_key(c) not in measured]
+    rows = combined(new)
+    measured = {_case_key(r) for r in new}
+    meta["not_measured"] = [
+        c.label() for c in todo if _case_key(c) not in measured and _wanted(c, providers, args.modes)
+    ]
     meta["load_average"].append(round(os.getloadavg()[0], 2))
     written = report.write_all(args.out, rows, meta)
-    shown = [r for r in rows if r["mode"] == "forward+backward" or OP_MODES[r["op"]] == ("forward",)]
+    shown = [r for r in rows if r["mode"] == report.main_mode(rows, r["op"])]
     print(report.markdown(shown, meta))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    """`1 shape`, `2 shapes`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that is a file, or lies under one."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "" if folder == out else f" ({folder})"
+                raise SystemExit(f"--out {out}{where} is a file, not a folder")
+            return
+
+
+def _load(path: Path, flag: str) -> tuple[dict, list[dict]]:
+    """`report.load(path)`, or a one-line error naming `flag` where the file is missing or not a results.json."""
+    try:
+        return report.load(path)
+    except FileNotFoundError:
+        raise SystemExit(f"{flag}: {path} not found (run the benchmarks first)") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(
+            f"{flag}: {path} is not a results.json of the benchmarks ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _package_setting(name: str) -> bool:
@@ -171,21 +224,48 @@ def _case_key(x: Case | dict) -> tuple:
     return x.op, x.B, x.T, x.H, x.V, x.dtype, x.inputs
 
 
-def _resumed(path: Path, cases: list[Case], providers: list, device: str) -> tuple[list[Case], list[dict], list[dict]]:
-    """`(cases still to measure, rows kept, the runs they came from)`: a case is kept when the file has rows of it for
-    each chosen provider of its op; its rows are kept, those of the other cases dropped (they are measured again). The
-    runs: the file's own (its command, date, versions and the number of shapes kept) after those it had kept."""
-    meta, rows = report.load(path)
+def _row_key(row: dict) -> tuple:
+    return *_case_key(row), row["provider"], row["mode"]
+
+
+def _wanted(case: Case, providers: list, modes: list[str]) -> set[tuple[str, str]]:
+    """`{(provider, mode)}` a run of `case` gives rows for: each chosen provider of its op, in each chosen mode it
+    has."""
+    return {
+        (p.name, m) for p in providers if p.op == case.op
+        for m in modes if m in OP_MODES[case.op] and (m == "forward" or p.has_backward)
+    }  # fmt: skip
+
+
+def _resumed(
+    path: Path, cases: list[Case], providers: list, modes: list[str], device: str
+) -> tuple[list[Case], list[dict], dict]:
+    """`(cases still to measure, the file's rows, the file's meta)`: a case is done when the file has a row of it for
+    each chosen provider of its op in each chosen mode that provider has. The rows of the cases measured again are
+    replaced as their new rows come (`_kept`); the others stay."""
+    meta, rows = _load(path, "--resume")
     if meta.get("device") != device_name(device):
         raise SystemExit(f"--resume: {path} was measured on {meta.get('device')!r}, not on {device_name(device)!r}")
-    seen: dict[tuple, set[str]] = {}
+    seen: dict[tuple, set[tuple[str, str]]] = {}
     for r in rows:
-        seen.setdefault(_case_key(r), set()).add(r["provider"])
-    done = {_case_key(c) for c in cases if {p.name for p in providers if p.op == c.op} <= seen.get(_case_key(c), set())}
-    kept = [r for r in rows if _case_key(r) in done]
+        seen.setdefault(_case_key(r), set()).add((r["provider"], r["mode"]))
+    todo = [c for c in cases if not _wanted(c, providers, modes) <= seen.get(_case_key(c), set())]
+    return todo, rows, meta
+
+
+def _kept(previous: list[dict], new: list[dict]) -> list[dict]:
+    """The rows of `previous` whose case, provider and mode have no row in `new`."""
+    replaced = {_row_key(r) for r in new}
+    return [r for r in previous if _row_key(r) not in replaced]
+
+
+def _earlier(meta: dict | None, kept: list[dict]) -> list[dict]:
+    """The runs `kept` come from: those the file read by --resume had kept, then its own (its command, date, versions
+    and the number of shapes with rows kept); none when nothing is kept."""
+    if meta is None or not kept:
+        return []
     own = {k: meta.get(k) for k in ("command", "date", "versions")}
-    earlier = [*meta.get("earlier", []), {**own, "shapes_kept": len(done)}] if kept else []
-    return [c for c in cases if _case_key(c) not in done], kept, earlier
+    return [*meta.get("earlier", []), {**own, "shapes_kept": len({_case_key(r) for r in kept})}]
 
 
 if __name__ == "__main__":

@@ -249,6 +249,8 @@ class Provider:
         role: "ours", "baseline" (the other providers' results are compared with it in `speedup_vs`) or "floor"
             (the bare work of the op: its matrix products, or a device copy of its largest input).
         memory: `case -> bytes` it needs beyond the inputs, where that can exceed the device (None: bounded).
+        has_backward: False for a provider with no backward of an op that has one (a device copy): forward rows
+            only.
     """
 
     name: str
@@ -259,6 +261,7 @@ class Provider:
     devices: tuple[str, ...] = ("cpu", "cuda")
     role: str = "baseline"
     memory: Callable[[Case], int] | None = field(default=None, repr=False)
+    has_backward: bool = True
 
     def unavailable(self, device: str) -> str | None:
         """Why the provider cannot run on `device`, or None when it can."""
@@ -621,7 +624,7 @@ PROVIDERS: tuple[Provider, ...] = (
     Provider("eager", "loss_from_logits", "eager PyTorch", _eager_logits, memory=_eager_logits_memory),
     Provider("trl", "loss_from_logits", "TRL 1.16", _trl_logits, module="trl"),
     Provider("liger", "loss_from_logits", "Liger triton_grpo_loss", _liger_logits, "liger_kernel", ("cuda",)),
-    Provider("floor", "loss_from_logits", "copy floor", _copy_floor("logits"), role="floor"),
+    Provider("floor", "loss_from_logits", "copy floor", _copy_floor("logits"), role="floor", has_backward=False),
     *_ours("advantages", _ours_advantages),
     Provider("eager", "advantages", "eager PyTorch", _eager_advantages),
     Provider("floor", "advantages", "copy floor", _copy_floor("rewards"), role="floor"),

@@ -17,7 +17,6 @@ from typing import Any
 # carries "idle" (where the host was while the device waited: `runner.idle_sources`)
 SCHEMA = 5
 MODE_ORDER = ("forward+backward", "forward", "backward")
-FORWARD_ONLY = ("linear_logprobs", "advantages")  # ops with no backward: plotted from their forward rows
 OP_TITLES = {
     "fused_linear": "Fused linear GRPO loss (hidden states and LM-head weight in, gradients out)",
     "linear_logprobs": "Log-probs from hidden states, no gradient (the old and reference policies)",
@@ -30,8 +29,9 @@ How to read these tables:
 - Time: median of the timed runs in ms; in parentheses the fraction of the floor, where the floor is the plain matrix
   products the op must do at the same shape and dtype (fused linear: 1 product forward, 2 backward, 3 both; log-probs:
   1), or, for the memory-bound ops, a device copy's bandwidth applied to the bytes the op must move (the logits once
-  forward; the logits and their gradient backward). **Bold**: the fastest, or the least memory, of the providers
-  (floor excluded).
+  forward; the logits and their gradient backward). No fraction where the time is below the floor: a mode that does
+  not do the floor's work (the fused linear backward of a provider that forms its gradients in the forward).
+  **Bold**: the fastest, or the least memory, of the providers (floor excluded).
 - Memory: the peak allocated beyond the inputs during the mode, in MiB, measured in a run apart from the timed ones;
   "grads" is the size of the gradients the op hands back, which every provider must allocate.
 - grpo_kernels' fused linear loss forms its gradients during the forward when its inputs require grad (a training
@@ -128,8 +128,9 @@ def _table(rows: list[dict], value: str) -> list[str]:
                 continue
             spread = f"{_num(r['time_min_ms'])} – {_num(r['time_max_ms'])}"
             text = spread if value == "time_range" else _num(r[value])
-            if value == "time_ms" and r["floor_fraction"] is not None and r["role"] != "floor":
-                text += f" ({r['floor_fraction']:.2f})"
+            fraction = r["floor_fraction"]
+            if value == "time_ms" and fraction is not None and fraction <= 1 and r["role"] != "floor":
+                text += f" ({fraction:.2f})"  # above 1: faster than the floor, a mode without the floor's work
             line.append(f"**{text}**" if r[key] == best and r["role"] != "floor" else text)
         lines.append("| " + " | ".join(line) + " |")
     return lines
@@ -171,7 +172,8 @@ def _run_lines(meta: dict[str, Any]) -> list[str]:
     """The runs whose rows a resumed sweep kept, the host's load, and the shapes a time limit left out."""
     lines = []
     for run in meta.get("earlier") or []:
-        lines += [f"Resumed: the rows of {run['shapes_kept']} shapes come from `{run['command']}` ({run['date']}). "
+        shapes = f"{run['shapes_kept']} shape" + ("" if run["shapes_kept"] == 1 else "s")
+        lines += [f"Resumed: the rows of {shapes} come from `{run['command']}` ({run['date']}). "
                   f"{_versions(run.get('versions') or {})}.", ""]  # fmt: skip
     if meta.get("load_average"):
         load = " and ".join(str(x) for x in meta["load_average"])
@@ -275,10 +277,18 @@ def _profiles(rows: list[dict]) -> list[str]:
     return lines
 
 
+def main_mode(rows: list[dict], op: str) -> str | None:
+    """The mode of `op` the console shows: forward+backward where measured, else forward, else backward (None: no
+    rows of `op`)."""
+    modes = {r["mode"] for r in rows if r["op"] == op}
+    return next((m for m in MODE_ORDER if m in modes), None)
+
+
 def write_plots(out: Path, rows: list[dict]) -> list[Path]:
-    """One PNG per op: for each (dtype, V, H) of its forward+backward rows (forward for `FORWARD_ONLY`) measured at two
-    or more N, time and peak memory against N, one line per provider. Returns the files written; none without
-    matplotlib."""
+    """One PNG per op: for each (dtype, V, H) of its rows of one mode (forward+backward where measured at two or more
+    N, else forward, else backward) measured at two or more N, time and peak memory against N, one line per provider.
+    The PNG of an op with nothing to plot is removed (it would show an earlier run). Returns the files written; none
+    without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -289,9 +299,15 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
 
     written = []
     for op in OP_TITLES:
-        mode = "forward" if op in FORWARD_ONLY else "forward+backward"
-        groups = [(k, g) for k, g in _groups(rows, op, (mode,)) if len({r["N"] for r in g if r["skipped"] is None}) > 1]
+        path = out / f"{op}.png"
+        for mode in MODE_ORDER:
+            groups = [
+                (k, g) for k, g in _groups(rows, op, (mode,)) if len({r["N"] for r in g if r["skipped"] is None}) > 1
+            ]
+            if groups:
+                break
         if not groups:
+            path.unlink(missing_ok=True)
             continue
         fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
         for (ax_time, ax_mem), ((_, dtype, V, H, inputs), group) in zip(axes, groups, strict=True):
@@ -313,7 +329,6 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
             ax_time.legend(fontsize="small")
         fig.suptitle(f"{OP_TITLES[op]}: {group[0]['device']}", fontsize="medium")
         fig.tight_layout()
-        path = out / f"{op}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

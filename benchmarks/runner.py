@@ -477,7 +477,8 @@ def run_sweep(
     bar = tqdm(total=sum(len(mine[c]) * len(ops_modes[c]) for c in cases), disable=not progress, unit="row")
     for i, case in enumerate(cases):
         if time_limit is not None and time.monotonic() - start > time_limit:
-            bar.write(f"time limit of {time_limit:.0f} s reached: {len(cases) - i} cases not measured")
+            left = len(cases) - i
+            bar.write(f"time limit of {time_limit:g} s reached: {left} case{'' if left == 1 else 's'} not measured")
             break
         inputs = None
         for provider in mine[case]:

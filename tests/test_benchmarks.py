@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import grpo_kernels
-from benchmarks import report
+from benchmarks import report, runner
 from benchmarks.__main__ import main, parse_shape
 from benchmarks.providers import OP_MODES, PROVIDERS, Bound, Case, Provider, make_inputs
 from benchmarks.runner import busy_span, idle_sources, run_sweep
@@ -195,11 +195,14 @@ def test_command_line_writes_the_results_and_remakes_the_report(tmp_path, capsys
     assert main(["--report-only", "--out", str(out)]) == 0
     assert "### forward+backward, float32, V = 32, H = 8" in (out / "results.md").read_text()
     late = tmp_path / "late"
+    capsys.readouterr()
     assert (
-        main(["--device", "cpu", "--ops", "advantages", "--shapes", "16", "--time-limit", "0", "--out", str(late)]) == 0
+        main(["--device", "cpu", "--ops", "advantages", "--shapes", "16", "--time-limit", "1e-9", "--out", str(late)])
+        == 0
     )
     assert json.loads((late / "results.json").read_text())["rows"] == []
     assert "not measured: advantages B=16 T=1 float32" in (late / "results.md").read_text()
+    assert "time limit of 1e-09 s reached: 1 case not measured" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "--quick" in capsys.readouterr().out
@@ -300,6 +303,53 @@ def test_bad_shapes_are_refused_with_the_expected_form():
         parse_shape("fused_linear", "2x8x64", "float32", "cpu")
     with pytest.raises(SystemExit, match="needs exactly one --ops"):
         main(["--shapes", "4", "--device", "cpu"])
+    examples = {"fused_linear": "8x1024x512x65536", "linear_logprobs": "8x1024x512x65536",
+                "loss_from_logits": "8x1024x65536", "advantages": "65536"}  # fmt: skip
+    for op, example in examples.items():  # each op's own form
+        with pytest.raises(SystemExit, match=rf"{op} shapes are .*\(e\.g\. {example}\)$"):
+            parse_shape(op, "2x3", "float32", "cpu")
+
+
+def test_command_line_refuses_bad_options_in_one_line(tmp_path):
+    """Options that cannot be carried out, or that would be ignored, are a one-line error (SystemExit with the
+    message), not a traceback or a run that does something else."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = ["--device", "cpu", "--ops", "advantages", "--providers", "eager", "--shapes", "16", "--repeats", "1",
+           "--no-progress", "--no-memory"]  # fmt: skip
+    refused = [
+        ([*run, "--out", str(a_file)], f"--out {a_file} is a file, not a folder"),
+        ([*run, "--resume", "--out", str(a_file)], f"--out {a_file} is a file, not a folder"),
+        ([*run, "--out", str(a_file / "sub")], f"--out {a_file / 'sub'} ({a_file}) is a file, not a folder"),
+        (["--report-only", "--out", str(a_file)], f"--out {a_file} is a file, not a folder"),
+        (["--report-only", "--out", str(empty)],
+         f"--report-only: {empty / 'results.json'} not found (run the benchmarks first)"),
+        ([*run, "--time-limit", "0", "--out", str(empty)], "--time-limit must be a positive number of seconds; got 0"),
+        ([*run, "--time-limit", "-5", "--out", str(empty)], "--time-limit must be a positive number"),
+        (["--device", "cpu", "--quick", "--dtype", "bfloat16"], "--dtype applies to --shapes"),
+        (["--device", "cpu", "--dtype", "float32"], "--dtype applies to --shapes"),
+        ([*run, "--quick"], "--quick is a sweep; --shapes measures the shapes it names instead"),
+        ([*run, "--dtype", "bfloat16"], "--dtype bfloat16: the advantages op's rewards are always float32"),
+        (["--report-only", "--quick", "--out", str(empty)], "--quick does not apply to --report-only"),
+        (["--report-only", "--dtype", "bfloat16", "--out", str(empty)], "--dtype does not apply to --report-only"),
+    ]  # fmt: skip
+    for argv, message in refused:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            main(argv)
+    (empty / "results.json").write_text("{")
+    with pytest.raises(SystemExit, match=r"results\.json is not a results\.json of the benchmarks \(JSONDecodeError"):
+        main(["--report-only", "--out", str(empty)])
+    assert a_file.read_text() == "x" and [p.name for p in empty.iterdir()] == ["results.json"]
+    # where they do apply: --dtype float32 for the advantages' shapes, --dtype with the shapes of another op
+    assert main([*run, "--dtype", "float32", "--out", str(tmp_path / "adv")]) == 0
+    rows = report.load(tmp_path / "adv" / "results.json")[1]
+    assert {r["dtype"] for r in rows} == {"float32"}
+    logits = ["--device", "cpu", "--ops", "loss_from_logits", "--providers", "eager", "--shapes", "1x4x32", "--modes",
+              "forward", "--dtype", "bfloat16", "--repeats", "1", "--no-progress", "--no-memory"]  # fmt: skip
+    assert main([*logits, "--out", str(tmp_path / "bf16")]) == 0
+    assert {r["dtype"] for r in report.load(tmp_path / "bf16" / "results.json")[1]} == {"bfloat16"}
 
 
 @pytest.mark.gpu
@@ -650,9 +700,95 @@ def test_resume_measures_only_what_is_missing(tmp_path, capsys):
     # where the kept rows came from, in the meta and in results.md
     assert meta["earlier"] == [{"command": first_meta["command"], "date": first_meta["date"],
                                 "versions": first_meta["versions"], "shapes_kept": 1}]  # fmt: skip
-    assert f"Resumed: the rows of 1 shapes come from `{first_meta['command']}`" in (out / "results.md").read_text()
+    assert f"Resumed: the rows of 1 shape come from `{first_meta['command']}`" in (out / "results.md").read_text()
     data = json.loads((out / "results.json").read_text())
     data["meta"]["device"] = "another GPU"
     (out / "results.json").write_text(json.dumps(data))
     with pytest.raises(SystemExit, match="was measured on 'another GPU'"):
         main([*base, "--resume"])
+
+
+def test_resume_keeps_the_rows_it_does_not_measure_again(tmp_path, capsys):
+    """--resume with fewer ops, shapes or providers than the file holds: the file's other rows stay in results.json,
+    results.md and the plots, and the rows measured again replace theirs. A shape counts as measured only with a row
+    for every chosen provider in every chosen mode it has (the copy floor of the loss from logits has no backward). No
+    results.json: one line says so, and everything is measured."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "resume"
+    common = ["--device", "cpu", "--repeats", "1", "--no-progress", "--no-memory", "--out", str(out)]
+    logits = [*common, "--ops", "loss_from_logits", "--providers", "eager", "floor", "--shapes", "1x4x32"]
+    assert main([*common, "--resume", "--ops", "advantages", "--providers", "eager", "--shapes", "16", "32"]) == 0
+    assert f"--resume: no results.json in {out}: measuring everything" in capsys.readouterr().out
+    advantages = report.load(out / "results.json")[1]
+    assert len(advantages) == 2 and (out / "advantages.png").exists()
+    assert main([*logits, "--modes", "forward", "--resume"]) == 0
+    assert "--resume: 0 of 1 shape already measured" in capsys.readouterr().out
+    rows = report.load(out / "results.json")[1]
+    assert [r for r in rows if r["op"] == "advantages"] == advantages  # kept as they were
+    assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "loss_from_logits"} == {
+        ("eager", "forward"), ("floor", "forward")}  # fmt: skip
+    text = (out / "results.md").read_text()
+    assert "## Group advantages" in text and "## GRPO loss from logits" in text
+    assert (out / "advantages.png").exists()
+    # every mode now: the forward-only rows do not make the shape measured
+    assert main([*logits, "--resume"]) == 0
+    assert "--resume: 0 of 1 shape already measured" in capsys.readouterr().out
+    meta, rows = report.load(out / "results.json")
+    assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "loss_from_logits"} == {
+        ("eager", "forward"), ("eager", "backward"), ("eager", "forward+backward"), ("floor", "forward")}  # fmt: skip
+    assert len(rows) == 2 + 4 and [r for r in rows if r["op"] == "advantages"] == advantages
+    assert meta["earlier"][-1]["shapes_kept"] == 2  # the two shapes of rewards
+    assert main([*logits, "--resume"]) == 0
+    assert "--resume: 1 of 1 shape already measured" in capsys.readouterr().out
+    assert report.load(out / "results.json")[1] == rows
+    # fewer providers: the others' rows of a shape measured again stay
+    assert main([*common, "--ops", "advantages", "--providers", "floor", "--shapes", "16", "--resume"]) == 0
+    rows = report.load(out / "results.json")[1]
+    assert {(r["provider"], r["N"]) for r in rows if r["op"] == "advantages"} == {
+        ("eager", 16), ("eager", 32), ("floor", 16)}  # fmt: skip
+    # a run without --resume replaces the file, and the plot of an op it has no rows of goes with it
+    assert main(logits) == 0
+    assert {r["op"] for r in report.load(out / "results.json")[1]} == {"loss_from_logits"}
+    assert not (out / "advantages.png").exists()
+
+
+def test_providers_say_whether_they_have_a_backward():
+    """`Provider.has_backward`, which --resume reads, matches what the provider's bind gives."""
+    for provider in PROVIDERS:
+        if provider.unavailable("cpu") is not None or OP_MODES[provider.op] == ("forward",):
+            continue
+        case = Case(provider.op, 1, 4, 8 if provider.op == "fused_linear" else None, 32, "float32", "cpu")
+        bound = provider.bind(case, make_inputs(case))
+        assert (bound.backward is not None) == provider.has_backward, provider.name
+
+
+def test_console_and_plot_show_the_modes_measured(tmp_path, capsys):
+    """--modes forward or backward alone on an op with a backward: the console shows that mode's tables and the plot
+    is drawn from it."""
+    pytest.importorskip("matplotlib")
+    for mode in ("forward", "backward"):
+        out = tmp_path / mode
+        args = ["--device", "cpu", "--ops", "loss_from_logits", "--providers", "eager", "--shapes", "1x4x32", "1x8x32",
+                "--modes", mode, "--repeats", "1", "--no-progress", "--no-memory", "--out", str(out)]  # fmt: skip
+        assert main(args) == 0
+        printed = capsys.readouterr().out
+        assert f"### {mode}, float32, V = 32" in printed and "| N (B × T) | eager PyTorch |" in printed
+        assert f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'loss_from_logits.png'}" in printed
+        assert (out / "loss_from_logits.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_fraction_of_the_floor_below_the_floor():
+    """A time below the floor's (the fused linear backward of a provider that forms its gradients in the forward)
+    gets no fraction in the tables; a time above it keeps its fraction."""
+    case = Case("fused_linear", 1, 4, 8, 32, "float32", "cpu")
+    env = {"device": "cpu", "versions": {}}
+    eager, ours, floor = (next(p for p in PROVIDERS if p.op == "fused_linear" and p.name == n)
+                          for n in ("eager", "ours-torch", "floor"))  # fmt: skip
+    rows = []
+    for provider, ms, fraction in ((eager, 2.0, 0.5), (ours, 0.002, 500.0), (floor, 1.0, 1.0)):
+        row = runner._row(case, provider, "backward", env)
+        row.update(time_ms=ms, time_min_ms=ms, time_max_ms=ms, floor_fraction=fraction)
+        rows.append(row)
+    table = "\n".join(report._table(rows, "time_ms"))
+    assert "| 4 (1 × 4) | 2 (0.50) | **0.002** | 1 |" in table, table
+    assert "No fraction where the time is below the floor" in report.NOTES
