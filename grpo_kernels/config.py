@@ -6,6 +6,7 @@ that a TRL config maps onto it field by field (`GRPOLossConfig.from_trl(args)`).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 
@@ -18,7 +19,9 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def _check_finite(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # a comparison rather than math.isfinite: torch.compile with dynamic shapes traces floats as symbols, which
+    # compare, but which math.isfinite cannot read without a graph break
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
@@ -125,6 +128,9 @@ class GRPOLossConfig:
             raise ValueError("loss_type='dr_grpo' normalises by max_completion_length, which must then be set")
         if not isinstance(self.use_bias_correction_kl, bool):
             raise TypeError(f"use_bias_correction_kl must be a bool; got {self.use_bias_correction_kl!r}")
+        # the fields as JSON (the compiled custom ops' argument; `library.encode`), formed once, outside any trace
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        object.__setattr__(self, "encoded", json.dumps(values, sort_keys=True))
 
     @property
     def epsilon_low(self) -> float:

@@ -10,7 +10,6 @@ of `metric_names`.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 
 import torch
 
@@ -37,18 +36,11 @@ def metric_names(config: GRPOLossConfig) -> list[str]:
     return names
 
 
-_FIELDS = tuple(f.name for f in fields(GRPOLossConfig))
-
-
 def encode(config: GRPOLossConfig) -> str:
-    """The config as the custom ops' string argument. `torch.compile` gets it as a constant from the fields' values:
-    a frozen dataclass itself is no constant to every PyTorch release's compiler (2.11's refuses it)."""
-    return _encode_values(tuple(getattr(config, name) for name in _FIELDS))
-
-
-@torch.compiler.assume_constant_result
-def _encode_values(values: tuple) -> str:
-    return json.dumps(dict(zip(_FIELDS, values, strict=True)), sort_keys=True)
+    """The config as the custom ops' string argument: formed when the config was made (`GRPOLossConfig.encoded`), so
+    that `torch.compile` reads it as a constant string. A frozen dataclass itself is no constant to every PyTorch
+    release's compiler (2.11's refuses it), and with dynamic shapes it traces the fields' floats as symbols."""
+    return config.encoded
 
 
 def _decode(options: str) -> GRPOLossConfig:

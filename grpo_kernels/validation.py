@@ -37,13 +37,19 @@ def check_tensor(
         )
     if kind == "mask" and x.dtype.is_complex:
         raise TypeError(f"{name} must be a bool, integer or floating 0/1 tensor; got {x.dtype}")
-    if shapes is not None and tuple(x.shape) not in shapes:
+    if shapes is not None and not any(_same_shape(x.shape, s) for s in shapes):
         raise ValueError(f"{name} has shape {tuple(x.shape)} but must be {shape_hint}")
     if device is not None and not same_device(x.device, device):
         raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}: move all inputs to one device")
     if x.device.type == "meta":
         raise ValueError(f"{name} is on the meta device, which holds no values: pass tensors on a CPU or a GPU")
     return x
+
+
+def _same_shape(shape, expected: tuple) -> bool:
+    """`tuple(shape) == expected`, entry by entry: under torch.compile with dynamic shapes the sizes are symbols,
+    which compare one by one (a tuple's `in` test does not see them equal)."""
+    return len(shape) == len(expected) and all(a == b for a, b in zip(shape, expected, strict=True))
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:

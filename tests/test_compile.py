@@ -9,6 +9,7 @@ from helpers import assert_close
 
 from grpo_kernels import (
     GRPOLossConfig,
+    LinearGRPOLoss,
     backend,
     fused_linear,
     fused_linear_grpo_loss,
@@ -142,3 +143,25 @@ def test_custom_ops_pass_opcheck(device):
     args = (logps, entropy, torch.randn(2, 1, dtype=torch.float64), torch.ones(2, 3, dtype=torch.bool), None, None,
             None, None, None, library.encode(GRPOLossConfig(loss_type="grpo")))  # fmt: skip
     torch.library.opcheck(library.objective, args)
+
+
+def test_loss_compiles_with_dynamic_shapes():
+    """`torch.compile(..., dynamic=True)` traces Python floats (the config's, the head's) and sizes as symbols: the
+    loss module and `linear_logprobs` still compile as one graph each, and give the eager results at two sizes."""
+    loss_fn = LinearGRPOLoss(GRPOLossConfig(beta=0.0, epsilon_high=0.28), logit_scale=0.5)
+
+    def step(h, w, ids, adv):
+        return loss_fn(h, w, ids, adv).loss + linear_logprobs(h, w, ids, temperature=0.7).sum()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for B, T in ((2, 3), (3, 5)):
+        hidden, weight = torch.randn(B, T, 8), torch.randn(11, 8)
+        ids, adv = torch.randint(0, 11, (B, T)), torch.randn(B)
+        results = []
+        for f in (compiled, step):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            loss = f(h, w, ids, adv)
+            loss.backward()
+            results.append((loss, h.grad, w.grad))
+        for name, a, b in zip(("loss", "d_hidden", "d_weight"), *results, strict=True):
+            assert_close(a, b, atol=1e-6, rtol=1e-5, name=f"{name} at {B}x{T}")
