@@ -444,3 +444,37 @@ def test_plain_loop_example():
     with backend("torch"):
         norms = example.main(steps=2)
     assert len(norms) == 2 and all(math.isfinite(n) and n > 0 for n in norms)
+
+
+def test_a_copy_of_a_patched_model_runs_its_own_weights():
+    """`FusedGRPOTrainer` replaces the policy's forward; a deep copy of the model (a snapshot, an averaged or an
+    evaluation copy) runs the copy's weights in both the plain forward and the hidden-state one, not the original's."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    from grpo_kernels.integrations.trl import _add_hidden_state_forward
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))  # fmt: skip
+    _add_hidden_state_forward(model, False)
+    twin = copy.deepcopy(model)
+    torch.nn.init.zeros_(twin.lm_head.weight)
+    ids = torch.randint(0, 64, (2, 5))
+    assert model(ids).logits.abs().sum() > 0 and torch.equal(twin(ids).logits, torch.zeros(2, 5, 64))
+    heads = [m(ids, logits_to_keep=3, grpo_head=lambda h, w, b: (w,))[0][0] for m in (model, twin)]
+    assert heads[0] is model.lm_head.weight and heads[1] is twin.lm_head.weight
+
+
+def test_backbone_and_head_of_a_compiled_model():
+    """TRL's `torch_compile` hands over `torch.compile`d models (the reference model too): their backbone and head
+    are the compiled model's own."""
+    from transformers import LlamaForCausalLM
+
+    from grpo_kernels.integrations.models import backbone_and_head
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))  # fmt: skip
+    backbone, head = backbone_and_head(torch.compile(model))
+    assert backbone is model.model and head is model.lm_head

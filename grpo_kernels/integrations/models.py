@@ -62,7 +62,7 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     Raises:
         ValueError: naming the model class, for an architecture not known to compute its logits that way.
     """
-    inner = unwrap_peft(model)
+    inner = unwrap_peft(getattr(model, "_orig_mod", model))  # torch.compile's wrapper (TRL's torch_compile) too
     name = type(inner).__name__
     model_type = getattr(getattr(inner, "config", None), "model_type", None)
     if SUPPORTED_MODEL_TYPES.get(model_type) != name:

@@ -71,7 +71,7 @@ def _add_hidden_state_forward(model: torch.nn.Module, cast_lm_head_to_fp32: bool
     @functools.wraps(type(model).forward)
     def forward(self, *args, grpo_head=None, **kwargs):
         if grpo_head is None:
-            return previous(*args, **kwargs)
+            return _previous_forward(self, model, previous)(*args, **kwargs)
         keep = kwargs.pop("logits_to_keep")
         kwargs.pop("labels", None)  # PEFT wrappers pass labels=None
         kwargs["use_cache"] = False
@@ -97,6 +97,17 @@ def _add_hidden_state_forward(model: torch.nn.Module, cast_lm_head_to_fp32: bool
         return _as_forward_of(lm_head, head, outputs.last_hidden_state[:, -keep - 1 : -1]), aux_loss
 
     model.forward = types.MethodType(forward, model)
+
+
+def _previous_forward(module: torch.nn.Module, patched: torch.nn.Module, previous):
+    """The forward that `_add_hidden_state_forward` replaced, for `module`: `patched`'s own, or for a copy of it
+    (`copy.deepcopy` rebinds the replacement to the copy, whose weights must then run) the same method bound to the
+    copy, or its class's forward where the replaced one was no method of `patched`."""
+    if module is patched:
+        return previous
+    if isinstance(previous, types.MethodType) and previous.__self__ is patched:
+        return types.MethodType(previous.__func__, module)
+    return types.MethodType(type(module).forward, module)
 
 
 def _as_forward_of(module: torch.nn.Module, fn, *args) -> tuple:
