@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from grpo_kernels.config import GRPOLossConfig, GRPOLossOutput
+from grpo_kernels.config import GRPOLossConfig, GRPOLossOutput, HeadOptions, resolve_grad_filter_eps
 from grpo_kernels.functional import fused_linear_grpo_loss
 from grpo_kernels.fused_linear import check_schedule, schedule
 
@@ -29,7 +29,12 @@ class LinearGRPOLoss(torch.nn.Module):
         chunk_mib: float | None = None,
     ) -> None:
         super().__init__()
-        self.config = config or GRPOLossConfig()
+        self.config = GRPOLossConfig() if config is None else config
+        if not isinstance(self.config, GRPOLossConfig):
+            raise TypeError(f"config must be a GRPOLossConfig; got {type(self.config).__name__}")
+        # bad head options fail here, as the functions would fail at the first call
+        HeadOptions(logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping,
+                    grad_filter_eps=resolve_grad_filter_eps(grad_filter_eps, torch.float32))  # fmt: skip
         self.logit_scale = logit_scale
         self.final_logit_softcapping = final_logit_softcapping
         self.grad_filter_eps = grad_filter_eps
@@ -53,4 +58,8 @@ class LinearGRPOLoss(torch.nn.Module):
             )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return repr(self.config)
+        """The config, then the options that differ from their defaults."""
+        options = {"logit_scale": (self.logit_scale, 1.0), "final_logit_softcapping": (self.final_logit_softcapping,
+                   None), "grad_filter_eps": (self.grad_filter_eps, None), "strategy": (self.schedule[0], None),
+                   "chunk_mib": (self.schedule[1], None)}  # fmt: skip
+        return ", ".join([repr(self.config)] + [f"{k}={v!r}" for k, (v, default) in options.items() if v != default])

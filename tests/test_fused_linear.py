@@ -323,6 +323,16 @@ def test_module_schedule(monkeypatch):
         assert_close(a, b, atol=1e-6, rtol=1e-5, name=name)
     with pytest.raises(ValueError, match="strategy must be one of"):
         LinearGRPOLoss(strategy="blocks")
+    for options, error, match in [({"logit_scale": -1.0}, ValueError, "logit_scale must be > 0"),
+                                  ({"final_logit_softcapping": 0.0}, ValueError, "final_logit_softcapping must be > 0"),
+                                  ({"grad_filter_eps": 2.0}, ValueError, "grad_filter_eps must be in \\[0, 1\\)"),
+                                  ({"grad_filter_eps": "x"}, ValueError, 'grad_filter_eps must be None, a float'),
+                                  ({"config": "dapo"}, TypeError, "config must be a GRPOLossConfig")]:  # fmt: skip
+        with pytest.raises(error, match=match):
+            LinearGRPOLoss(**options)
+    text = repr(LinearGRPOLoss(config, logit_scale=0.5, grad_filter_eps="auto", strategy="tiles"))
+    assert text.endswith("logit_scale=0.5, grad_filter_eps='auto', strategy='tiles')") and repr(config) in text
+    assert repr(LinearGRPOLoss(config)) == f"LinearGRPOLoss({config!r})"
 
 
 def test_matches_trl_on_a_tiny_llama():

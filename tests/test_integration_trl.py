@@ -478,3 +478,19 @@ def test_backbone_and_head_of_a_compiled_model():
                                          num_attention_heads=2))  # fmt: skip
     backbone, head = backbone_and_head(torch.compile(model))
     assert backbone is model.model and head is model.lm_head
+
+
+def test_a_head_in_peft_modules_to_save_is_refused_by_name():
+    """LoRA's `modules_to_save=["lm_head"]` wraps the head in a trained copy the fused loss would not read: a clear
+    error that names modules_to_save."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from grpo_kernels.integrations.models import backbone_and_head
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))  # fmt: skip
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match="lm_head is in PEFT's modules_to_save"):
+        backbone_and_head(peft_model)

@@ -73,6 +73,11 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
             "reads, and pass its backbone's hidden states and lm_head.weight to the loss yourself"
         )
     backbone, lm_head = inner.base_model, inner.get_output_embeddings()
+    if type(lm_head).__name__ == "ModulesToSaveWrapper":
+        raise ValueError(
+            f"{name}'s lm_head is in PEFT's modules_to_save, whose wrapper keeps a trained copy of the head apart from "
+            "the weight the fused loss reads: leave lm_head out of modules_to_save (and out of LoRA's target_modules)"
+        )
     if backbone is inner or not isinstance(lm_head, torch.nn.Linear):
         raise ValueError(
             f"{name} has no separate backbone ({inner.base_model_prefix!r}) and nn.Linear output embeddings: got "
