@@ -209,6 +209,8 @@ def find_checkpoint(resume: str, output_dir: Path) -> Path:
     return found[-1]
 
 
+CONFIG_FILE = "trainer_config.json"  # a checkpoint's options, which a resumed run is checked against
+
 # What a resumed run may set otherwise than its checkpoint's: how long it runs and saves, where, and how it computes
 # the same steps (micro-batches, packing, checkpointing, the loss's strategy). Anything else would not take effect
 # (the learning rate: the optimizer's and scheduler's state come from the checkpoint) or change the run's meaning
@@ -222,7 +224,10 @@ RESUME_MAY_CHANGE = frozenset({
 def check_resumable(cfg: TrainerConfig, path: Path) -> None:
     """A clear error when `cfg` differs from the configuration `path` was saved with in more than
     `RESUME_MAY_CHANGE`."""
-    saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True, mmap=True)["config"]
+    if (path / CONFIG_FILE).is_file():
+        saved = json.loads((path / CONFIG_FILE).read_text())
+    else:  # a checkpoint saved before the options had a file of their own
+        saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)["config"]
     now = cfg.to_dict()
     differ = [f"{k} ({saved[k]!r} there, {now[k]!r} here)" for k in now
               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]  # fmt: skip
@@ -613,7 +618,8 @@ class Trainer:
                 self._generator.save_pretrained(path, state_dict=weights)
             if isinstance(self.tokenizer, HFTokenizer):
                 self.tokenizer.tokenizer.save_pretrained(path)
-            else:  # the byte vocabulary, which --model then loads with the weights
+            (path / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=1) + "\n")
+            if not isinstance(self.tokenizer, HFTokenizer):  # the byte vocabulary, which --model then loads
                 (path / BYTE_TOKENIZER_FILE).write_text(json.dumps({"vocab_size": self.tokenizer.vocab_size}) + "\n")
             state = {
                 "step": self.step,
