@@ -364,7 +364,8 @@ def linear_fwd(
         HAS_BIAS=bias is not None, HAS_POS=positions is not None, HAS_SOFTCAP=has_cap, IEEE=ieee,
         BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=t.BLOCK_K, **t.launch(), **math_options(hidden.dtype),
     )  # fmt: skip
-    m, s, u, zy = part
+    # the splits' partial statistics merged in fp64 ([4, splits, N]: a few KiB), each result rounded once to fp32
+    m, s, u, zy = part.double()
     top = m.amax(0)
     ref = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     w = torch.where(s > 0, torch.exp(m - ref), torch.zeros_like(s))
@@ -373,7 +374,7 @@ def linear_fwd(
     log_s = total.log()
     entropy = log_s - u_total / total
     logp = (zy.sum(0) - ref) - log_s
-    return logp, entropy, torch.stack((ref, log_s, total.reciprocal()))
+    return logp.float(), entropy.float(), torch.stack((ref, log_s, total.reciprocal())).float()
 
 
 def linear_bwd(
