@@ -117,26 +117,22 @@ PY
 # |dL/dentropy| * |sum p w|, about 1 here, reaches d_hidden whole) and its statistics.
 fused_entropy_accuracy() {
   python3 - <<'PY'
-import torch
-from grpo_kernels.ops.linear import linear_bwd, linear_fwd
+import sys
 
-for (N, H, V), entropy in (((6, 12, 151_936), False), ((4, 8, 262_144), True)):
-    gen = torch.Generator().manual_seed(0)
-    h, w = torch.randn(N, H, generator=gen), torch.randn(V, H, generator=gen) / H**0.5 * 2
-    ids, g = torch.randint(0, V, (N,), generator=gen), torch.randn(N, generator=gen)
-    g_ent = torch.randn(N, generator=gen) * 0.1 if entropy else None
-    z64 = h.double() @ w.double().t()
-    logp64 = z64.log_softmax(-1)
-    p64 = logp64.exp()
-    ent64 = -(p64 * logp64).sum(-1)
-    dz = g.double()[:, None] * (torch.nn.functional.one_hot(ids, V).double() - p64)
-    if entropy:
-        dz -= g_ent.double()[:, None] * p64 * (logp64 + ent64[:, None])
-    exact = dz @ w.double()
+import torch
+
+sys.path.insert(0, "tests")
+from helpers import LARGE_VOCABULARY_CASES, large_vocabulary_case  # noqa: E402 (the test's own inputs)
+
+from grpo_kernels.ops.linear import linear_bwd, linear_fwd  # noqa: E402
+
+for (N, H, V), entropy in LARGE_VOCABULARY_CASES.values():
+    case = large_vocabulary_case((N, H, V), entropy)
+    z64, p64, ent64, w, exact = case.z64, case.p64, case.ent64, case.w, case.d_hidden
     ulp = exact.abs().max().item() * 2**-24
     head = (1.0, 1.0, None)
-    hc, wc, ic, gc = (x.cuda() for x in (h, w, ids, g))
-    gec = None if g_ent is None else g_ent.cuda()
+    hc, wc, ic, gc = (x.cuda() for x in (case.h, case.w, case.ids, case.g))
+    gec = None if case.g_ent is None else case.g_ent.cuda()
     _, ent, stats = linear_fwd(hc, wc, None, ic, None, head)
     def dh_error(st, en):
         d, _, _ = linear_bwd(hc, wc, None, ic, None, st, en, gc, gec, head, (True, False, False))

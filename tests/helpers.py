@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import types
 import warnings
 
 import torch
@@ -158,3 +159,27 @@ def filtering_bound(hidden, weight, bias, ids, adv, mask, config, eps, **extra):
     small = torch.where(dz.abs() <= r[..., None], dz.abs(), torch.zeros_like(dz))  # [B, T, V]
     bounds = (small @ w64.abs().detach(), torch.einsum("btv,bth->vh", small, h64.abs().detach()), small.sum((0, 1)))
     return exact, bounds
+
+
+# test_fused_kernels_fp32_sums_over_large_vocabularies' cases (`benchmarks/gpu_run.sh` diagnoses them on a GPU):
+# (N, H, V) and whether the entropy bonus reaches d_hidden
+LARGE_VOCABULARY_CASES = {"qwen": ((6, 12, 151_936), False), "largest": ((4, 8, 262_144), True)}
+
+
+def large_vocabulary_case(shape: tuple[int, int, int], entropy: bool) -> types.SimpleNamespace:
+    """Inputs `h [N, H]`, `w [V, H]`, `ids`, `g = dL/dlogp` and `g_ent = dL/dentropy` (None without `entropy`), drawn
+    on the CPU from seed 0, with their fp64 logits `z64`, probabilities `p64`, entropies `ent64` and `d_hidden`."""
+    N, H, V = shape
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(N, H, generator=gen), torch.randn(V, H, generator=gen) / H**0.5 * 2
+    ids, g = torch.randint(0, V, (N,), generator=gen), torch.randn(N, generator=gen)
+    g_ent = torch.randn(N, generator=gen) * 0.1 if entropy else None
+    z64 = h.double() @ w.double().t()
+    logp64 = z64.log_softmax(-1)
+    p64 = logp64.exp()
+    ent64 = -(p64 * logp64).sum(-1)
+    dz = g.double()[:, None] * (torch.nn.functional.one_hot(ids, V).double() - p64)
+    if entropy:
+        dz -= g_ent.double()[:, None] * p64 * (logp64 + ent64[:, None])
+    return types.SimpleNamespace(h=h, w=w, ids=ids, g=g, g_ent=g_ent, z64=z64, p64=p64, ent64=ent64,
+                                 d_hidden=dz @ w.double())  # fmt: skip

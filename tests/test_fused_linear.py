@@ -9,10 +9,12 @@ import os
 import pytest
 import torch
 from helpers import (
+    LARGE_VOCABULARY_CASES,
     assert_close,
     assert_none_rounded_to_zero,
     assert_within_pytorch_error,
     filtering_bound,
+    large_vocabulary_case,
     loss_condition,
     metric_conditions,
 )
@@ -1047,7 +1049,7 @@ def test_fused_kernels_are_deterministic(impl, device):
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("shape,entropy", [((6, 12, 151_936), False), ((4, 8, 262_144), True)], ids=["qwen", "largest"])
+@pytest.mark.parametrize("shape,entropy", list(LARGE_VOCABULARY_CASES.values()), ids=list(LARGE_VOCABULARY_CASES))
 def test_fused_kernels_fp32_sums_over_large_vocabularies(shape, entropy, device):
     """The fused kernels' fp32 `d_hidden` sums a token's row of the vocabulary tile by tile (1,187 tiles at Qwen's
     151,936 columns, 2,048 at 262,144): within 4 units in the last place of its largest entry of the fp64 result,
@@ -1057,21 +1059,10 @@ def test_fused_kernels_fp32_sums_over_large_vocabularies(shape, entropy, device)
     every probability is divided by."""
     from grpo_kernels.ops.linear import linear_bwd, linear_fwd
 
-    N, H, V = shape
-    gen = torch.Generator().manual_seed(0)
-    h, w = torch.randn(N, H, generator=gen), torch.randn(V, H, generator=gen) / H**0.5 * 2
-    ids, g = torch.randint(0, V, (N,), generator=gen), torch.randn(N, generator=gen)
-    g_ent = torch.randn(N, generator=gen) * 0.1 if entropy else None
-    z64 = h.double() @ w.double().t()
-    logp64 = z64.log_softmax(-1)
-    p64 = logp64.exp()
-    ent64 = -(p64 * logp64).sum(-1)
-    dz = g.double()[:, None] * (torch.nn.functional.one_hot(ids, V).double() - p64)
-    if entropy:
-        dz -= g_ent.double()[:, None] * p64 * (logp64 + ent64[:, None])
-    exact = dz @ w.double()
+    case = large_vocabulary_case(shape, entropy)
+    g_ent, exact = case.g_ent, case.d_hidden
     head = (1.0, 1.0, None)
-    h, w, ids, g = (x.to(device) for x in (h, w, ids, g))
+    h, w, ids, g = (x.to(device) for x in (case.h, case.w, case.ids, case.g))
     _, ent, stats = linear_fwd(h, w, None, ids, None, head)
     d_h, _, _ = linear_bwd(h, w, None, ids, None, stats, ent, g, None if g_ent is None else g_ent.to(device), head,
                            (True, False, False))  # fmt: skip

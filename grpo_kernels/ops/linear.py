@@ -364,7 +364,8 @@ def linear_fwd(
         HAS_BIAS=bias is not None, HAS_POS=positions is not None, HAS_SOFTCAP=has_cap, IEEE=ieee,
         BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=t.BLOCK_K, **t.launch(), **math_options(hidden.dtype),
     )  # fmt: skip
-    # the splits' partial statistics merged in fp64 ([4, splits, N]: a few KiB), each result rounded once to fp32
+    # the splits' partial statistics merged in fp64 ([4, splits, N]: 32 bytes a token and split, a few MiB at most
+    # next to the logits' products), each result rounded once to fp32
     m, s, u, zy = part.double()
     top = m.amax(0)
     ref = torch.where(torch.isinf(top), torch.zeros_like(top), top)
