@@ -32,6 +32,12 @@ class SetupError(ValueError):
     `python -m trainer` reports it in one line, as it does a bad option."""
 
 
+def first_line(err: BaseException, default: str) -> str:
+    """The first line of `err`'s message (a library's may run to many), or `default` where it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else default
+
+
 def _help(text: str, group: str | None = None) -> dict[str, str]:
     """Field metadata: the `--help` text, and the heading of the options that start here."""
     return {"help": text} if group is None else {"help": text, "group": group}

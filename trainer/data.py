@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import SetupError
+from trainer.config import SetupError, first_line
 
 RewardFunction = Callable[..., Sequence[float | None]]
 
@@ -128,9 +128,8 @@ def dataset_examples(
         root = err
         while root.__cause__ is not None:  # the reader's own error (a JSON parse error) says more than the wrapper's
             root = root.__cause__
-        detail = str(root).strip().splitlines()[0] if str(root).strip() else "no rows"
         raise SetupError(
-            f"--dataset {name} (split {split!r}): cannot load it: {type(root).__name__}: {detail}"
+            f"--dataset {name} (split {split!r}): cannot load it: {type(root).__name__}: {first_line(root, 'no rows')}"
         ) from err
     for column in (prompt_column, answer_column):
         if column not in ds.column_names:

@@ -24,7 +24,7 @@ from torch import nn
 from grpo_kernels import GRPOLossConfig, GRPOLossOutput, backend, fused_linear_grpo_loss, linear_logprobs
 from grpo_kernels.fused_linear import linear_strategy, schedule, workspace_bytes
 from grpo_kernels.integrations.models import backbone_and_head, head_kwargs, unwrap_peft
-from trainer.config import SetupError, TrainerConfig
+from trainer.config import SetupError, TrainerConfig, first_line
 from trainer.data import ByteTokenizer, Example, HFTokenizer, noisy_sums
 
 TINY_MODEL = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -66,8 +66,7 @@ def _pretrained(model: str, what: str, load):
     try:
         return load()
     except (OSError, ValueError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SetupError(f"--model {model}: cannot load its {what}: {detail}") from err
+        raise SetupError(f"--model {model}: cannot load its {what}: {first_line(err, type(err).__name__)}") from err
 
 
 def model_config(cfg: TrainerConfig):
