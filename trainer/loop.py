@@ -300,17 +300,17 @@ class Trainer:
         checkpoint = find_checkpoint(cfg.resume, self.output_dir) if cfg.resume else None
         if checkpoint is not None:
             check_resumable(cfg, checkpoint)
-        elif checkpoints(self.output_dir):
+        elif earlier := checkpoints(self.output_dir):
             if not cfg.overwrite_output_dir:
-                names = ", ".join(p.name for p in checkpoints(self.output_dir))
+                names = ", ".join(p.name for p in earlier)
                 raise SetupError(
                     f"output_dir {self.output_dir} holds checkpoints of an earlier run ({names}), which --resume "
                     "latest would mix with this one: pass --resume latest to continue that run, --overwrite-output-dir "
                     "to delete them, or another --output-dir"
                 )
-            acc.wait_for_everyone()
+            acc.wait_for_everyone()  # every process has found them before they go
             if acc.is_main_process:
-                for p in checkpoints(self.output_dir):
+                for p in earlier:
                     shutil.rmtree(p)
             acc.wait_for_everyone()
         model, self.tokenizer = load_model(cfg, self.device, examples)
