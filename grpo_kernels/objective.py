@@ -434,16 +434,11 @@ def token_objective(
     if not fused_objective_applies(logps, inputs, config):
         raise ValueError(f"token_objective needs a token-local loss on fp32 log-probs; got {config}")
     cfg = config
-    mask, dev = inputs.mask, logps.device
-    count = None
-    if plan.policy_norm is not None:  # a scalar, whatever the shape of num_items_in_batch's one value
-        weight = (1.0 / plan.policy_norm.float()).reshape(())
-    elif cfg.loss_type == "luspo":
-        weight = torch.full((), 1.0 / plan.num_rows, device=dev)
-    else:  # grpo, sapo: the mean over sequences of each sequence's mean
-        lengths = mask.sum(-1) if inputs.lengths is None else inputs.lengths.reshape(-1)
-        count = lengths.float().clamp(min=1.0)
-        weight = 1.0 / count / plan.num_rows
+    mask = inputs.mask
+    lengths = mask.sum(-1) if inputs.lengths is None else inputs.lengths.reshape(-1)
+    # d loss / d (a token's term): a scalar, or [B] for grpo and sapo (the mean over sequences of each one's mean)
+    weight = _term_weight(cfg, plan, lengths.float().clamp(min=1.0))
+    weight = weight.reshape(()) if plan.policy_norm is not None else weight  # whatever num_items_in_batch's shape
     loss_type = {"cispo": kernel.CISPO, "sapo": kernel.SAPO}.get(cfg.loss_type, kernel.CLIPPED)
     grad, sums = kernel.objective_fwd(
         logps.contiguous(), entropy.contiguous(), mask.contiguous(), inputs.advantages, inputs.old_logps,
@@ -452,13 +447,7 @@ def token_objective(
         bias_corrected_kl=cfg.use_bias_correction_kl,
         sapo_temperatures=(cfg.sapo_temperature_pos, cfg.sapo_temperature_neg),
     )  # fmt: skip
-    term = sums[kernel.TERM]
-    if plan.policy_norm is not None:
-        loss = term.sum() / plan.policy_norm
-    elif count is None:  # luspo
-        loss = term.sum() / plan.num_rows
-    else:
-        loss = (term / count).sum() / plan.num_rows
+    loss = (sums[kernel.TERM] * weight).sum()
     names = {"kl": kernel.KL} if cfg.beta != 0.0 else {}
     names["entropy"] = kernel.ENTROPY
     if cfg.uses_clipping:
