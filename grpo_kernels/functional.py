@@ -547,7 +547,7 @@ def _compiled_linear(hidden, weight, bias, ids, mask, head: HeadOptions):
     """The two-pass linear log-probs as one custom op, for `torch.compile`."""
     from grpo_kernels import library
 
-    logps, entropy, _, _ = library.linear_logprobs_entropy(
+    logps, entropy, *_ = library.linear_logprobs_entropy(
         hidden, weight, bias, ids, mask, *_head_args(head), head.grad_filter_eps, _backend_name(hidden),
         *_linear_schedule(hidden),
     )  # fmt: skip

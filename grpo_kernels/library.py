@@ -121,9 +121,11 @@ def linear_logprobs_entropy(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor | None, temperature: float,
     logit_scale: float, softcap: float | None, grad_filter_eps: float | None, backend: str, strategy: str,
     chunk_bytes: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """`(logp [B, T], entropy [B, T], saved entropies [N], saved statistics [2, N] or [0])` from hidden states, by
-    the `GRPO_KERNELS_LINEAR` strategy and chunk budget the caller read (the backward gets the same)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """`(logp [B, T], entropy [B, T], saved entropies [N], saved statistics [2, N] or [0], positions [N] or [0])`
+    from hidden states, by the `GRPO_KERNELS_LINEAR` strategy and chunk budget the caller read (the backward gets the
+    same). `positions` are the flat indices of the mask's N tokens (every token's where all are in the loss; empty
+    without a mask), found once for both passes: finding them waits for the device."""
     from grpo_kernels.fused_linear import active_positions, linear_forward
 
     head = HeadOptions(temperature, logit_scale, softcap, grad_filter_eps)
@@ -131,7 +133,11 @@ def linear_logprobs_entropy(
     logp, entropy, (saved, stats) = linear_forward(hidden, weight, bias, ids, positions, head, _ops(backend),
                                                    _fused(backend, strategy), chunk_bytes, strategy)  # fmt: skip
     stats = hidden.new_empty(0, dtype=saved.dtype) if stats is None else stats
-    return logp.clone(), entropy.clone(), saved.clone(), stats.clone()
+    if mask is None:
+        kept = ids.new_empty(0, dtype=torch.int64)
+    else:
+        kept = torch.arange(mask.numel(), device=mask.device) if positions is None else positions.clone()
+    return logp.clone(), entropy.clone(), saved.clone(), stats.clone(), kept
 
 
 def _fused(backend: str, strategy: str) -> bool:
@@ -148,22 +154,25 @@ def _(hidden, weight, bias, ids, mask, temperature, logit_scale, softcap, grad_f
     n = torch.library.get_ctx().new_dynamic_size() if mask is not None else B * T
     kept = fused or strategy == "tiles"  # the rows' statistics, for the backward
     stats = hidden.new_empty(2, n, dtype=dtype) if kept else hidden.new_empty(0, dtype=dtype)
+    positions = ids.new_empty(0 if mask is None else n, dtype=torch.int64)
     return (hidden.new_empty(B, T, dtype=dtype), hidden.new_empty(B, T, dtype=dtype), hidden.new_empty(n, dtype=dtype),
-            stats)  # fmt: skip
+            stats, positions)  # fmt: skip
 
 
 @torch.library.custom_op("grpo_kernels::linear_logprobs_entropy_backward", mutates_args=())
 def linear_logprobs_entropy_backward(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor | None, saved: Tensor,
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, positions: Tensor, saved: Tensor,
     stats: Tensor, grad_logp: Tensor, grad_entropy: Tensor | None, temperature: float, logit_scale: float,
     softcap: float | None, grad_filter_eps: float | None, backend: str, strategy: str, chunk_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """`(d_hidden, d_weight, d_bias)`; `d_bias` is empty without a bias."""
-    from grpo_kernels.fused_linear import active_positions, linear_backward
+    """`(d_hidden, d_weight, d_bias)`; `d_bias` is empty without a bias. `positions`: the forward's."""
+    from grpo_kernels.fused_linear import linear_backward
 
     head = HeadOptions(temperature, logit_scale, softcap, grad_filter_eps)
     needs = (True, True, bias is not None)
-    fused, positions = _fused(backend, strategy), active_positions(mask)
+    fused = _fused(backend, strategy)
+    # none needed where every token is in the loss (saved holds an entropy a token)
+    positions = None if saved.shape[0] == hidden.shape[0] * hidden.shape[1] else positions
     d_h, d_w, d_b = linear_backward(hidden, weight, bias, ids, positions, head, _ops(backend), fused,
                                     (saved, stats if stats.numel() else None), grad_logp, grad_entropy, needs,
                                     strategy, chunk_bytes)  # fmt: skip
@@ -177,16 +186,16 @@ def _(hidden, weight, bias, *args):
 
 
 def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, ids, mask, *options = inputs
-    ctx.save_for_backward(hidden, weight, bias, ids, mask, output[2], output[3])
+    hidden, weight, bias, ids, _mask, *options = inputs
+    ctx.save_for_backward(hidden, weight, bias, ids, output[2], output[3], output[4])
     ctx.options = tuple(options)
 
 
-def _linear_backward(ctx, grad_logp, grad_entropy, _g_saved, _g_stats):
-    hidden, weight, bias, ids, mask, saved, stats = ctx.saved_tensors
+def _linear_backward(ctx, grad_logp, grad_entropy, _g_saved, _g_stats, _g_positions):
+    hidden, weight, bias, ids, saved, stats, positions = ctx.saved_tensors
     if grad_logp is None:
         grad_logp = torch.zeros_like(hidden[..., 0], dtype=saved.dtype)
-    d_h, d_w, d_b = linear_logprobs_entropy_backward(hidden, weight, bias, ids, mask, saved, stats, grad_logp,
+    d_h, d_w, d_b = linear_logprobs_entropy_backward(hidden, weight, bias, ids, positions, saved, stats, grad_logp,
                                                      grad_entropy, *ctx.options)  # fmt: skip
     return d_h, d_w, d_b if bias is not None else None, *(None,) * (len(ctx.options) + 2)  # ids, mask, options
 

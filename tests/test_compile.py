@@ -135,10 +135,12 @@ def test_custom_ops_pass_opcheck(device):
     logits, ids = torch.randn(2, 3, 20, dtype=torch.float64), torch.randint(0, 20, (2, 3))
     torch.library.opcheck(library.logprobs_entropy, (logits, ids, None, 0.8, 1.0, None, "torch"))
     hidden, weight = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
+    some = torch.tensor([[True, False, True], [False, True, True]])
     for name, dev in (("torch", "cpu"), ("triton", device)):  # fp64 inputs: fp64 log-probs from either backend
-        args = (hidden.to(dev), weight.to(dev), None, ids.to(dev), None, 1.0, 1.0, None, None, name)
-        for strategy in ("chunked", "tiles", "vocab-blocks"):
-            torch.library.opcheck(library.linear_logprobs_entropy, (*args, strategy, 1 << 10))
+        for mask in (None, some.to(dev), torch.ones(2, 3, dtype=torch.bool, device=dev)):  # the forward's positions
+            args = (hidden.to(dev), weight.to(dev), None, ids.to(dev), mask, 1.0, 1.0, None, None, name)
+            for strategy in ("chunked", "tiles", "vocab-blocks"):
+                torch.library.opcheck(library.linear_logprobs_entropy, (*args, strategy, 1 << 10))
     logps, entropy = torch.randn(2, 3, dtype=torch.float64) - 2, torch.rand(2, 3, dtype=torch.float64)
     args = (logps, entropy, torch.randn(2, 1, dtype=torch.float64), torch.ones(2, 3, dtype=torch.bool), None, None,
             None, None, None, library.encode(GRPOLossConfig(loss_type="grpo")))  # fmt: skip
@@ -165,3 +167,31 @@ def test_loss_compiles_with_dynamic_shapes():
             results.append((loss, h.grad, w.grad))
         for name, a, b in zip(("loss", "d_hidden", "d_weight"), *results, strict=True):
             assert_close(a, b, atol=1e-6, rtol=1e-5, name=f"{name} at {B}x{T}")
+
+
+@pytest.mark.parametrize("mask_kind", ["some", "all"])
+def test_compiled_linear_logprobs_finds_the_masks_tokens_once(mask_kind, monkeypatch):
+    """The compiled op finds the mask's tokens (a wait for the device) in its forward only; its backward takes them
+    from it, and gives eager's gradients, with some tokens masked out or none."""
+    hidden, weight = torch.randn(3, 5, 16), torch.randn(40, 16)
+    ids = torch.randint(0, 40, (3, 5))
+    mask = torch.rand(3, 5) > 0.4 if mask_kind == "some" else torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 0], mask[-1, -1] = True, mask_kind == "all"
+    calls = []
+    find = fused_linear.active_positions
+    monkeypatch.setattr(fused_linear, "active_positions", lambda m: calls.append(1) or find(m))
+
+    def fn(h, w):
+        logps, entropy = linear_logprobs(h, w, ids, return_entropy=True, mask=mask)
+        return (logps * torch.arange(15.0).view(3, 5)).sum() + entropy.sum()
+
+    results = []
+    for f in (torch.compile(fn, fullgraph=True, backend="aot_eager"), fn):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        calls.clear()
+        f(h, w).backward()
+        assert len(calls) == 1
+        results.append((h.grad, w.grad))
+    for name, a, b in zip(("d_hidden", "d_weight"), *results, strict=True):
+        assert_close(a, b, atol=1e-6, rtol=1e-5, name=name)
+    assert (results[0][0][~mask] == 0).all()
