@@ -215,8 +215,9 @@ def row_terms(
             values["entropy"] = entropy.to(dtype)
         extremes = None
         if cfg.uses_clipping:
-            low = ((ratio < 1 - eps_low) & (adv < 0)).to(dtype)
-            high = ((ratio > 1 + eps_high) & (adv > 0)).to(dtype)
+            # of the ratio after delta's cap, as TRL counts them (which caps it in place before its metrics)
+            low = ((unclipped < 1 - eps_low) & (adv < 0)).to(dtype)
+            high = ((unclipped > 1 + eps_high) & (adv > 0)).to(dtype)
             values.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
                            "clip_ratio/region_mean": torch.maximum(low, high)})  # fmt: skip
             extremes = (low, high)

@@ -278,9 +278,10 @@ def grpo_loss_from_logps(
         if kl is not None:
             metrics["kl"] = global_mean(kl)
         metrics["entropy"] = global_mean(entropy)
-        if cfg.uses_clipping:
-            low = ((ratio < 1 - eps_low) & (adv < 0)).float()
-            high = ((ratio > 1 + eps_high) & (adv > 0)).float()
+        if cfg.uses_clipping:  # TRL counts them after delta's cap of the ratio
+            capped = ratio if cfg.delta is None else torch.clamp(ratio, max=cfg.delta)
+            low = ((capped < 1 - eps_low) & (adv < 0)).float()
+            high = ((capped > 1 + eps_high) & (adv > 0)).float()
             metrics["clip_ratio/low_mean"] = global_mean(low)
             metrics["clip_ratio/high_mean"] = global_mean(high)
             metrics["clip_ratio/region_mean"] = global_mean(torch.maximum(low, high))

@@ -123,6 +123,18 @@ def test_every_option_combination_matches_trl(loss_type, level, delta, bias_kl, 
     assert_match(run_all(config, batch, use_is=use_is, use_old=True, use_sampling=off_policy is not None))
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("delta", [0.5, 1.1, 1.25])
+def test_delta_inside_the_clip_range_matches_trl(loss_type, level, delta):
+    """TRL caps the ratio at delta in place before it counts the clipped tokens, so with delta < 1 + epsilon_high
+    the clip-ratio metrics count the capped ratio (below 1 - epsilon with delta = 0.5: every token is low)."""
+    config = GRPOLossConfig(loss_type=loss_type, importance_sampling_level=level, delta=delta, epsilon_high=0.28,
+                            beta=0.04, max_completion_length=9)  # fmt: skip
+    batch = make_batch()
+    assert_match(run_all(config, batch, use_is=False, use_old=True, use_sampling=False))
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("adv_per_token", [False, True])
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.01])

@@ -89,8 +89,8 @@ def _objective_kernel(
             to_a = tl.where(a == b, 0.5, (a <= b).to(tl.float32))
             g_ratio = -adv * (to_a * d_unclipped + (1.0 - to_a) * d_clipped)
             g_logp = tl.zeros([BLOCK_T], tl.float32)
-            low = (ratio < lo) & (adv < 0)
-            high = (ratio > hi) & (adv > 0)
+            low = (unclipped < lo) & (adv < 0)  # after delta's cap, as TRL counts them
+            high = (unclipped > hi) & (adv > 0)
         if HAS_ISR:
             isr = tl.load(isr_ptr + row * isr_row + col * isr_col, mask=active, other=0.0).to(tl.float32)
             term = term * isr
