@@ -37,7 +37,7 @@ from transformers import (
 )
 from trl import GRPOConfig, GRPOTrainer
 
-from grpo_kernels import backend, head_options_from_config
+from grpo_kernels import GRPOLossConfig, backend, grpo_loss, head_options_from_config
 from grpo_kernels.config import LOSS_TYPES
 from grpo_kernels.integrations.models import backbone_and_head
 from grpo_kernels.integrations.trl import FusedGRPOTrainer
@@ -355,6 +355,38 @@ def test_two_processes_reduce_metrics_as_trl(make_trainer, kind, options, extras
     assert list(metrics) == list(trl_metrics)
     for name, value in metrics.items():
         assert math.isclose(value, trl_metrics[name], rel_tol=RTOL, abs_tol=ATOL), (name, value, trl_metrics[name])
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "dapo"])
+def test_two_processes_average_one_token_rows_over_rows(make_trainer, loss_type):
+    """With one completion token a row (T = 1) TRL averages every metric over the rows, padding included, on each
+    process and across them: the logged means weigh each process's metrics by its rows, not by its tokens (a
+    clip ratio above 1 before, where a process held only padding)."""
+    trainer = make_trainer(FusedGRPOTrainer, loss_type=loss_type, epsilon_high=0.5, beta=0.04)
+    accelerator = trainer.accelerator
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for rows, tokens in ((1, 0), (3, 2)):  # the first process holds padding only
+        logits = torch.randn(rows, 1, 7, generator=g, dtype=torch.float64)
+        mask = (torch.arange(rows) < tokens).unsqueeze(1)
+        out = grpo_loss(logits, torch.randint(0, 7, (rows, 1), generator=g), torch.rand(rows, dtype=torch.float64),
+                        mask, config=GRPOLossConfig.from_trl(trainer.args),
+                        old_logps=torch.randn(rows, 1, generator=g, dtype=torch.float64) - 2,
+                        ref_logps=torch.randn(rows, 1, generator=g, dtype=torch.float64) - 2)  # fmt: skip
+        parts.append((rows, mask, out.metrics))
+    sent = None
+    for rows, mask, metrics in parts:
+        trainer.accelerator = TwoProcesses(accelerator, peer=sent)
+        trainer._metrics["train"].clear()
+        trainer._log_loss_metrics("train", metrics, mask, torch.zeros(rows))
+        sent = trainer.accelerator.sent
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert logged and "entropy" in logged
+    for name, value in logged.items():
+        if name in ("clip_ratio/low_min", "clip_ratio/high_max"):
+            continue
+        want = sum(r * float(m[name]) for r, _, m in parts) / sum(r for r, _, _ in parts)
+        assert math.isclose(value, want, rel_tol=1e-6, abs_tol=1e-9), (name, value, want)
 
 
 def test_train_logs_trl_metrics(make_trainer):

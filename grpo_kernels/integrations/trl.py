@@ -338,6 +338,8 @@ class FusedGRPOTrainer(GRPOTrainer):
         rows = torch.tensor(float(mask.size(0)), device=mask.device)
         tokens = mask.sum().float()
         means = [k for k in _MEAN_METRICS if k in values]
+        if mask.size(1) == 1:  # one token a row: TRL (and the loss's metrics) average every quantity over the rows
+            per_sequence.update(means)
         counts = torch.stack([rows if k in per_sequence else tokens for k in means])
         sums = torch.stack([values[k].float() for k in means]) * counts.clamp(min=1.0)  # our means -> local sums
         totals = self.accelerator.reduce(torch.stack([sums, counts]), reduction="sum")
