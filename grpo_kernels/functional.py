@@ -246,7 +246,7 @@ def grpo_loss(
             _contiguous_last(logits), completion_ids, mask, config.temperature, 1.0, None, _backend_name(logits)
         )
         loss, metrics = _compiled_objective(logps, entropy, inputs, config, num_items)
-    elif torch.is_grad_enabled() and logits.requires_grad and not _any_requires_grad(inputs):
+    elif torch.is_grad_enabled() and logits.requires_grad and not inputs.requires_grad():
         plans = []
         anchor, logps, entropy = GRPOLossFunction.apply(
             _contiguous_last(logits), completion_ids, mask, inputs, config, num_items, plans
@@ -260,15 +260,11 @@ def grpo_loss(
     else:  # no gradient, or one for the per-token inputs too (advantages, ...): autograd through the loss
         head = HeadOptions(temperature=config.temperature)
         logps, entropy = LogProbEntropyFunction.apply(_contiguous_last(logits), completion_ids, mask, head)
-        if torch.is_grad_enabled() and (logits.requires_grad or _any_requires_grad(inputs)):
+        if torch.is_grad_enabled() and (logits.requires_grad or inputs.requires_grad()):
             loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
         else:  # as the gradient's branch forms them: the same loss and metrics, bit for bit, with or without grad
             loss, metrics = loss_and_metrics(logps, entropy, inputs, config, num_items, use_triton(logits))
     return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)
-
-
-def _any_requires_grad(inputs: LossInputs) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in vars(inputs).values())
 
 
 @torch.compiler.assume_constant_result
@@ -485,6 +481,21 @@ def fused_linear_grpo_loss(
         loss, metrics = grpo_objective(logps, entropy, inputs, config, num_items)
         return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)
     if torch.compiler.is_compiling():
+        from grpo_kernels import library
+
+        backend_name, schedule = _backend_name(hidden), _linear_schedule(hidden)
+        inputs_grad = torch.is_grad_enabled() and inputs.requires_grad()  # the single pass: the head's gradients only
+        if library.single_pass_applies(hidden, config, backend_name, schedule[0]) and not inputs_grad:
+            needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+            n = None if num_items is None else device_value(num_items, hidden.device)
+            loss, vector, logps, entropy, *_ = library.fused_linear_grpo(
+                hidden, weight, bias, completion_ids, inputs.mask if completion_mask is not None else None,
+                inputs.advantages, inputs.old_logps, inputs.ref_logps, inputs.importance_sampling_ratio,
+                inputs.sampling_logps, n, library.encode(config), *_head_args(head), head.grad_filter_eps,
+                backend_name, *schedule, *needs,
+            )  # fmt: skip
+            metrics = dict(zip(library.metric_names(config), vector.detach().unbind(0), strict=True))
+            return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)
         logps, entropy = _compiled_linear(hidden, weight, bias, completion_ids, inputs.mask, head)
         loss, metrics = _compiled_objective(logps, entropy, inputs, config, num_items)
         return GRPOLossOutput(loss=loss, logps=logps.detach(), entropy=entropy.detach(), metrics=metrics)

@@ -1185,6 +1185,53 @@ def single_pass_chunks(
     return [(slice(a // T, b // T + 1), sl) for sl, a, b in zip(ranges, firsts, lasts, strict=True)]
 
 
+def single_pass(
+    hidden,
+    weight,
+    bias,
+    ids,
+    positions,
+    inputs: LossInputs,
+    config: GRPOLossConfig,
+    head: HeadOptions,
+    chunks,
+    num_items_in_batch,
+    needs,
+    schedule,
+) -> tuple[_Head | None, torch.Tensor, torch.Tensor]:
+    """The single-pass schedule's chunks (`single_pass_chunks`): `(head, logps [B, T], entropy [B, T])`, whose `head`
+    holds the gradients formed for the inputs `needs` flags (hidden, weight, bias; `_Head.finish_grads` hands them
+    over), None where none is, by the strategy and chunk budget `schedule` gives (the ones the chunks were planned
+    with)."""
+    lm = _Head(hidden, weight, bias, ids, positions, head, strategy=schedule[0], chunk_bytes=schedule[1])
+    grads = any(needs)
+    logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
+    entropy = torch.empty_like(logp)
+    token_grads = row_grads = None
+    if grads:
+        lm.start_grads(needs)
+        plan = LossPlan.build(inputs.mask, config, None, num_items_in_batch)
+        if token_local(config):  # closed form, token by token
+            token_grads = TokenGrads.build(inputs, config, plan, positions, logp.dtype)
+        else:  # each chunk's whole rows
+            row_grads = _RowGrads(inputs, config, plan, positions, logp)
+    for rows, sl in chunks:
+        if grads and (lm.scratch_fits(sl) or lm.borrows(sl)):  # the scratch strategy's chunks in blocks
+
+            def coefficients(lp, ent, rows=rows, sl=sl):
+                logp[sl], entropy[sl] = lp, ent
+                return token_grads(logp[sl], sl) if row_grads is None else row_grads(rows, sl)
+
+            (lm.scratch_grads if lm.scratch_fits(sl) else lm.borrow_grads)(sl, coefficients)
+            continue
+        z = lm.logits(sl)
+        logp[sl], entropy[sl], state = lm.stats(z, sl)
+        if grads:
+            g_lp, g_ent = token_grads(logp[sl], sl) if row_grads is None else row_grads(rows, sl)
+            lm.add_grads(z, sl, state, entropy[sl], g_lp, g_ent)
+    return lm if grads else None, lm.scatter(logp), lm.scatter(entropy)
+
+
 class FusedLinearGRPOFunction(torch.autograd.Function):
     """The single-pass schedule: `(hidden, weight, bias, ids, positions, LossInputs, GRPOLossConfig, HeadOptions,
     chunks, num_items_in_batch, needs, schedule) -> (anchor, logps, entropy)`; the gradients are formed in the forward
@@ -1195,36 +1242,11 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, positions, inputs, config, head, chunks, num_items_in_batch, needs,
                 schedule):  # fmt: skip
-        lm = _Head(hidden, weight, bias, ids, positions, head, strategy=schedule[0], chunk_bytes=schedule[1])
-        grads = any(needs)
-        logp = torch.empty(lm.n, dtype=cpu.math_dtype(hidden), device=hidden.device)
-        entropy = torch.empty_like(logp)
-        token_grads = row_grads = None
-        if grads:
-            lm.start_grads(needs)
-            plan = LossPlan.build(inputs.mask, config, None, num_items_in_batch)
-            if token_local(config):  # closed form, token by token
-                token_grads = TokenGrads.build(inputs, config, plan, positions, logp.dtype)
-            else:  # each chunk's whole rows
-                row_grads = _RowGrads(inputs, config, plan, positions, logp)
-        for rows, sl in chunks:
-            if grads and (lm.scratch_fits(sl) or lm.borrows(sl)):  # the scratch strategy's chunks in blocks
-
-                def coefficients(lp, ent, rows=rows, sl=sl):
-                    logp[sl], entropy[sl] = lp, ent
-                    return token_grads(logp[sl], sl) if row_grads is None else row_grads(rows, sl)
-
-                (lm.scratch_grads if lm.scratch_fits(sl) else lm.borrow_grads)(sl, coefficients)
-                continue
-            z = lm.logits(sl)
-            logp[sl], entropy[sl], state = lm.stats(z, sl)
-            if grads:
-                g_lp, g_ent = token_grads(logp[sl], sl) if row_grads is None else row_grads(rows, sl)
-                lm.add_grads(z, sl, state, entropy[sl], g_lp, g_ent)
-        logps, entropies = lm.scatter(logp), lm.scatter(entropy)
-        ctx.lm = lm if grads else None
+        lm, logps, entropies = single_pass(hidden, weight, bias, ids, positions, inputs, config, head, chunks,
+                                           num_items_in_batch, needs, schedule)  # fmt: skip
+        ctx.lm = lm
         ctx.mark_non_differentiable(logps, entropies)
-        return torch.zeros((), dtype=logp.dtype, device=hidden.device), logps, entropies
+        return torch.zeros((), dtype=logps.dtype, device=hidden.device), logps, entropies
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps, _grad_entropy):
@@ -1273,7 +1295,9 @@ def fused_linear_loss(
     num_items_in_batch,
     masked: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """`(loss, logps, entropy, metrics)` by the single-pass schedule where it applies, else by two passes."""
+    """`(loss, logps, entropy, metrics)` by the single-pass schedule where it applies, else by two passes (and
+    autograd through the objective, where a per-token input such as `ref_logps` requires grad: the single pass forms
+    the gradients of the head's inputs only)."""
     mask = inputs.mask if masked else None
     positions = active_positions(mask)
     chunks = None
@@ -1281,7 +1305,8 @@ def fused_linear_loss(
     # against fp16 underflow) has multiplied them; formed in the forward, entries below fp16's range would be lost
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
     schedule = linear_schedule(hidden.device)  # read once: the chunks' plan and the chunks themselves agree
-    if not use_fused_kernels(hidden, schedule[0]) and hidden.dtype != torch.float16:
+    inputs_grad = torch.is_grad_enabled() and inputs.requires_grad()
+    if not use_fused_kernels(hidden, schedule[0]) and hidden.dtype != torch.float16 and not inputs_grad:
         first, limit = scratch_plan(hidden, weight, needs, schedule[0], budget=schedule[1])
         chunks = single_pass_chunks(positions, inputs, config, weight.shape[0], hidden.device, first, limit, schedule)
     if chunks is not None:

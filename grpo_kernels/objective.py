@@ -36,6 +36,10 @@ class LossInputs:
     def rows(self, sl: slice) -> LossInputs:
         return LossInputs(*(None if t is None else t[sl] for t in self.__dict__.values()))
 
+    def requires_grad(self) -> bool:
+        """Whether any of the inputs requires grad (the loss is differentiable in the floating-point ones)."""
+        return any(isinstance(t, torch.Tensor) and t.requires_grad for t in self.__dict__.values())
+
 
 def device_value(x: torch.Tensor | float, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`x` (a number or a tensor) as a `dtype` tensor on `device`, without waiting for the device: a number is filled in
