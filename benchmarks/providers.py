@@ -283,6 +283,7 @@ def _ours_linear(
     borrow_rows: bool = True,
     mixed_sums: bool = True,
     sums_in_rows: bool = True,
+    compiled: bool = False,
 ) -> Callable[[Case, dict], Bound]:
     def bind(case: Case, x: dict) -> Bound:
         if strategy == "fused" and not hasattr(fused_linear, "use_fused_kernels"):
@@ -291,6 +292,12 @@ def _ours_linear(
 
         # module settings the call's forward reads as it starts, set around it (where this grpo_kernels has them)
         settings = {"ADD_WEIGHT_GRAD": add_weight_grad, "MIXED_SUMS": mixed_sums, "SCRATCH_SUMS_IN_ROWS": sums_in_rows}
+
+        def loss() -> torch.Tensor:
+            return fused_linear_grpo_loss(*(x[k] for k in LINEAR_ARGS), config=CONFIG, **extra).loss
+
+        if compiled:  # traced at the first (warm-up) call, inside the settings below
+            loss = torch.compile(loss, fullgraph=True)
 
         def forward() -> torch.Tensor:
             before = {k: getattr(fused_linear, k) for k in settings if hasattr(fused_linear, k)}
@@ -302,7 +309,7 @@ def _ours_linear(
                 rows.update(cuda=False)
             try:
                 with backend(name), fused_linear.schedule(strategy):
-                    return fused_linear_grpo_loss(*(x[k] for k in LINEAR_ARGS), config=CONFIG, **extra).loss
+                    return loss()
             finally:
                 for k, v in before.items():
                     setattr(fused_linear, k, v)
@@ -588,6 +595,12 @@ _OURS_SCRATCH_TADD = Provider(
     _ours_linear("triton", "scratch", add_weight_grad="triton"), devices=("cuda",), role="ours",
 )  # fmt: skip
 
+# the default schedule inside `torch.compile` (inductor): the custom ops' single pass, gradients handed over in place
+_OURS_COMPILED = Provider(
+    "ours-compiled", "fused_linear", "grpo_kernels (torch.compile)", _ours_linear("triton", compiled=True),
+    devices=("cuda",), role="ours",
+)  # fmt: skip
+
 _OURS_FUSED_LOGPROBS = dataclasses.replace(
     _OURS_FUSED, op="linear_logprobs", bind=_ours_logprobs("triton", "fused")
 )  # fmt: skip
@@ -609,6 +622,7 @@ PROVIDERS: tuple[Provider, ...] = (
     _OURS_SCRATCH_ADDS,
     _OURS_SCRATCH_TADD,
     _OURS_FILTER,
+    _OURS_COMPILED,
     Provider("eager", "fused_linear", "eager PyTorch", _eager_linear, memory=_eager_linear_memory),
     Provider("trl", "fused_linear", "TRL 1.16 chunked", _trl_linear, module="trl"),
     Provider("liger", "fused_linear", "Liger fused linear", _liger_linear, module="liger_kernel"),

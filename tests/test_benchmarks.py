@@ -162,6 +162,27 @@ def test_log_prob_providers_compute_the_same_log_probs():
     assert {"eager", "ours-torch" if device == "cpu" else "ours-triton"} <= checked
 
 
+def test_compiled_provider_gives_the_eager_loss_and_gradients():
+    """`ours-compiled` (CUDA) binds the loss inside `torch.compile`; here on the PyTorch path, against the same
+    provider without it, forward and backward twice (the second call runs the compiled graph)."""
+    from benchmarks.providers import _ours_linear
+
+    torch._dynamo.reset()
+    case = Case("fused_linear", 2, 8, 16, 64, "float32", "cpu")
+    x = make_inputs(case)
+    results = []
+    for compiled in (True, False):
+        bound = _ours_linear("torch", compiled=compiled)(case, x)
+        for _ in range(2):
+            for t in bound.grads:
+                t.grad = None
+            loss = bound.forward()
+            bound.backward(loss)
+        results.append((loss.detach(), *(t.grad.clone() for t in bound.grads)))
+    for name, a, b in zip(("loss", "d_hidden", "d_weight"), *results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_markdown_has_a_table_per_op_and_mode(sweep_out):
     out, _, written = sweep_out
     text = (out / "results.md").read_text()
