@@ -303,7 +303,7 @@ class _Head:
         self.flat = hidden.reshape(B * T, H)
         self.positions = positions  # flat index b * T + t of each active token; None: all are active
         self.n = B * T if positions is None else positions.numel()
-        self.all_ids = ids.reshape(-1)
+        self.all_ids = ids.contiguous().view(-1)  # the kernels read ids[row], whatever the caller's strides
         self.ids = self.all_ids if self.positions is None else self.all_ids.index_select(0, self.positions)
         self.weight, self.bias, self.head = weight, bias, head
         # d_weight and d_bias per vocabulary block after the token chunks, from [N]-sized statistics they keep

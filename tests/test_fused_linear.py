@@ -833,23 +833,33 @@ def _strided(x: torch.Tensor, step: int = 2) -> torch.Tensor:
     return wide[..., ::step]
 
 
-@pytest.mark.parametrize("layout", ["column-major weight", "strided hidden and bias"])
+@pytest.mark.parametrize("layout", ["column-major weight", "strided hidden and bias", "strided ids and mask",
+                                    "strided ids, no mask"])
 @pytest.mark.parametrize(("impl", "add"), [(i, "cublas") for i in IMPLS] + [("triton-chunked", "triton"),
                                            ("triton-scratch", "triton")], indirect=["impl"])  # fmt: skip
 def test_strided_inputs(impl, add, layout, device, monkeypatch):
-    """A column-major weight (a tied embedding's transpose), and hidden states and a bias whose last dimension is
-    not one element apart (slices), match the reference on every path: the kernels that step along rows one element
-    at a time (the fused kernels, the Triton `d_weight` addition) take copies of them or are not used."""
+    """A column-major weight (a tied embedding's transpose), hidden states and a bias whose last dimension is not one
+    element apart (slices), and token ids and a mask that are such slices, match the reference on every path: the
+    kernels that step along rows one element at a time (the fused kernels, the Triton `d_weight` addition) take
+    copies of them or are not used."""
     dev = "cpu" if impl.startswith("torch") else device
     monkeypatch.setattr(fl, "ADD_WEIGHT_GRAD", add)
     hidden, weight, bias, ids, adv, mask, extra = make_inputs(3, 4, 16, 70, torch.float32, dev)
     if layout == "column-major weight":
         weight = weight.t().contiguous().t()
-    else:
+    elif layout == "strided hidden and bias":
         hidden, bias = _strided(hidden), _strided(bias)
         assert hidden.stride(-1) == bias.stride(-1) == 2
+    else:  # views whose flattening is still a view, 2 elements apart (the kernels read ids[row])
+        ids, mask = _strided(ids), (_strided(mask) if layout == "strided ids and mask" else None)
+        assert ids.reshape(-1).stride() == (2,)
     config = GRPOLossConfig(loss_type="dapo", beta=0.1, entropy_coef=0.05)
     check_against_reference(impl, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+    if layout.startswith("strided ids"):
+        got = linear_logprobs(hidden, weight, ids, bias=bias, return_entropy=True)
+        want = linear_logprobs(hidden, weight, ids.contiguous(), bias=bias, return_entropy=True)
+        for x, y in zip(got, want, strict=True):
+            assert torch.equal(x, y)
 
 
 def test_scratch_allocates_no_logits_for_its_first_chunk(monkeypatch):

@@ -106,6 +106,27 @@ def test_strided_view_is_read_in_place(impl, device):
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("layout", ["every other id", "the last id of wider rows"])
+def test_strided_ids_and_mask(impl, layout, device):
+    """Token ids and a mask that are views whose flattening is still a view (rows of ids[:, ::2]; T = 1 completions
+    sliced from the prompt + completion ids) give the values of their contiguous copies."""
+    dev = device if impl == "triton" else "cpu"
+    B, T, step = (3, 4, 2) if layout == "every other id" else (3, 1, 6)
+    wide_ids = torch.randint(0, 77, (B, T * step), device=dev)
+    wide_mask = torch.rand(B, T * step, device=dev) > 0.3
+    pick = (slice(None), slice(None, None, step)) if layout == "every other id" else (slice(None), slice(-1, None))
+    ids, mask = wide_ids[pick], wide_mask[pick]
+    assert not ids.is_contiguous() and ids.reshape(-1).stride() == (step,)
+    logits = torch.randn(B, T, 77, device=dev)
+    grads = (torch.randn(B, T, device=dev), torch.randn(B, T, device=dev))
+    with backend(impl):
+        a = run_op(logits, ids, mask, 1.0, grads)
+        b = run_op(logits, ids.contiguous(), mask.contiguous(), 1.0, grads)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
 def test_minus_infinity_logits(impl, device):
     """Vocabulary entries masked with -inf have probability 0 and contribute nothing, not NaN."""
     dev = device if impl == "triton" else "cpu"

@@ -271,7 +271,7 @@ def _exp2(logits: torch.Tensor) -> bool:
 
 
 def _mask_arg(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return like if mask is None else mask.reshape(-1).to(torch.int8)
+    return like if mask is None else mask.contiguous().view(-1).to(torch.int8)
 
 
 def logprobs_fwd(
@@ -292,7 +292,7 @@ def logprobs_fwd(
         logits,
         logits.stride(0),
         logits.stride(1),
-        ids.reshape(-1),
+        ids.contiguous().view(-1),  # the kernels read ids[row]: a strided view would be read wrong
         _mask_arg(mask, ids),
         out[0],
         out[1],
@@ -348,7 +348,7 @@ def logprobs_bwd(
         logits.stride(1),
         dlogits,
         dlogits.stride(1),
-        ids.reshape(-1),
+        ids.contiguous().view(-1),  # the kernels read ids[row]: a strided view would be read wrong
         _mask_arg(mask, ids),
         stats,
         entropy,
