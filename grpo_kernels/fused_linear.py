@@ -742,25 +742,37 @@ class _Head:
         self._buffer = None  # the token chunks' buffer
         if not rows:  # no token in the loss: the zero gradients stand
             return
-        flat, n = self.flat, self.flat.shape[0]
-        V = self.weight.shape[0]
+        flat, ids, mask = self.flat, self.all_ids, None
+        if self.positions is not None:
+            if self._all_finite(flat):  # every row is projected; those outside the loss get zero gradients
+                mask = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
+                mask.index_fill_(0, self.positions, True)
+            else:  # a NaN or inf outside the loss would reach d_weight through 0 * NaN: only the loss's rows
+                flat, ids = flat.index_select(0, self.positions), self.ids
+                rows = {k: None if v is None else v.index_select(0, self.positions) for k, v in rows.items()}
+        n, V = flat.shape[0], self.weight.shape[0]
         width = block_width(V, self.chunk_bytes // (4 * max(n, 1)))
         buffer = torch.empty(n * width, dtype=self.logits_dtype, device=flat.device)
-        mask = None
-        if self.positions is not None:
-            mask = torch.zeros(n, dtype=torch.bool, device=flat.device).index_fill_(0, self.positions, True)
         h = rows.get("h")
         for start in range(0, V, width):
             cols = slice(start, min(start + width, V))
             z = self.project(flat, cols, buffer[: n * (cols.stop - start)].view(n, cols.stop - start))
-            dz = self.ops.block_grad(z, self.all_ids, start, rows["m"], rows["log_s"], rows["entropy"], rows["g"], h,
-                                     mask, *self.args)  # fmt: skip
+            dz = self.ops.block_grad(z, ids, start, rows["m"], rows["log_s"], rows["entropy"], rows["g"], h, mask,
+                                     *self.args)  # fmt: skip
             dz = dz.to(self.weight.dtype)
             if self.d_w is not None:
                 _product(dz.t(), flat, out=self.d_w[cols])
                 self.d_w_written = True
             if self.d_b is not None:
                 self.d_b[cols] = dz.sum(0, dtype=self.d_b.dtype)
+
+    def _all_finite(self, x: torch.Tensor) -> bool:
+        """Whether every element of `x` `[n, H]` is finite, checked a chunk of rows at a time (one sync)."""
+        step = max(1, self.chunk_bytes // max(x.shape[1], 1))
+        ok = torch.ones((), dtype=torch.bool, device=x.device)
+        for start in range(0, x.shape[0], step):
+            ok &= torch.isfinite(x[start : start + step]).all()
+        return bool(ok)
 
     def finish_grads(self, scale: torch.Tensor | None = None):
         """`(d_hidden [B, T, H], d_weight, d_bias)`, each None where not needed, multiplied in place by `scale`

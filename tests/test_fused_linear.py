@@ -833,8 +833,9 @@ def _strided(x: torch.Tensor, step: int = 2) -> torch.Tensor:
     return wide[..., ::step]
 
 
-@pytest.mark.parametrize("layout", ["column-major weight", "strided hidden and bias", "strided ids and mask",
-                                    "strided ids, no mask"])
+@pytest.mark.parametrize(
+    "layout", ["column-major weight", "strided hidden and bias", "strided ids and mask", "strided ids, no mask"]
+)
 @pytest.mark.parametrize(("impl", "add"), [(i, "cublas") for i in IMPLS] + [("triton-chunked", "triton"),
                                            ("triton-scratch", "triton")], indirect=["impl"])  # fmt: skip
 def test_strided_inputs(impl, add, layout, device, monkeypatch):
@@ -860,6 +861,28 @@ def test_strided_inputs(impl, add, layout, device, monkeypatch):
         want = linear_logprobs(hidden, weight, ids.contiguous(), bias=bias, return_entropy=True)
         for x, y in zip(got, want, strict=True):
             assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_hidden_states_outside_the_loss_stay_out(impl, value, device):
+    """A NaN or inf hidden state at a padding token (masked out) changes nothing: the loss, metrics and gradients
+    equal those with a finite one there, on every path (a row projected but outside the loss must not reach d_weight
+    through 0 * NaN), and d_hidden is zero at that token."""
+    dev = "cpu" if impl.startswith("torch") else device
+    hidden, weight, bias, ids, adv, mask, extra = make_inputs(3, 4, 16, 70, torch.float32, dev)
+    mask[1, 2] = False
+    bad = hidden.clone()
+    bad[1, 2, 5] = value
+    config = GRPOLossConfig(loss_type="dapo", beta=0.1, entropy_coef=0.05)
+    out, grads = run(fused_linear_grpo_loss, bad, weight, bias, ids, adv, mask, config=config, **extra)
+    want, want_grads = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
+    assert torch.equal(out.loss, want.loss)
+    assert all(torch.equal(out.metrics[k], want.metrics[k]) for k in want.metrics)
+    assert torch.equal(grads[0], want_grads[0]) and torch.all(grads[0][1, 2] == 0)
+    # d_weight and d_bias may sum the same products in another order (only the loss's rows), so within fp32 rounding
+    for name, g, w in zip(("d_weight", "d_bias"), grads[1:], want_grads[1:], strict=True):
+        assert g.isfinite().all(), name
+        torch.testing.assert_close(g, w, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_scratch_allocates_no_logits_for_its_first_chunk(monkeypatch):
