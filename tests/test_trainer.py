@@ -575,6 +575,28 @@ def test_resume_refuses_other_options_and_a_new_run_old_checkpoints(tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_resume_latest_alone_takes_the_checkpoints_options(tmp_path):
+    """`--resume latest` with no other option continues the run with the options it was saved with (the learning
+    rate, loss and group sizes of its checkpoint, not the defaults); the command line and --config still set what a
+    resumed run may change, and where it writes is this run's own."""
+    run = ["--output-dir", str(tmp_path), "--max-steps", "1", "--pretrain-steps", "0", "--num-prompts", "2",
+           "--num-generations", "3", "--learning-rate", "0.002", "--loss-type", "grpo", "--beta", "0.02",
+           "--no-tensorboard"]  # fmt: skip
+    first = parse_config(run)
+    Trainer(first).train()
+    resumed = parse_config(["--resume", "latest", "--output-dir", str(tmp_path)])
+    assert resumed == dataclasses.replace(first, resume="latest")
+    (tmp_path / "more.yaml").write_text("max_steps: 3\n")
+    longer = parse_config(["--resume", "latest", "--output-dir", str(tmp_path), "--config", str(tmp_path / "more.yaml"),
+                           "--max-tokens-per-microbatch", "64"])  # fmt: skip
+    assert longer == dataclasses.replace(first, resume="latest", max_steps=3, max_tokens_per_microbatch=64)
+    trainer = Trainer(longer)
+    assert trainer.step == 1
+    assert [m["step"] for m in trainer.train()] == [2, 3]
+    elsewhere = parse_config(["--resume", str(tmp_path / "checkpoint-3"), "--output-dir", str(tmp_path / "next")])
+    assert elsewhere.output_dir == str(tmp_path / "next") and elsewhere.learning_rate == 0.002
+
+
 def test_reward_functions_that_misbehave_fail_clearly():
     kwargs = dict(prompts=["1+1="] * 2, completions=["2", "3"], answers=["2", "2"], stopped=[True, False])
 
@@ -587,9 +609,18 @@ def test_reward_functions_that_misbehave_fail_clearly():
         score(["short"], [lambda **kw: [1.0]], **kwargs)
     with pytest.raises(TypeError, match="'text' returned 'yes' for completion 0"):
         score(["text"], [lambda **kw: ["yes", 1.0]], **kwargs)
+    with pytest.raises(TypeError, match=re.escape("'pair' returned tensor([1., 2.]) for completion 1")):
+        score(["pair"], [lambda **kw: [1.0, torch.tensor([1.0, 2.0])]], **kwargs)
+    with pytest.raises(TypeError, match="'complex' returned 1j for completion 0"):
+        score(["complex"], [lambda **kw: [1j, 1.0]], **kwargs)
     rewards, invalid = score(["ok", "none"], [lambda **kw: [1.0, math.nan], lambda **kw: [None, 0.5]], **kwargs)
     assert torch.equal(invalid, torch.tensor([[False, False], [True, False]]))
     assert math.isnan(rewards[0, 1]) and rewards[1, 1] == 0.5
+    # NumPy scalars and one-element arrays and tensors, as reward code built on NumPy returns them
+    np = pytest.importorskip("numpy")
+    functions = [lambda **kw: [np.float32(0.25), np.int64(1)], lambda **kw: [np.array(0.5), torch.tensor([True])]]
+    rewards, invalid = score(["numpy", "arrays"], functions, **kwargs)
+    assert rewards.tolist() == [[0.25, 0.5], [1.0, 1.0]] and not invalid.any()
 
 
 def test_built_in_rewards():

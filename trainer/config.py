@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -164,9 +165,9 @@ class TrainerConfig:
         default=None,
         metadata=_help(
             "the fused loss's schedule: chunked (the fastest), tiles (small memory beyond the gradients for a fourth "
-            "matrix product: 56 MiB against 512 at 1.3x the time on an H100), scratch (three products with 60 MiB, the "
-            "first chunk's logits in d_weight's memory; not yet timed on a GPU), vocab-blocks, fused (Triton kernels, "
-            "CUDA); none: GRPO_KERNELS_LINEAR, else chunked"
+            "matrix product: 56 MiB against 512 at 1.3x the time on an H100), scratch (three products, the first "
+            "chunk's logits in d_weight's memory: 60 MiB at 1.24x chunked's time on an H200), vocab-blocks, fused "
+            "(Triton kernels, CUDA); none: GRPO_KERNELS_LINEAR, else chunked"
         ),
     )
     loss_chunk_mib: float | None = field(
@@ -440,15 +441,62 @@ def load_yaml(path: str | Path) -> dict[str, typing.Any]:
     return out
 
 
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints in `output_dir`, by step."""
+    found = (p.parent for p in output_dir.glob("checkpoint-*/trainer_state.pt"))
+    return sorted((p for p in found if p.name.split("-", 1)[1].isdigit()), key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def find_checkpoint(resume: str, output_dir: Path) -> Path:
+    """The checkpoint directory `resume` names: a path, or `latest` (the highest step in `output_dir`)."""
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "trainer_state.pt").is_file():
+            raise SetupError(f"--resume {resume}: {path} is not a checkpoint (no trainer_state.pt)")
+        return path
+    found = checkpoints(output_dir)
+    if not found:
+        raise SetupError(f"--resume latest: no checkpoint-*/ in {output_dir}")
+    return found[-1]
+
+
+CONFIG_FILE = "trainer_config.json"  # a checkpoint's options, which a resumed run is checked against
+
+
+def saved_options(path: Path) -> dict:
+    """The options (`TrainerConfig.to_dict()`) of the run that saved checkpoint `path`."""
+    if (path / CONFIG_FILE).is_file():
+        return json.loads((path / CONFIG_FILE).read_text())
+    import torch  # a checkpoint saved before the options had a file of their own
+
+    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)["config"]
+
+
+# What a resumed run does not take from its checkpoint's options: where it finds the checkpoint and writes
+RESUME_OWN = frozenset({"resume", "output_dir", "overwrite_output_dir", "dry_run_memory"})
+
+
 def parse_config(argv: list[str] | None = None) -> TrainerConfig:
-    """`TrainerConfig` from the command line (and the YAML file it names)."""
+    """`TrainerConfig` from the command line, over the YAML file it names, over (with `--resume`) the options of the
+    run that saved the checkpoint: `--resume latest` alone continues that run as it was set up."""
     parser = build_parser()
     args, _ = parser.parse_known_args(argv)
+    from_yaml = {}
     if args.config:
         try:
-            parser.set_defaults(**load_yaml(args.config))
+            from_yaml = load_yaml(args.config)
         except ValueError as err:
             parser.error(str(err))
+        parser.set_defaults(**from_yaml)
+        args, _ = parser.parse_known_args(argv)
+    if args.resume:
+        try:
+            saved = saved_options(find_checkpoint(args.resume, Path(args.output_dir)))
+        except SetupError:  # no such checkpoint: the trainer says so, naming the option
+            saved = {}
+        names = {f.name for f in fields(TrainerConfig)} - RESUME_OWN
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in names})
+        parser.set_defaults(**from_yaml)
     values = vars(parser.parse_args(argv))
     values.pop("config")
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -301,7 +302,10 @@ def score(
         for i, v in enumerate(values):
             if v is None:
                 continue
-            if not (isinstance(v, (bool, int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)):
+            if isinstance(v, torch.Tensor) or type(v).__module__ == "numpy":  # a one-element tensor or array
+                size = v.numel() if isinstance(v, torch.Tensor) else getattr(v, "size", 0)
+                v = v.item() if size == 1 else v
+            if not isinstance(v, numbers.Real):  # Python, NumPy and one-element tensor scalars, bools included
                 raise TypeError(f"reward function {name!r} returned {v!r} for completion {i}; expected a float or None")
             rewards[i, k] = float(v)
             invalid[i, k] = not math.isfinite(float(v))

@@ -32,7 +32,7 @@ import torch
 
 from grpo_kernels import backend, group_advantages
 from grpo_kernels.reference import nanstd
-from trainer.config import SetupError, TrainerConfig
+from trainer.config import CONFIG_FILE, SetupError, TrainerConfig, checkpoints, find_checkpoint, saved_options
 from trainer.data import (
     HFTokenizer,
     PromptSampler,
@@ -190,27 +190,6 @@ def _no_transformers_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def checkpoints(output_dir: Path) -> list[Path]:
-    """The complete checkpoints in `output_dir`, by step."""
-    found = (p.parent for p in output_dir.glob("checkpoint-*/trainer_state.pt"))
-    return sorted((p for p in found if p.name.split("-", 1)[1].isdigit()), key=lambda p: int(p.name.split("-", 1)[1]))
-
-
-def find_checkpoint(resume: str, output_dir: Path) -> Path:
-    """The checkpoint directory `resume` names: a path, or `latest` (the highest step in `output_dir`)."""
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / "trainer_state.pt").is_file():
-            raise SetupError(f"--resume {resume}: {path} is not a checkpoint (no trainer_state.pt)")
-        return path
-    found = checkpoints(output_dir)
-    if not found:
-        raise SetupError(f"--resume latest: no checkpoint-*/ in {output_dir}")
-    return found[-1]
-
-
-CONFIG_FILE = "trainer_config.json"  # a checkpoint's options, which a resumed run is checked against
-
 # What a resumed run may set otherwise than its checkpoint's: how long it runs and saves, where, and how it computes
 # the same steps (micro-batches, packing, checkpointing, the loss's strategy). Anything else would not take effect
 # (the learning rate: the optimizer's and scheduler's state come from the checkpoint) or change the run's meaning
@@ -224,10 +203,7 @@ RESUME_MAY_CHANGE = frozenset({
 def check_resumable(cfg: TrainerConfig, path: Path) -> None:
     """A clear error when `cfg` differs from the configuration `path` was saved with in more than
     `RESUME_MAY_CHANGE`."""
-    if (path / CONFIG_FILE).is_file():
-        saved = json.loads((path / CONFIG_FILE).read_text())
-    else:  # a checkpoint saved before the options had a file of their own
-        saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)["config"]
+    saved = saved_options(path)
     now = cfg.to_dict()
     differ = [f"{k} ({saved[k]!r} there, {now[k]!r} here)" for k in now
               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]  # fmt: skip
