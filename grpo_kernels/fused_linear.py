@@ -329,8 +329,8 @@ class _Head:
         self.mixed = MIXED_SUMS and weight.dtype != math and mixed_sums(hidden.device, weight.dtype, math)
         if self.strategy in ("tiles", "scratch") and self.filter_eps is not None:
             raise ValueError(
-                f"grad_filter_eps is not supported with GRPO_KERNELS_LINEAR={self.strategy}: pass grad_filter_eps=None "
-                "or use another strategy"
+                f"grad_filter_eps is not supported by the {self.strategy} strategy (set by GRPO_KERNELS_LINEAR, "
+                "schedule() or the trainer's loss_strategy): pass grad_filter_eps=None or use another strategy"
             )
 
     def rows(self, sl: slice) -> torch.Tensor:  # [c, H]

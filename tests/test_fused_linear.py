@@ -581,7 +581,7 @@ def test_scratch_keeps_the_first_chunk_in_d_weight(impl, options, head, sums, de
     assert all(kind == "chunk" and n <= size for kind, n in chunks[1:]), chunks
     assert blocks and all(blocks), blocks
     assert overlaps and not any(overlaps)
-    with pytest.raises(ValueError, match="grad_filter_eps is not supported with GRPO_KERNELS_LINEAR=scratch"):
+    with pytest.raises(ValueError, match="grad_filter_eps is not supported by the scratch strategy"):
         fused_linear_grpo_loss(hidden, weight, ids, adv, mask, bias=bias, config=config, grad_filter_eps=1e-3, **extra)
     assert sum(size for _, size in chunks) == sum(counts)
 
@@ -1150,7 +1150,7 @@ def test_block_strategies_form_the_gradients_block_by_block(strategy, name, top_
             assert not stat_blocks
         _, blocked = run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, **extra)
         if strategy == "tiles":
-            with pytest.raises(ValueError, match="grad_filter_eps is not supported with GRPO_KERNELS_LINEAR=tiles"):
+            with pytest.raises(ValueError, match="grad_filter_eps is not supported by the tiles strategy"):
                 run(fused_linear_grpo_loss, hidden, weight, bias, ids, adv, mask, config=config, grad_filter_eps=0.01,
                     **extra)  # fmt: skip
     for a, b, what in zip(blocked, chunked, ("d_hidden", "d_weight", "d_bias"), strict=True):

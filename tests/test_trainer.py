@@ -23,7 +23,7 @@ from trainer import Trainer, TrainerConfig, estimate_memory, format_memory, pars
 from trainer.config import SetupError
 from trainer.data import PromptSampler, arithmetic_examples, score
 from trainer.loop import Rollout
-from trainer.model import MicroBatch, make_optimizer, model_config
+from trainer.model import MicroBatch, causal_lm, make_optimizer, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -300,6 +300,14 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tmp_path):
     assert_close(ref, base._logprobs(base.policy, r), atol=1e-6, rtol=1e-6, name="reference log-probs")
     resumed = Trainer(small(tmp_path / "resumed", resume=str(tmp_path / "lora" / "checkpoint-1"), **common)).train()
     assert [m["loss"] for m in resumed] == [m["loss"] for m in history[1:]]
+    # the last checkpoint as --model: the tiny base rebuilt from the run's options, its adapters merged in
+    merged = trainer.policy.model.merge_and_unload()
+    started = Trainer(small(tmp_path / "from-lora", model=str(tmp_path / "lora" / "checkpoint-3"), max_steps=1))
+    weights = dict(causal_lm(started.policy).named_parameters())
+    assert weights.keys() == dict(merged.named_parameters()).keys()
+    for name, p in merged.named_parameters():
+        assert_close(weights[name], p, atol=1e-6, rtol=1e-6, name=name)
+        assert weights[name].requires_grad, name
 
 
 def test_run_writes_metrics_curves_and_checkpoint(tmp_path):

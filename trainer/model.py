@@ -15,7 +15,7 @@ import importlib.util
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -87,7 +87,11 @@ def pretrain(
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
-    for _ in range(steps):
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    shown = steps > 0 and PartialState().is_main_process
+    for _ in tqdm(range(steps), desc="pretraining", unit="step", leave=False, disable=not shown, dynamic_ncols=True):
         rows = []
         for e in noisy_sums(examples, batch_size, 0.4, rng):
             prompt = tokenizer.encode_prompt(e.prompt)
@@ -128,8 +132,11 @@ def load_model(
         else:
             hf = _pretrained(cfg.model, "tokenizer", lambda: AutoTokenizer.from_pretrained(cfg.model))
             tokenizer = HFTokenizer(hf, cfg.chat_template)
-        model = _pretrained(cfg.model, "weights", lambda: AutoModelForCausalLM.from_pretrained(
-            cfg.model, dtype=dtype, attn_implementation="sdpa"))  # fmt: skip
+        if (Path(cfg.model).expanduser() / "adapter_config.json").is_file():  # a checkpoint of a LoRA run
+            model = _merged_adapters(cfg.model, device).to(dtype)
+        else:
+            model = _pretrained(cfg.model, "weights", lambda: AutoModelForCausalLM.from_pretrained(
+                cfg.model, dtype=dtype, attn_implementation="sdpa"))  # fmt: skip
     model.to(device)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -151,6 +158,38 @@ def load_model(
         )
         model = get_peft_model(model, lora)
     return model, tokenizer
+
+
+def _merged_adapters(model: str, device: torch.device) -> nn.Module:
+    """The model a LoRA run's checkpoint `model` holds: its base model, the adapters merged into it. The base is the
+    one its adapter config names, or (the built-in tiny model, which has no name) rebuilt as that run built it, from
+    the options it saved."""
+    if importlib.util.find_spec("peft") is None:
+        raise SetupError(f"--model {model}: holds LoRA adapters, which need peft: pip install peft")
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer.config import CONFIG_FILE, saved_options
+    from trainer.data import arithmetic_examples, dataset_examples
+
+    path = Path(model).expanduser()
+    base_name = _pretrained(model, "adapter config", lambda: PeftConfig.from_pretrained(str(path)))
+    base_name = base_name.base_model_name_or_path
+    if base_name is not None:
+        base = _pretrained(base_name, "weights", lambda: AutoModelForCausalLM.from_pretrained(
+            base_name, attn_implementation="sdpa"))  # fmt: skip
+    elif (path / BYTE_TOKENIZER_FILE).is_file() and (path / CONFIG_FILE).is_file():
+        names = {f.name for f in fields(TrainerConfig)}
+        run = TrainerConfig(**{k: v for k, v in saved_options(path).items() if k in names})
+        run = replace(run, lora_r=0, gradient_checkpointing=False)
+        examples = (arithmetic_examples() if run.dataset is None else
+                    dataset_examples(run.dataset, run.dataset_config, run.dataset_split, run.prompt_column,
+                                     run.answer_column))  # fmt: skip
+        base, _ = load_model(run, device, examples)
+    else:
+        raise SetupError(f"--model {model}: LoRA adapters whose base model is not named in adapter_config.json")
+    merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    return merged.requires_grad_(True)  # peft froze the base to load adapters for inference
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
