@@ -419,8 +419,10 @@ def _metrics(output_dir: Path) -> list[dict]:
 
 
 def test_two_processes_on_gloo_train(tmp_path):
-    """`accelerate launch` with two processes; without GPUs they run on the CPU and all-reduce over gloo."""
-    _launch_two(tmp_path)
+    """`accelerate launch` with two processes; without GPUs they run on the CPU and all-reduce over gloo. Standard
+    output holds the main process's metrics lines alone (no library's warning, e.g. DeepSpeed's accelerator pick)."""
+    out = _launch_two(tmp_path)
+    assert [line.split(" | ")[0] for line in out.splitlines()] == ["step 1", "step 2"], out
     assert [r["step"] for r in _metrics(tmp_path)] == [1, 2]
     assert (tmp_path / "checkpoint-2" / "process_1.pt").is_file()
 

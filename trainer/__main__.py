@@ -8,6 +8,12 @@ from trainer.config import SetupError, parse_config
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    import torch
+
+    if not torch.accelerator.is_available():  # DeepSpeed, when installed, would pick the CPU with a warning on stdout
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cfg = parse_config(argv)
     try:
         return _run(cfg)
