@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time and peak memory of grpo_kernels' ops next to eager PyTorch, TRL, Liger-Kernel, Cut "
         "Cross-Entropy and the bare matrix products, in forward, backward and forward+backward. Providers that are "
         "not installed, or do not run on the device, are skipped with the reason.",
-        epilog="Examples: `python -m benchmarks --quick --out runs/quick` (about 11 minutes on a 2-core CPU); "
+        epilog="Examples: `python -m benchmarks --quick --out runs/quick` (up to 11 minutes on a 2-core CPU); "
         "`python -m benchmarks --out benchmarks/results/h100` (the full sweep on a GPU); "
         "`python -m benchmarks --ops fused_linear --shapes 8x1024x512x65536 --modes forward+backward`.",
     )

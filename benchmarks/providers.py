@@ -141,7 +141,7 @@ def _rewards(bs: Sequence[int], device: str) -> list[Case]:
 
 
 def sweep(name: str, device: str) -> list[Case]:
-    """The cases of a named sweep: "quick" (about 11 minutes on a 2-core CPU) or "full" (per device type)."""
+    """The cases of a named sweep: "quick" (up to 11 minutes on a 2-core CPU) or "full" (per device type)."""
     if name == "quick":
         return [
             *_grid("fused_linear", (256, 1024), 512, 32_768, "float32", device),
